@@ -1,0 +1,1 @@
+"""Compute kernels (placeholder; filled by the kernels work)."""
