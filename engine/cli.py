@@ -1,0 +1,184 @@
+"""The ``conceptevo`` command line (typer). Heavy imports happen inside the commands so
+``conceptevo --help`` answers at once."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="conceptevo",
+    help="Concept evolution of neurons during training (ConceptEvo, Park et al., CIKM 2023).\n\n"
+    "Start with `conceptevo demo`: the whole method on the built-in data, ending in an HTML report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+Out = Annotated[Path, typer.Option("--out", "-o", help="Run directory (created if missing).")]
+Seed = Annotated[int, typer.Option(help="Seed of every random step.")]
+Threads = Annotated[Optional[int], typer.Option(help="CPU threads for torch and the native trainer.")]
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def info() -> None:
+    """Versions, threads, and which backend `auto` picks on this machine for every stage."""
+    import numpy as np
+    import torch
+
+    from . import __version__, backends
+    from . import _C
+
+    console.print(f"conceptevo {__version__}  torch {torch.__version__}  numpy {np.__version__}")
+    console.print(f"torch threads {torch.get_num_threads()}  native trainer OpenMP threads {_C.max_threads()}"
+                  f"  CUDA {'yes' if backends.cuda_available() else 'no'}")
+    for kind, choice in backends.report().items():
+        console.print(f"  {kind:6s} -> {choice}")
+
+
+@app.command()
+def demo(
+    out: Out = Path("conceptevo-runs/demo"),
+    quick: Annotated[bool, typer.Option(help="Smaller data and shorter training: a smoke test.")] = False,
+    seed: Seed = 0,
+    threads: Threads = None,
+) -> None:
+    """The whole method on the built-in data: dataset, three training runs (well-trained, too-high
+    learning rate, overfitted), stimuli, unified space, 2-D map, important evolutions, reversion
+    check, diagnostics and the HTML report. Re-running reuses what is already computed."""
+    from .errors import ConceptEvoError
+    from .pipeline import run_demo
+
+    try:
+        run_demo(out, quick=quick, seed=seed, threads=threads)
+    except ConceptEvoError as exc:
+        _fail(exc)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="TOML config: dataset, model, runs (checkpoint globs), base, ...")],
+) -> None:
+    """The whole pipeline on your data and checkpoints, from a small TOML config (see README)."""
+    from .errors import ConceptEvoError
+    from .pipeline import load_config, run_pipeline
+
+    try:
+        result = run_pipeline(load_config(config))
+    except ConceptEvoError as exc:
+        _fail(exc)
+    console.print(f"report: {result.report}")
+
+
+@app.command()
+def data(
+    out: Out = Path("conceptevo-runs/data"),
+    seed: Seed = 0,
+    preview: Annotated[bool, typer.Option(help="Also write a PNG grid of sample images per class.")] = True,
+) -> None:
+    """Generate the built-in concept dataset (train + test, with concept tags) into OUT."""
+    import time
+
+    import numpy as np
+    import pandas as pd
+
+    from . import data as data_mod
+    from .store import RunStore
+
+    t0 = time.perf_counter()
+    train = data_mod.builtin_dataset("train", seed=seed, root=out)
+    test = data_mod.builtin_dataset("test", seed=seed, root=out)
+    store = RunStore(out)
+    for split, ds in (("train", train), ("test", test)):
+        tags = {f: np.asarray(c) for f, c in ds.tags.items()}
+        table = pd.DataFrame({"image": np.arange(len(ds)), "label": ds.labels.numpy(), **tags})
+        store.save_table(f"{split}_tags", table)
+    store.save_json("concepts", {"classes": train.class_names, "tag_names": train.tag_names})
+    if preview:
+        from PIL import Image
+
+        per = 8
+        rows = []
+        for c in range(len(train.class_names)):
+            ids = np.flatnonzero(train.labels.numpy() == c)[:per]
+            rows.append(np.concatenate([train.raw(int(i)) for i in ids], axis=1))
+        grid = np.concatenate(rows, axis=0)
+        Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(out / "preview.png")
+    console.print(f"{len(train)} train + {len(test)} test images, {len(train.class_names)} classes, "
+                  f"tags {list(train.tags)} in {time.perf_counter() - t0:.1f} s -> {out}")
+
+
+@app.command()
+def train(
+    out: Out = Path("conceptevo-runs/demo/training"),
+    seed: Seed = 0,
+    threads: Threads = None,
+) -> None:
+    """Train the paper's three regimes on the built-in data: well_trained, high_lr, overfit."""
+    from . import train as train_mod
+
+    runs = train_mod.train_regimes(out, seed=seed, threads=threads)
+    for name, path in runs.items():
+        final = train_mod.load_train_log(path).final
+        console.print(f"{name:13s} train top-1 {final['train_top1']:.3f}  test top-1 {final['test_top1']:.3f}  -> {path}")
+
+
+@app.command()
+def stimuli(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoint files of ONE architecture (plain state dicts).")],
+    out: Out = Path("conceptevo-runs/stimuli"),
+    model: Annotated[str, typer.Option(help="vgg_small, torchvision:<name>, or package.module:factory")] = "vgg_small",
+    dataset: Annotated[str, typer.Option(help="'builtin' or an image folder (one subfolder per class)")] = "builtin",
+    image_size: Annotated[int, typer.Option(help="Images are resized to this size.")] = 32,
+    num_classes: Annotated[Optional[int], typer.Option(help="Default: the dataset's class count.")] = None,
+    layers: Annotated[Optional[list[str]], typer.Option("--layer", help="Layer name (repeatable); default every Conv2d.")] = None,
+    k: Annotated[int, typer.Option(help="Stimuli per neuron.")] = 10,
+    k_i: Annotated[int, typer.Option(help="Responsive neurons per image and layer.")] = 5,
+    batch_size: int = 128,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    backend: Annotated[str, typer.Option(help="Top-k kernel: auto, cpu, triton, reference.")] = "auto",
+    amp: Annotated[bool, typer.Option(help="Mixed precision inference (see docs: ranking may change).")] = False,
+    distributed: Annotated[bool, typer.Option(help="Run under torchrun: shard the data over ranks.")] = False,
+) -> None:
+    """One streaming stimulus pass over a dataset for many checkpoints; resumes after a crash."""
+    from . import data as data_mod
+    from .errors import ConceptEvoError
+    from .pipeline import _device, _epoch_of, _model_factory
+
+    try:
+        ds = (data_mod.builtin_dataset("train", root=out / "data") if dataset == "builtin"
+              else data_mod.image_folder(dataset, size=image_size))
+        factory = _model_factory(model, num_classes or len(ds.class_names))
+        names = [f"epoch_{_epoch_of(p):03d}" for p in checkpoints]
+        if distributed:
+            from .distributed import distributed_extract
+
+            distributed_extract(factory, list(checkpoints), ds, layers=layers or None, k=k, k_i=k_i,
+                                batch_size=batch_size, store=out, names=names)
+        else:
+            from .stimuli import extract_stimuli
+
+            extract_stimuli(factory, list(checkpoints), ds, layers=layers or None, k=k, k_i=k_i,
+                            batch_size=batch_size, device=_device(device), store=out, names=names,
+                            backend=backend, amp=amp)
+    except ConceptEvoError as exc:
+        _fail(exc)
+    console.print(f"stimuli written to {out}")
+
+
+def main() -> None:
+    """Entry point of the ``conceptevo`` script."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

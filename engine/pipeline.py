@@ -1,0 +1,448 @@
+"""The whole method end to end: ``conceptevo demo`` on the built-in data, ``conceptevo run`` on yours.
+
+Stages run in order and each one leaves its artifacts in the run directory; a stage
+whose inputs and parameters are unchanged is reloaded, not recomputed (the stimulus
+pass also resumes mid-way after a crash). Layout of a run directory::
+
+    manifest.json                versions, parameters, seeds, backends, per-stage timings
+    data/                        the built-in dataset cache (demo only)
+    training/<run>/              checkpoints/epoch_XXX.pt, log.parquet, run.json (demo only)
+    stimuli/<run>/epoch_XXX/...  stimuli per checkpoint and layer (.npy)
+    space/                       the fitted UnifiedSpace (save/load)
+    neurons.parquet              model, epoch, layer, channel, vector, x, y (+ concept tags)
+    alignment.parquet            alignment report (built-in data)
+    importance.parquet           important evolutions (class, layer, channel, score, ...)
+    reversion.parquet            reversion check summary (+ reversion_long.parquet, figures/reversion.png)
+    diagnostics.parquet          diversity / movement per run and epoch (+ verdicts.json)
+    report.html, figures/*.png   the report and its static figures
+"""
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+import re
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+
+from . import backends
+from .errors import ConceptEvoError
+from .store import RunStore
+
+__all__ = ["PipelineConfig", "RunSpec", "run_pipeline", "run_demo", "load_config", "RunResult"]
+
+console = Console(stderr=True)
+
+
+@dataclass
+class PipelineConfig:
+    """Parameters of one pipeline run (a TOML file maps onto these fields)."""
+
+    out: Path = Path("conceptevo-runs/demo")
+    dataset: str = "builtin"              # "builtin" or a folder with one subfolder per class
+    test_dataset: str | None = None       # folder of held-out images (reversion check on test images)
+    image_size: int = 32
+    model: str = "vgg_small"              # build_model name, or "package.module:factory"
+    num_classes: int | None = None
+    runs: dict[str, str] = field(default_factory=dict)  # run name -> checkpoint glob or training dir
+    layers: list[str] | None = None       # default: every Conv2d
+    base: str | None = None               # "run" (its last epoch) or "run/epoch_N"; default first run
+    k: int = 10
+    k_i: int = 5
+    batch_size: int = 128
+    device: str = "auto"
+    amp: bool = False
+    seed: int = 0
+    dim: int = 30
+    repeats: int = 10                     # E of Step 1.2
+    sgns_epochs: int | None = None
+    importance_classes: int | list[int] = 3
+    importance_images: int = 128          # images per class for the importance tables
+    reversion_sample_size: int = 32
+    reversion_repeats: int = 5
+    patches_per_neuron: int = 4
+    neighbours: int = 6
+    backends: dict[str, str] = field(default_factory=dict)  # topk / solve / faiss / umap -> auto|cpu|gpu
+    threads: int | None = None
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+
+
+@dataclass
+class RunSpec:
+    """One training run: its checkpoints by epoch, how to build its model, its accuracy log."""
+
+    name: str
+    checkpoints: dict[int, Path]
+    factory: Callable[[], torch.nn.Module]
+    log: pd.DataFrame | None = None
+
+
+@dataclass
+class RunResult:
+    out: Path
+    report: Path | None
+    seconds: dict[str, float]
+    verdicts: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------ config
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read a TOML config; unknown keys are an error naming them."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConceptEvoError(f"config file not found: {path}")
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConceptEvoError(f"config {path} is not valid TOML: {exc}") from None
+    known = set(PipelineConfig.__dataclass_fields__)
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        raise ConceptEvoError(f"config {path}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    base_dir = path.parent
+    for key in ("out", "dataset", "test_dataset"):  # relative paths are relative to the config file
+        v = doc.get(key)
+        if isinstance(v, str) and v != "builtin" and not os.path.isabs(v):
+            doc[key] = str(base_dir / v)
+    if "runs" in doc:
+        doc["runs"] = {k: (v if os.path.isabs(v) else str(base_dir / v)) for k, v in doc["runs"].items()}
+    return PipelineConfig(**doc)
+
+
+def _epoch_of(path: Path) -> int:
+    nums = re.findall(r"\d+", path.stem)
+    if not nums:
+        raise ConceptEvoError(f"cannot read an epoch number from checkpoint name {path.name!r}")
+    return int(nums[-1])
+
+
+def _model_factory(name: str, num_classes: int) -> Callable[[], torch.nn.Module]:
+    if ":" in name and not name.startswith("torchvision:"):
+        mod_name, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConceptEvoError(f"model factory {name!r} cannot be imported: {exc}") from None
+        return fn
+    from .models import build_model
+
+    build_model(name, num_classes=num_classes)  # fail early on an unknown name
+    return lambda: build_model(name, num_classes=num_classes)
+
+
+def resolve_runs(cfg: PipelineConfig, num_classes: int) -> dict[str, RunSpec]:
+    """Turn ``cfg.runs`` (globs or training folders) into RunSpecs, in the config's order."""
+    from . import train
+
+    if not cfg.runs:
+        raise ConceptEvoError("the config names no runs: add a [runs] table (run name -> checkpoint glob)")
+    specs: dict[str, RunSpec] = {}
+    for name, where in cfg.runs.items():
+        p = Path(where)
+        if p.is_dir() and (p / "run.json").exists():  # a training folder written by conceptevo.train
+            ckpts = train.run_checkpoints(p)
+            log = train.load_train_log(p).table
+            specs[name] = RunSpec(name, ckpts, train.run_model_factory(p), log)
+            continue
+        files = sorted(Path(f) for f in glob.glob(str(p / "*.pt") if p.is_dir() else str(p)))
+        if not files:
+            raise ConceptEvoError(f"run {name!r}: no checkpoint matches {where!r}")
+        ckpts = {_epoch_of(f): f for f in files}
+        if len(ckpts) != len(files):
+            raise ConceptEvoError(f"run {name!r}: two checkpoints share an epoch number in {where!r}")
+        specs[name] = RunSpec(name, dict(sorted(ckpts.items())), _model_factory(cfg.model, num_classes))
+    return specs
+
+
+def _base_of(cfg: PipelineConfig, runs: Mapping[str, RunSpec]) -> tuple[str, int]:
+    if cfg.base is None:
+        name = next(iter(runs))
+        return name, max(runs[name].checkpoints)
+    name, _, ep = cfg.base.partition("/")
+    if name not in runs:
+        raise ConceptEvoError(f"base run {name!r} is not among the runs {list(runs)}")
+    epoch = int(re.findall(r"\d+", ep)[-1]) if ep else max(runs[name].checkpoints)
+    if epoch not in runs[name].checkpoints:
+        raise ConceptEvoError(f"base {cfg.base!r}: run {name!r} has no epoch {epoch}; it has {list(runs[name].checkpoints)}")
+    return name, epoch
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if backends.cuda_available() else "cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------- stages
+class _Timer:
+    def __init__(self, seconds: dict[str, float], stage: str):
+        self.seconds, self.stage = seconds, stage
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        console.rule(f"[bold]{self.stage}")
+        return self
+
+    def __exit__(self, *exc):
+        dt = time.perf_counter() - self.t0
+        self.seconds[self.stage] = dt
+        if exc[0] is None:
+            console.print(f"[green]{self.stage}[/] done in {dt:.1f} s")
+
+
+def _pick_evolution_epochs(spec: RunSpec) -> tuple[int, int]:
+    """t -> t' for the importance stage: t' = last epoch; t = the epoch whose training top-1
+    is closest to halfway between the first and last (the paper picks accuracy milestones)."""
+    epochs = sorted(spec.checkpoints)
+    if len(epochs) < 2:
+        raise ConceptEvoError(f"run {spec.name!r} needs two checkpoints for evolution analysis")
+    t2 = epochs[-1]
+    if spec.log is not None and "train_top1" in spec.log:
+        log = spec.log.set_index("epoch")["train_top1"]
+        known = [e for e in epochs[:-1] if e in log.index]
+        if known:
+            mid = (log[known[0]] + log[t2]) / 2 if t2 in log.index else log[known].median()
+            return min(known, key=lambda e: (abs(log[e] - mid), e)), t2
+    return epochs[len(epochs) // 2 - 1 if len(epochs) > 2 else 0], t2
+
+
+def _load_model(spec: RunSpec, epoch: int, device: torch.device) -> torch.nn.Module:
+    from .adapter import load_state_dict_file
+
+    model = spec.factory()
+    model.load_state_dict(load_state_dict_file(spec.checkpoints[epoch]))
+    return model.to(device).eval()
+
+
+def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Mapping[str, RunSpec] | None = None,
+                 report: bool = True) -> RunResult:
+    """Run stimuli -> space -> alignment -> importance -> reversion -> diagnostics -> report."""
+    from . import alignment, data, diagnostics, importance, patches
+    from . import report as report_mod
+    from . import reversion
+    from .space import UnifiedSpace
+    from .stimuli import extract_stimuli
+
+    t_all = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    store = RunStore(cfg.out)
+    seconds: dict[str, float] = {}
+    device = _device(cfg.device)
+    chosen = {kind: backends.select(kind, cfg.backends.get(kind, "auto")) for kind in backends.KINDS}
+    store.update_manifest(config=_jsonable(asdict(cfg)), backends=chosen, device=str(device))
+
+    if train_set is None:
+        if cfg.dataset == "builtin":
+            train_set = data.builtin_dataset("train", seed=cfg.seed, root=cfg.out / "data")
+            test_set = test_set or data.builtin_dataset("test", seed=cfg.seed, root=cfg.out / "data")
+        else:
+            train_set = data.image_folder(cfg.dataset, size=cfg.image_size)
+            if cfg.test_dataset:
+                test_set = data.image_folder(cfg.test_dataset, size=cfg.image_size)
+    num_classes = cfg.num_classes or len(train_set.class_names)
+    runs = dict(runs) if runs is not None else resolve_runs(cfg, num_classes)
+    base_run, base_epoch = _base_of(cfg, runs)
+    input_shape = tuple(train_set[0][0].shape)
+
+    # 1. stimuli: one streaming pass per run (all its checkpoints at once)
+    stims: dict[tuple[str, int], Any] = {}
+    with _Timer(seconds, "stimuli"):
+        for name, spec in runs.items():
+            epochs = sorted(spec.checkpoints)
+            out = extract_stimuli(
+                spec.factory, [spec.checkpoints[e] for e in epochs], train_set, layers=cfg.layers, k=cfg.k,
+                k_i=cfg.k_i, batch_size=cfg.batch_size, device=device, store=store, prefix=f"stimuli/{name}",
+                names=[f"epoch_{e:03d}" for e in epochs], amp=cfg.amp, backend=cfg.backends.get("topk", "auto"),
+                input_shape=input_shape,
+            )
+            stims.update({(name, e): s for e, s in zip(epochs, out)})
+
+    # 2-6. unified space, projection of every checkpoint, one 2-D layout
+    with _Timer(seconds, "unified space"):
+        params = {"base": [base_run, base_epoch], "dim": cfg.dim, "repeats": cfg.repeats, "seed": cfg.seed,
+                  "epochs": cfg.sgns_epochs, "checkpoints": sorted(map(list, stims)), "k": cfg.k,
+                  "solve": chosen["solve"], "umap": chosen["umap"]}
+        stim_keys = [store.stage_record(f"stimuli/{n}/epoch_{e:03d}") or {} for n, e in sorted(stims)]
+        key = store.stage_key(params, [r.get("key", "") for r in stim_keys])
+        if store.is_done("space", key):
+            space = UnifiedSpace.load(store.path("space"))
+            console.print("unified space: unchanged inputs, reloaded")
+        else:
+            t0 = time.perf_counter()
+            space = UnifiedSpace.fit(stims[(base_run, base_epoch)], dim=cfg.dim, repeats=cfg.repeats,
+                                     epochs=cfg.sgns_epochs, seed=cfg.seed, threads=cfg.threads,
+                                     solver_backend=cfg.backends.get("solve", "auto"),
+                                     model=base_run, epoch=base_epoch)
+            for (name, epoch), s in sorted(stims.items()):
+                space.add(name, epoch, s, replace=True)
+            space.layout_2d(seed=cfg.seed, backend=cfg.backends.get("umap", "auto"))
+            space.save(store.path("space"))
+            space.to_parquet(store.path("neurons.parquet"))
+            store.mark_done("space", key, time.perf_counter() - t0, params=params, backends=dict(space.backends),
+                            seeds={"space": cfg.seed}, outputs=["space", "neurons.parquet"])
+        console.print(f"{len(space)} neurons from {len(space.checkpoints)} checkpoints; "
+                      f"image-embedding fit: {space.info.get('image_embedding', {})}")
+
+    # alignment with the ground-truth concept tags (built-in data only)
+    align = None
+    if getattr(train_set, "tags", None):
+        with _Timer(seconds, "alignment"):
+            align = alignment.alignment_report(space, train_set.tags, seed=cfg.seed,
+                                               backend=cfg.backends.get("faiss", "auto"))
+            store.save_table("alignment", align.table)
+            align.print(console)
+
+    # 7. important evolutions in the base run, t -> t'
+    base_spec = runs[base_run]
+    t, t2 = _pick_evolution_epochs(base_spec)
+    classes = (list(range(min(cfg.importance_classes, num_classes))) if isinstance(cfg.importance_classes, int)
+               else list(cfg.importance_classes))
+    model_t, model_t2 = _load_model(base_spec, t, device), _load_model(base_spec, t2, device)
+    with _Timer(seconds, "importance"):
+        imp = importance.evolution_importance(model_t, model_t2, train_set, classes=classes, layers=cfg.layers,
+                                              batch_size=cfg.batch_size, device=device,
+                                              max_images_per_class=cfg.importance_images, seed=cfg.seed)
+        imp.insert(0, "model", base_run)
+        imp.insert(1, "t", t)
+        imp.insert(2, "t_prime", t2)
+        store.save_table("importance", imp)
+
+    # 8. reversion check (Fig. 7)
+    with _Timer(seconds, "reversion"):
+        rev = reversion.reversion_check(model_t, model_t2, train_set, test_set, classes=classes, layers=cfg.layers,
+                                        sample_size=cfg.reversion_sample_size, repeats=cfg.reversion_repeats,
+                                        batch_size=cfg.batch_size, device=device, seed=cfg.seed)
+        store.save_table("reversion", rev.summary)
+        store.save_table("reversion_long", rev.long)
+        reversion.plot_reversion(rev.summary, store.path("figures/reversion.png"),
+                                 title=f"{base_run}: reverting evolutions {t} -> {t2}")
+        order = reversion.ordering_check(rev.summary)
+        console.print(order.to_string(index=False))
+
+    # 9. diagnostics
+    emb = space.embeddings()
+    layout = space.layout
+    emb["x"], emb["y"] = layout[:, 0], layout[:, 1]
+    logs = {n: s.log for n, s in runs.items() if s.log is not None}
+    with _Timer(seconds, "diagnostics"):
+        diag = diagnostics.diagnose(emb, logs, reference=base_run)
+        store.save_table("diagnostics", diag.table)
+        store.save_table("evolution_speed", diag.speed)
+        store.save_json("verdicts", diag.verdicts)
+        for run, v in diag.verdicts.items():
+            for msg in v.get("messages", []):
+                console.print(f"[bold]{run}[/]: {msg}")
+
+    report_path = None
+    if report:
+        with _Timer(seconds, "report"):
+            report_path = _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev, diag, align,
+                                        base_run, (t, t2), patches, report_mod)
+    total = time.perf_counter() - t_all
+    seconds["total"] = total
+    store.update_manifest(pipeline_seconds={k: round(v, 2) for k, v in seconds.items()})
+    return RunResult(cfg.out, report_path, seconds, diag.verdicts)
+
+
+def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev, diag, align, base_run, tt, patches,
+                  report_mod) -> Path:
+    """Assemble ReportData: points + tags, patches, neighbours, accuracy, diagnostics, evolutions."""
+    points = emb[["model", "epoch", "layer", "channel", "x", "y"]].copy()
+    valid = np.asarray(space.valid)
+    if getattr(train_set, "tags", None):  # colour by the dominant concept of each neuron's stimuli
+        from .alignment import dominant_concepts
+
+        ns = space.stimuli()
+        for fam, codes in train_set.tags.items():
+            dom, _purity = dominant_concepts(ns, np.asarray(codes))
+            names = np.asarray(list(train_set.tag_names[fam]) + ["-"], dtype=object)
+            points[f"concept: {fam}"] = names[np.where(dom >= 0, dom, len(names) - 1)]
+    points = points[valid].reset_index(drop=True)
+
+    # example patches for every plotted neuron and the evolution rows
+    first_model = next(iter(runs.values())).factory()
+    rf = patches.receptive_fields(first_model, list(next(iter(stims.values())).layers),
+                                  tuple(train_set[0][0].shape[-2:]))
+    layer_stims = {(m, e, layer): ls for (m, e), s in stims.items() for layer, ls in s.layers.items()}
+    pats = patches.report_patches(train_set, layer_stims, rf, max_per_neuron=cfg.patches_per_neuron)
+
+    # nearest neighbours in other models and epochs (precomputed; the report shows them on hover)
+    rows = np.flatnonzero(valid)
+    keys = emb[["model", "epoch", "layer", "channel"]].to_numpy()
+    nb_idx, nb_dist, _ = space.knn(rows, cfg.neighbours, backend=cfg.backends.get("faiss", "auto"))
+    neighbours = {}
+    for r, idxs, ds in zip(rows, nb_idx, nb_dist):
+        k0 = tuple(keys[r])
+        neighbours[(str(k0[0]), int(k0[1]), str(k0[2]), int(k0[3]))] = [
+            ((str(keys[i][0]), int(keys[i][1]), str(keys[i][2]), int(keys[i][3])), float(d))
+            for i, d in zip(idxs, ds) if i >= 0
+        ]
+    accuracy = (pd.concat([s.log.assign(run=n) for n, s in runs.items() if s.log is not None], ignore_index=True)
+                if any(s.log is not None for s in runs.values()) else None)
+    top = (imp.sort_values(["class", "score"], ascending=[True, False]).groupby("class").head(12)
+           .assign(model=base_run))
+    class_names = getattr(train_set, "class_names", None)
+    if class_names:
+        top["class"] = [f"{c}: {class_names[c]}" for c in top["class"]]
+    rev_plot = rev.summary.rename(columns={"mean_delta": "delta", "std_over_samples": "std"})
+    rev_plot["metric"] = rev_plot["split"].astype(str) + " " + rev_plot["metric"].astype(str)
+    verdict_text = {run: v.get("messages", []) for run, v in diag.verdicts.items()}
+    facts = {"base": f"{base_run} epoch {max(runs[base_run].checkpoints)}", "neurons": len(points),
+             "checkpoints": len(stims), "k": cfg.k, "evolution": f"{base_run}: epoch {tt[0]} -> {tt[1]}",
+             "fit RMSE": (space.info.get("image_embedding") or {}).get("rmse")}
+    if align is not None:
+        facts["alignment lift (mean)"] = round(float(align.table["lift"].mean()), 2)
+    rd = report_mod.ReportData(points=points, patches=pats, neighbours=neighbours, accuracy=accuracy,
+                               diagnostics=diag.table, verdicts=verdict_text, evolutions=top, reversion=rev_plot,
+                               title="ConceptEvo report", facts=facts,
+                               layer_order=list(next(iter(stims.values())).layers))
+    return report_mod.build_report(store.path("report.html"), rd, png_dir=store.path("figures"))
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+# ------------------------------------------------------------------------------------- demo
+def run_demo(out: str | Path = "conceptevo-runs/demo", *, quick: bool = False, seed: int = 0,
+             threads: int | None = None) -> RunResult:
+    """The whole method on the built-in data: data, three training runs, every stage, the report.
+
+    ``quick`` shrinks the data and training (for smoke tests); the full demo is sized
+    to finish in about ten minutes on a 2-core CPU.
+    """
+    from . import data, train
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    n_train, n_test = (1200, 300) if quick else (None, None)
+    console.rule("[bold]training the three built-in runs")
+    runs_dirs = train.train_regimes(out / "training", seed=seed, data_root=out / "data",
+                                    train_images=n_train, test_images=n_test,
+                                    epoch_scale=0.34 if quick else 1.0, threads=threads)
+    train_set = data.builtin_dataset("train", seed=seed, root=out / "data", num_images=n_train)
+    test_set = data.builtin_dataset("test", seed=seed, root=out / "data", num_images=n_test)
+    cfg = PipelineConfig(out=out, runs={k: str(v) for k, v in runs_dirs.items()}, base="well_trained", seed=seed,
+                         importance_classes=2 if quick else 3, reversion_repeats=2 if quick else 5,
+                         reversion_sample_size=16 if quick else 32, threads=threads,
+                         importance_images=32 if quick else 128)
+    result = run_pipeline(cfg, train_set=train_set, test_set=test_set)
+    total = time.perf_counter() - t0
+    result.seconds["demo total"] = total
+    RunStore(out).update_manifest(demo_seconds=round(total, 1))
+    console.rule("[bold green]done")
+    console.print(f"report: {result.report}  ({result.report.stat().st_size / 2**20:.1f} MiB)")
+    console.print(f"total time: {total:.0f} s")
+    return result

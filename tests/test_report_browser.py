@@ -1,0 +1,201 @@
+"""The report in a real browser: headless Chromium from file://, driven by Playwright.
+
+Checks: no console errors or page errors; the epoch slider replaces the plotted
+points with those of the chosen epoch in every panel; hovering a neuron (a real
+mouse move onto the point's pixel position) fills the side panel with its
+patches; clicking pins it and circles it on the map; the colour dropdown and the
+evolution class dropdown work; the charts render. A screenshot goes to
+``$CONCEPTEVO_ARTIFACTS`` (or the test's tmp folder), never into the repository.
+
+Needs the Debian package ``chromium`` (/usr/bin/chromium) and the Python package
+``playwright``; no browser is downloaded. Without them the test is skipped with a
+warning that says what is missing.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conceptevo.report import build_report, synthetic_report_data
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _skip_loudly(reason: str) -> None:
+    msg = f"BROWSER TEST NOT RUN: {reason} (the CI script installs it; see tests/test_report_browser.py)"
+    warnings.warn(msg, stacklevel=2)
+    print("\n" + "!" * 20 + " " + msg + " " + "!" * 20)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        _skip_loudly(f"{CHROMIUM} is missing (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _skip_loudly("the Python package playwright is missing (pip install playwright)")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def artifacts(tmp_path) -> Path:
+    root = os.environ.get("CONCEPTEVO_ARTIFACTS")
+    repo = Path(__file__).resolve().parents[1]
+    if root:
+        path = Path(root).resolve()
+        if path == repo or repo in path.parents:
+            pytest.fail(f"CONCEPTEVO_ARTIFACTS={root} is inside the repository; point it elsewhere")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path
+
+
+# JS helpers evaluated in the page
+PLOTTED = """() => { const gd = document.getElementById('map');
+  return gd.data.filter(t => t.meta === 'pts')
+    .map(t => [t.xaxis, Array.from(t.customdata), Array.from(t.x)]); }"""
+PIXEL_OF = """(i) => { const gd = document.getElementById('map'), P = window.conceptevoReport.data.points;
+  const s = P.m[i] === 0 ? '' : String(P.m[i] + 1), r = gd.getBoundingClientRect();
+  const xa = gd._fullLayout['xaxis' + s], ya = gd._fullLayout['yaxis' + s];
+  return [r.left + xa._offset + xa.l2p(P.x[i]), r.top + ya._offset + ya.l2p(P.y[i])]; }"""
+POINT_PIXEL = """(k) => { const gd = document.getElementById('map');
+  const t = gd.data.filter(t => t.meta === 'pts' && t.xaxis === 'x' && t.x.length > 0)[k];
+  const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect();
+  return {px: r.left + xa._offset + xa.l2p(t.x[0]), py: r.top + ya._offset + ya.l2p(t.y[0]),
+          point: t.customdata[0], curve: gd.data.indexOf(t)}; }"""
+
+
+def test_report_in_chromium(browser, artifacts, tmp_path, rng):
+    data = synthetic_report_data(runs=("well_trained", "high_lr", "overfit"), epochs=(0, 2, 5, 9),
+                                 layers=(("features.0", 12), ("features.3", 16), ("features.7", 20)),
+                                 num_images=120, k=5, seed=int(rng.integers(2**31)))
+    html = build_report(tmp_path / "report.html", data)
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    page.on("console", lambda m: errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+    page.on("request", lambda r: errors.append(f"network request: {r.url}")
+            if not r.url.startswith(("file:", "data:", "blob:", "about:")) else None)
+    page.goto(html.resolve().as_uri())
+    page.wait_for_selector('body[data-map-ready="1"]', timeout=60_000)
+
+    payload = page.evaluate("window.conceptevoReport.data.points")
+    epochs, n_models = payload["epochs"], len(payload["models"])
+    last = epochs[-1]
+
+    def expected(epoch: int) -> dict[str, set[int]]:
+        """Point indices of every model panel at ``epoch``, from the embedded data."""
+        out: dict[str, set[int]] = {}
+        for i, (m, e) in enumerate(zip(payload["m"], payload["e"])):
+            if e == epoch:
+                out.setdefault("x" if m == 0 else f"x{m + 1}", set()).add(i)
+        return out
+
+    def plotted() -> dict[str, set[int]]:
+        out: dict[str, set[int]] = {}
+        for axis, ids, _ in page.evaluate(PLOTTED):
+            out.setdefault(axis, set()).update(ids)
+        return {a: s for a, s in out.items() if s}
+
+    # -------- starts at the last epoch, every panel shows exactly that epoch's neurons
+    assert page.text_content("#epoch-label") == f"epoch {last}"
+    assert plotted() == expected(last) and len(plotted()) == n_models
+    before = page.evaluate(PLOTTED)
+
+    # -------- epoch slider: all panels move to epoch 0 together
+    page.evaluate("""() => { const s = document.getElementById('epoch-slider');
+                              s.value = '0'; s.dispatchEvent(new Event('input', {bubbles: true})); }""")
+    page.wait_for_function(f"document.getElementById('epoch-label').textContent === 'epoch {epochs[0]}'")
+    after = page.evaluate(PLOTTED)
+    assert after != before
+    assert plotted() == expected(epochs[0])
+    xs = np.array(payload["x"], dtype=float)
+    for _, ids, x in after:                               # coordinates are those of the chosen points
+        assert np.allclose(x, xs[ids])
+
+    # -------- hover: Plotly.Fx.hover selects the point (plotly.js emits no event for programmatic
+    # hovers), a real mouse move onto it fires plotly_hover and fills the side panel
+    target = page.evaluate(POINT_PIXEL, 0)
+    hovered = page.evaluate(f"""() => {{ const gd = document.getElementById('map');
+        Plotly.Fx.hover(gd, [{{curveNumber: {target['curve']}, pointNumber: 0}}], 'xy');
+        const got = gd._hoverdata.map(p => p.customdata);
+        Plotly.Fx.unhover(gd);   // else the mouse hover below is "unchanged" and plotly.js stays silent
+        return got; }}""")
+    assert hovered == [target["point"]]
+    assert page.text_content("#sp-title") == "Hover or click a neuron"
+    page.mouse.move(target["px"], target["py"])
+    page.wait_for_function("document.querySelectorAll('#sp-patches img').length > 0", timeout=10_000)
+    assert page.evaluate("window.conceptevoReport.state.pinned") is None
+    # the neuron under the mouse (another one may sit on the very same pixel)
+    i = page.evaluate("document.getElementById('map')._hoverdata[0].customdata")
+    px, py = page.evaluate(PIXEL_OF, i)
+    assert payload["m"][i] == 0 and np.hypot(px - target["px"], py - target["py"]) < 8
+    title = page.text_content("#sp-title")
+    meta = page.text_content("#sp-meta")
+    assert title == f"{payload['models'][payload['m'][i]]} · epoch {payload['e'][i]}"
+    assert meta.startswith(f"layer {payload['layers'][payload['l'][i]]} · channel {payload['c'][i]}")
+    imgs = page.evaluate("""() => Array.from(document.querySelectorAll('#sp-patches img'))
+                            .map(im => [im.naturalWidth, im.complete, im.src.slice(0, 16)])""")
+    assert len(imgs) == len(payload["patches"][i])
+    assert all(w > 0 and done and src.startswith("data:image/") for w, done, src in imgs)
+    assert page.locator("#sp-epochs .epoch-row").count() == len(epochs)
+    assert page.locator("#sp-neighbours li").count() == max(1, len(payload["neighbours"][i]))
+
+    # -------- click pins the neuron and circles it (and its neighbours at this epoch) on the map
+    page.mouse.click(target["px"], target["py"])
+    page.wait_for_function("window.conceptevoReport.state.pinned !== null")
+    assert page.evaluate("window.conceptevoReport.state.pinned") == i
+    ring = page.evaluate("""() => document.getElementById('map').data.filter(t => t.meta === 'hl')
+                            .reduce((n, t) => n + t.x.length, 0)""")
+    assert ring >= 1
+    page.screenshot(path=str(artifacts / "report_map.png"))
+
+    # -------- clicking a neighbour jumps to its epoch and pins it
+    nbs = [j for j, _ in payload["neighbours"][i] if j >= 0]
+    if nbs:
+        page.locator("#sp-neighbours li").first.click()
+        page.wait_for_function(f"window.conceptevoReport.state.pinned === {nbs[0]}")
+        assert page.text_content("#epoch-label") == f"epoch {payload['e'][nbs[0]]}"
+    page.keyboard.press("Escape")
+    page.wait_for_function("window.conceptevoReport.state.pinned === null")
+
+    # -------- colour by the concept tag family: one legend entry per tag
+    page.select_option("#color-by", label="tag_concept")
+    page.wait_for_function("window.conceptevoReport.state.colorBy === 1")
+    names = page.evaluate("""() => Array.from(new Set(document.getElementById('map').data
+                             .filter(t => t.meta === 'pts').map(t => t.name)))""")
+    assert sorted(names) == sorted(set(data.points["tag_concept"]))
+
+    # -------- evolutions: switching the class replaces the rows, each with patches before and after
+    classes = page.evaluate("Array.from(document.querySelectorAll('#evo-class option')).map(o => o.value)")
+    assert classes == sorted(set(data.evolutions["class"]), key=list(data.evolutions["class"]).index)
+    page.select_option("#evo-class", classes[-1])
+    rows = page.locator("#evo-body tr")
+    assert rows.count() == min(10, int((data.evolutions["class"] == classes[-1]).sum()))
+    assert page.locator("#evo-body tr").first.locator("img").count() > 0
+
+    # -------- the charts are drawn
+    for fig in ("accuracy", "diagnostics", "reversion"):
+        assert page.locator(f"#fig-{fig} .main-svg").count() > 0, fig
+
+    page.screenshot(path=str(artifacts / "report_full.png"), full_page=True)
+    print(f"screenshots: {artifacts / 'report_map.png'}, {artifacts / 'report_full.png'}")
+    assert (artifacts / "report_map.png").stat().st_size > 10_000
+    assert errors == [], errors
+    page.close()
+
