@@ -140,7 +140,7 @@ class ModelAdapter:
     # -------------------------------------------------------------- shapes
     def _probe_shapes(self) -> None:
         """One forward of a zero image to learn every chosen layer's channels and map size."""
-        was_training = self.model.training
+        modes = {m: m.training for m in self.model.modules()}  # restore each submodule's own mode
         self.model.eval()
         try:
             param = next(self.model.parameters(), None)
@@ -150,7 +150,8 @@ class ModelAdapter:
             with torch.no_grad(), self.hooks(self._record_shape):
                 self.model(x)
         finally:
-            self.model.train(was_training)
+            for m, mode in modes.items():
+                m.training = mode
         never = [n for n in self.layer_names if n not in self.channels]
         if never:
             raise LayerError(f"layer(s) {never} did not run in the forward pass; they cannot be captured")
@@ -192,11 +193,15 @@ class ModelAdapter:
                 h.remove()
 
     def capture(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Forward ``x`` and return (logits, {layer: output}) for every chosen layer."""
+        """Forward ``x`` and return (logits, {layer: output}) for every chosen layer.
+
+        The outputs are copies: a following in-place op (``ReLU(inplace=True)`` in
+        torchvision's VGG) would otherwise turn the kept tensor into the post-ReLU one.
+        """
         outs: dict[str, torch.Tensor] = {}
 
         def keep(name: str, out: torch.Tensor) -> None:
-            outs[name] = out
+            outs[name] = out.clone()
 
         with self.hooks(keep):
             logits = self.model(x)

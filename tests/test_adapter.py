@@ -110,3 +110,20 @@ def test_checkpoint_refusals(tmp_path):
     torch.save([torch.zeros(1)], notdict)
     with pytest.raises(CheckpointError, match="not a state dict"):
         ad.load_checkpoint(notdict)
+
+
+def test_capture_is_not_changed_by_a_following_inplace_relu():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.LazyLinear(2)).eval()
+    net(torch.zeros(1, 3, 6, 6))
+    ad = ModelAdapter(net, input_shape=(3, 6, 6))
+    x = torch.randn(3, 3, 6, 6)
+    _, outs = ad.capture(x)
+    torch.testing.assert_close(outs["0"], net[0](x))
+    assert (outs["0"] < 0).any(), "the pre-ReLU map must keep its negative values"
+
+
+def test_probe_keeps_each_submodule_mode():
+    net = small_net().train()
+    net[0].eval()
+    ModelAdapter(net)
+    assert net.training and not net[0].training and net[3].training

@@ -33,6 +33,8 @@ def _skip_loudly(reason: str) -> None:
     msg = f"BROWSER TEST NOT RUN: {reason} (the CI script installs it; see tests/test_report_browser.py)"
     warnings.warn(msg, stacklevel=2)
     print("\n" + "!" * 20 + " " + msg + " " + "!" * 20)
+    if os.environ.get("CONCEPTEVO_REQUIRE_BROWSER") == "1":  # CI installs the browser: missing is a failure
+        pytest.fail(msg)
     pytest.skip(msg)
 
 

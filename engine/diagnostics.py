@@ -1,0 +1,446 @@
+"""Training diagnostics from concept evolution (paper Section 4.5).
+
+Two measurements over the neuron embeddings of several training runs, each compared
+with a chosen *reference* run (the well-trained one):
+
+**Concept diversity** -- the differential entropy of each dimension of the 2-D
+embedding (the UMAP map), averaged over the two dimensions (the paper's footnote 5:
+the 2-D map, because estimates in the high-dimensional space diverge). The estimator
+is ``scipy.stats.differential_entropy`` with ``method="ebrahimi"`` by default: the
+m-spacing estimator of Vasicek (1976) with Ebrahimi, Pflughoeft & Soofi's (1994)
+boundary correction, window ``m = floor(sqrt(n) + 0.5)``. One method for every
+sample size keeps runs comparable (scipy's ``"auto"`` switches method with ``n``).
+m-spacing estimates are shift invariant and scale equivariant (``H(a X) = H(X) +
+ln a``), so ``exp(H)`` is an effective *spread*; a sample whose points coincide has
+zero spacings and entropy ``-inf`` (complete collapse). Diversity values of different
+runs are comparable only when all runs share one 2-D map (the unified space's UMAP is
+fit on all models and epochs at once).
+
+**Evolution speed** -- the mean Euclidean distance each neuron's embedding moves,
+matching neurons by ``(layer, channel)``:
+
+* ``movement``: between consecutive saved epochs, in the unified d-dim space
+  (column ``vector``) and, as ``movement_2d``, in the 2-D map;
+* the paper's measure for the overfitting verdict: the displacement between the
+  saved epochs whose training top-1 accuracy is closest to the milestones
+  0.25 -> 0.5 -> 0.75, divided by the accuracy gained (``movement_per_gain``). The
+  verdict uses the **unified d-dim space** (``space="vector"``): UMAP distorts
+  distances non-uniformly, while all runs are projected into the same d-dim space
+  (same image vectors), so its distances are comparable across runs. It falls back
+  to the 2-D map only when no ``vector`` column is given.
+
+Dead neurons (NaN vector / position: no valid stimulus) are left out of both
+measurements; ``n_dead`` counts them per epoch (a burst of dead neurons is itself a
+sign of a collapsing run).
+
+Verdicts (thresholds are parameters of :func:`diagnose`):
+
+* ``diversity_collapses`` (too-high learning rate): the effective spread at the last
+  saved epoch, ``exp(H_last - H_peak)``, is below ``collapse_fraction`` of the run's
+  own peak -- or ``exp(H_last - H_ref_last)`` below it relative to the reference run's
+  last epoch -- *while* training accuracy falls: ``max(train_top1) - train_top1(last)
+  >= accuracy_drop``. With ``collapse_fraction=0.75`` the drop is >= ln(4/3) = 0.29
+  nats (the paper's ConvNeXt: 1.64 -> 1.34; VGG16: 2.03 -> -1.52).
+* ``slow_evolution`` (overfitting): training accuracy climbs (total gain over the
+  milestone intervals >= ``min_gain``) but the movement per unit of accuracy gain is
+  below ``slow_ratio`` times the reference run's over the same milestone intervals
+  (paper VGG16: 1.11 vs 1.34 and 0.98 vs 1.30, ratios 0.83 and 0.75).
+
+Inputs: a DataFrame of embeddings with columns ``model, epoch, layer, channel, x, y``
+and optionally ``vector`` (one array per row), as the unified space exports, where
+``model`` names the run; and per-run accuracy logs (``log.parquet`` of a training run:
+``epoch, train_top1, ...``) as DataFrames, parquet paths or run directories.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .errors import DataError, EmbeddingError
+
+__all__ = [
+    "Diagnosis",
+    "entropy_1d",
+    "concept_diversity",
+    "neuron_movement",
+    "milestone_speed",
+    "load_log",
+    "epoch_table",
+    "diagnose",
+]
+
+KEY = ["layer", "channel"]
+
+
+# ------------------------------------------------------------------------- entropy
+def entropy_1d(values, method: str = "ebrahimi", window_length: int | None = None) -> float:
+    """Differential entropy (nats) of a 1-D sample by ``scipy.stats.differential_entropy``.
+
+    ``method``: ``"ebrahimi"`` (default), ``"vasicek"``, ``"van es"``, ``"correa"``. Fewer
+    than 5 values (or a window of at least half the sample) give NaN: no spacing estimate.
+    Coinciding values give ``-inf``.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(v)):
+        raise EmbeddingError("entropy of a sample with NaN or infinite values")
+    m = window_length if window_length is not None else math.floor(math.sqrt(v.size) + 0.5)
+    if v.size < 5 or not 1 <= m < v.size / 2:
+        return float("nan")
+    with np.errstate(divide="ignore"):  # zero spacings -> log(0) = -inf is the intended limit
+        h = stats.differential_entropy(v, method=method, window_length=window_length)
+    return float(h)
+
+
+def _check_columns(emb: pd.DataFrame, cols: Sequence[str]) -> None:
+    missing = [c for c in cols if c not in emb.columns]
+    if missing:
+        raise EmbeddingError(f"embedding table lacks column(s) {missing}; it has {list(emb.columns)}")
+
+
+def concept_diversity(
+    emb: pd.DataFrame, coords: Sequence[str] = ("x", "y"), method: str = "ebrahimi"
+) -> pd.DataFrame:
+    """Diversity per (model, epoch): mean over ``coords`` of the per-dimension entropy.
+
+    Dead neurons (NaN coordinates, as the unified space marks neurons without a valid
+    stimulus) are left out and counted in ``n_dead``; infinite values are an error.
+    Returns columns ``model, epoch, diversity, entropy_<coord>..., n_neurons, n_dead``.
+    """
+    _check_columns(emb, ["model", "epoch", *coords])
+    rows = []
+    for (model, epoch), g in emb.groupby(["model", "epoch"], sort=True):
+        pts = g[list(coords)].to_numpy(np.float64)
+        if np.isinf(pts).any():
+            raise EmbeddingError(f"model {model!r} epoch {epoch}: infinite {list(coords)} values")
+        alive = ~np.isnan(pts).any(axis=1)
+        ent = {f"entropy_{c}": entropy_1d(pts[alive, j], method=method) for j, c in enumerate(coords)}
+        rows.append({"model": model, "epoch": epoch, "diversity": float(np.mean(list(ent.values()))), **ent,
+                     "n_neurons": int(alive.sum()), "n_dead": int((~alive).sum())})
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------ movement
+def _points(g: pd.DataFrame, space: str) -> np.ndarray:
+    """(rows, dim) float64 points; NaN rows (dead neurons) are kept as NaN."""
+    if space == "vector":
+        try:
+            pts = np.stack([np.asarray(v, dtype=np.float64).ravel() for v in g["vector"]])
+        except ValueError as exc:
+            raise EmbeddingError(f"the 'vector' column holds vectors of different lengths: {exc}") from None
+    elif space == "xy":
+        pts = g[["x", "y"]].to_numpy(np.float64)
+    else:
+        raise ValueError(f"space must be 'vector' or 'xy', not {space!r}")
+    if np.isinf(pts).any():
+        raise EmbeddingError(f"infinite {space} embedding values")
+    return pts
+
+
+def _point_sets(emb: pd.DataFrame, space: str) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
+    """``{(model, epoch): (neuron codes sorted, points in that order)}``; codes number (layer, channel).
+
+    Dead neurons (NaN points) are dropped: they have no position to move from or to.
+    """
+    codes = emb.groupby(KEY, sort=False).ngroup().to_numpy()
+    pts = _points(emb, space)
+    alive = ~np.isnan(pts).any(axis=1)
+    out = {}
+    for key, idx in emb.groupby(["model", "epoch"], sort=True).indices.items():
+        idx = idx[alive[idx]]
+        c = codes[idx]
+        order = np.argsort(c, kind="stable")
+        c = c[order]
+        if c.size > 1 and np.any(c[1:] == c[:-1]):
+            dup = emb.iloc[idx[order][1:][c[1:] == c[:-1]]][KEY].head(3).to_dict("records")
+            raise EmbeddingError(f"model {key[0]!r} epoch {key[1]}: neurons listed twice, e.g. {dup}")
+        out[key] = (c, pts[idx[order]])
+    return out
+
+
+def _displacement(sets: dict, model, e0, e1) -> tuple[float, float, int]:
+    """Mean and median distance of the neurons present at both epochs, and their count."""
+    c0, p0 = sets[(model, e0)]
+    c1, p1 = sets[(model, e1)]
+    _, a, b = np.intersect1d(c0, c1, assume_unique=True, return_indices=True)
+    if a.size == 0:
+        return float("nan"), float("nan"), 0
+    d = np.linalg.norm(p1[b] - p0[a], axis=1)
+    return float(d.mean()), float(np.median(d)), int(a.size)
+
+
+def neuron_movement(emb: pd.DataFrame, space: str = "vector") -> pd.DataFrame:
+    """Movement between consecutive saved epochs of each model.
+
+    Returns ``model, epoch_from, epoch_to, movement, movement_median, n_neurons`` (mean and
+    median Euclidean distance over neurons present at both epochs).
+    """
+    _check_columns(emb, ["model", "epoch", *KEY] + (["vector"] if space == "vector" else ["x", "y"]))
+    sets = _point_sets(emb, space)
+    rows = []
+    for model, g in emb.groupby("model", sort=True):
+        epochs = sorted(g["epoch"].unique())
+        for e0, e1 in zip(epochs[:-1], epochs[1:]):
+            mean, med, n = _displacement(sets, model, e0, e1)
+            rows.append({"model": model, "epoch_from": e0, "epoch_to": e1, "movement": mean,
+                         "movement_median": med, "n_neurons": n})
+    return pd.DataFrame(rows, columns=["model", "epoch_from", "epoch_to", "movement", "movement_median",
+                                       "n_neurons"])
+
+
+# --------------------------------------------------------------------------- logs
+def load_log(obj) -> pd.DataFrame:
+    """An accuracy log as a DataFrame: a DataFrame, a ``log.parquet`` path, or a run directory."""
+    if isinstance(obj, pd.DataFrame):
+        df = obj
+        where = "the given log"
+    else:
+        p = Path(obj)
+        if p.is_dir():
+            p = p / "log.parquet"
+        if not p.is_file():
+            raise DataError(f"accuracy log not found: {p}")
+        df = pd.read_parquet(p)
+        where = str(p)
+    missing = [c for c in ("epoch", "train_top1") if c not in df.columns]
+    if missing:
+        raise DataError(f"{where} lacks column(s) {missing}; it has {list(df.columns)}")
+    return df.sort_values("epoch").drop_duplicates("epoch", keep="last").reset_index(drop=True)
+
+
+def _logs(logs: Mapping | None) -> dict:
+    return {k: load_log(v) for k, v in (logs or {}).items()}
+
+
+def milestone_speed(
+    emb: pd.DataFrame,
+    logs: Mapping,
+    milestones: Sequence[float] = (0.25, 0.5, 0.75),
+    tolerance: float = 0.125,
+    min_gain: float = 0.05,
+    space: str = "vector",
+) -> pd.DataFrame:
+    """Displacement between milestone epochs, per unit of training-accuracy gain.
+
+    For every model with a log: each milestone resolves to the saved epoch whose
+    ``train_top1`` is closest to it (earliest on ties; unresolved when farther than
+    ``tolerance``). Consecutive resolved milestones with increasing epochs and a gain of
+    at least ``min_gain`` form an interval. When a model has no such interval, the whole
+    climb (first saved epoch -> epoch of peak training accuracy) is used, labelled
+    ``"start" -> "peak"``.
+
+    Returns ``model, milestone_from, milestone_to, epoch_from, epoch_to, acc_from, acc_to,
+    gain, movement, movement_per_gain``.
+    """
+    _check_columns(emb, ["model", "epoch", *KEY] + (["vector"] if space == "vector" else ["x", "y"]))
+    logs = _logs(logs)
+    sets = _point_sets(emb, space)
+    rows = []
+    for model, g in emb.groupby("model", sort=True):
+        if model not in logs:
+            continue
+        lg = logs[model].set_index("epoch")["train_top1"]
+        epochs = [e for e in sorted(g["epoch"].unique()) if e in lg.index and np.isfinite(lg[e])]
+        if len(epochs) < 2:
+            continue
+        acc = np.array([lg[e] for e in epochs], dtype=np.float64)
+        resolved = []
+        for m in milestones:
+            i = int(np.argmin(np.abs(acc - m)))  # first minimum = earliest epoch on ties
+            if abs(acc[i] - m) <= tolerance:
+                resolved.append((f"{m:g}", i))
+        intervals = [(a, b) for a, b in zip(resolved[:-1], resolved[1:])
+                     if b[1] > a[1] and acc[b[1]] - acc[a[1]] >= min_gain]
+        if not intervals:
+            peak = int(np.argmax(acc))
+            intervals = [(("start", 0), ("peak", peak))] if peak > 0 else []
+        for (ma, ia), (mb, ib) in intervals:
+            mv, _, _ = _displacement(sets, model, epochs[ia], epochs[ib])
+            gain = float(acc[ib] - acc[ia])
+            rows.append({"model": model, "milestone_from": ma, "milestone_to": mb,
+                         "epoch_from": epochs[ia], "epoch_to": epochs[ib], "acc_from": float(acc[ia]),
+                         "acc_to": float(acc[ib]), "gain": gain, "movement": mv,
+                         "movement_per_gain": mv / gain if gain > 0 else float("nan")})
+    return pd.DataFrame(rows, columns=["model", "milestone_from", "milestone_to", "epoch_from", "epoch_to",
+                                       "acc_from", "acc_to", "gain", "movement", "movement_per_gain"])
+
+
+def epoch_table(
+    emb: pd.DataFrame, logs: Mapping | None = None, method: str = "ebrahimi", min_gain: float = 0.01
+) -> pd.DataFrame:
+    """Per-run, per-saved-epoch table.
+
+    Columns: ``model, epoch, diversity, entropy_x, entropy_y, n_neurons, movement``
+    (d-dim, from the previous saved epoch; only with a ``vector`` column),
+    ``movement_2d``, and with logs ``train_top1, test_top1`` (when logged),
+    ``train_gain`` (since the previous saved epoch) and ``movement_per_gain`` (NaN where
+    the gain is below ``min_gain``).
+    """
+    table = concept_diversity(emb, method=method)
+    spaces = [("movement", "vector")] if "vector" in emb.columns else []
+    spaces.append(("movement_2d", "xy"))
+    for col, space in spaces:
+        mv = neuron_movement(emb, space)[["model", "epoch_to", "movement"]]
+        table = table.merge(mv.rename(columns={"epoch_to": "epoch", "movement": col}), on=["model", "epoch"],
+                            how="left")
+    logs = _logs(logs)
+    if logs:
+        acc_cols = ["train_top1"] + [c for c in ("test_top1",) if all(c in lg for lg in logs.values())]
+        acc = pd.concat([lg[["epoch", *acc_cols]].assign(model=m) for m, lg in logs.items()], ignore_index=True)
+        table = table.merge(acc, on=["model", "epoch"], how="left")
+        table = table.sort_values(["model", "epoch"]).reset_index(drop=True)
+        table["train_gain"] = table.groupby("model")["train_top1"].diff()
+        mcol = "movement" if "movement" in table else "movement_2d"
+        table["movement_per_gain"] = np.where(table["train_gain"] >= min_gain,
+                                              table[mcol] / table["train_gain"], np.nan)
+    return table.sort_values(["model", "epoch"]).reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------ verdicts
+@dataclass
+class Diagnosis:
+    table: pd.DataFrame  # per run, per epoch (epoch_table)
+    speed: pd.DataFrame  # milestone intervals (milestone_speed)
+    verdicts: dict[str, dict]  # run -> verdict fields and plain-language messages
+    params: dict = field(default_factory=dict)
+
+
+def _fmt(h: float) -> str:
+    return "-inf" if h == -math.inf else f"{h:.2f}"
+
+
+def diagnose(
+    emb: pd.DataFrame,
+    logs: Mapping,
+    reference: str,
+    collapse_fraction: float = 0.75,
+    accuracy_drop: float = 0.05,
+    slow_ratio: float = 0.85,
+    min_gain: float = 0.05,
+    milestones: Sequence[float] = (0.25, 0.5, 0.75),
+    tolerance: float = 0.125,
+    space: str | None = None,
+    method: str = "ebrahimi",
+) -> Diagnosis:
+    """Per-run verdicts against the ``reference`` run (the well-trained one).
+
+    Args:
+        emb: embeddings table (see the module docstring); ``model`` names the run.
+        logs: run name -> accuracy log (DataFrame, ``log.parquet`` path or run directory).
+        reference: the run the others are compared with.
+        collapse_fraction: diversity collapses when the effective spread ``exp(H)`` at the
+            last epoch is below this fraction of the run's peak or of the reference's last.
+        accuracy_drop: ...while training top-1 fell at least this much from its best.
+        slow_ratio: slow evolution when movement per accuracy gain is below this fraction
+            of the reference's (matched milestone intervals).
+        min_gain: least training-accuracy gain for an interval (and for "climbs").
+        milestones, tolerance: see :func:`milestone_speed`.
+        space: ``"vector"`` (default when a ``vector`` column exists) or ``"xy"``.
+        method: entropy estimator (see :func:`entropy_1d`).
+
+    Returns:
+        :class:`Diagnosis` with ``verdicts[run]`` holding ``diversity_collapses`` and
+        ``slow_evolution`` (True/False, or None when the log needed is missing), the
+        numbers behind them, and ``messages`` (plain language).
+    """
+    if not 0 < collapse_fraction <= 1:
+        raise ValueError(f"collapse_fraction must be in (0, 1], got {collapse_fraction}")
+    _check_columns(emb, ["model", "epoch", *KEY, "x", "y"])
+    runs = sorted(emb["model"].unique())
+    if reference not in runs:
+        raise EmbeddingError(f"reference run {reference!r} is not in the embeddings (runs: {runs})")
+    space = space or ("vector" if "vector" in emb.columns else "xy")
+    logs = _logs(logs)
+    table = epoch_table(emb, logs, method=method)
+    speed = milestone_speed(emb, logs, milestones, tolerance, min_gain, space)
+
+    div = {r: g.sort_values("epoch") for r, g in table.groupby("model")}
+    ref_last = float(div[reference]["diversity"].iloc[-1])
+    sp = {r: g for r, g in speed.groupby("model")}
+    verdicts: dict[str, dict] = {}
+    for run in runs:
+        d = div[run]
+        h = d["diversity"].to_numpy()
+        peak_i = int(np.argmax(np.where(np.isnan(h), -np.inf, h)))  # first peak; NaN (too few neurons) ignored
+        h_peak, h_last = float(h[peak_i]), float(h[-1])
+        spread_peak = math.exp(h_last - h_peak) if np.isfinite(h_peak) and h_last > -math.inf else 0.0
+        spread_ref = None
+        if run != reference and np.isfinite(ref_last):
+            spread_ref = math.exp(h_last - ref_last) if h_last > -math.inf else 0.0
+        low = spread_peak < collapse_fraction or (spread_ref is not None and spread_ref < collapse_fraction)
+        v: dict = {"reference": reference, "diversity_peak": h_peak, "diversity_peak_epoch": d["epoch"].iloc[peak_i],
+                   "diversity_last": h_last, "last_epoch": d["epoch"].iloc[-1],
+                   "spread_vs_peak": spread_peak, "spread_vs_reference": spread_ref, "space": space, "messages": []}
+
+        acc = d["train_top1"].to_numpy() if "train_top1" in d else np.full(len(d), np.nan)
+        if run not in logs or not np.isfinite(acc).any():
+            v["diversity_collapses"] = None
+            v["slow_evolution"] = None
+            v["messages"].append(f"{run}: no training-accuracy log; no verdict.")
+            verdicts[run] = v
+            continue
+        fin = np.isfinite(acc)
+        best = float(np.nanmax(acc))
+        last_acc = float(acc[fin][-1])
+        v["train_top1_best"], v["train_top1_last"] = best, last_acc
+        v["accuracy_fall"] = best - last_acc
+        v["diversity_collapses"] = bool(low and best - last_acc >= accuracy_drop)
+        if v["diversity_collapses"]:
+            rel = f"{spread_peak:.0%} of its peak"
+            if spread_ref is not None:
+                rel += f", {spread_ref:.0%} of the reference run {reference!r}"
+            v["messages"].append(
+                f"{run}: diversity collapses -- concept diversity fell from {_fmt(h_peak)} (epoch "
+                f"{v['diversity_peak_epoch']}) to {_fmt(h_last)} (epoch {v['last_epoch']}), a spread of {rel}, "
+                f"while training accuracy fell from {best:.2f} to {last_acc:.2f}. This is the signature of a "
+                f"too-high learning rate; lost concepts rarely come back, so consider stopping and lowering it."
+            )
+        elif low:
+            v["messages"].append(
+                f"{run}: concept diversity is lower ({_fmt(h_last)} at epoch {v['last_epoch']}, peak "
+                f"{_fmt(h_peak)}), but training accuracy did not fall; not a collapse."
+            )
+        else:
+            v["messages"].append(f"{run}: concept diversity holds ({_fmt(h_last)} at the last epoch, "
+                                 f"peak {_fmt(h_peak)}).")
+
+        # Evolution speed against the reference over the same milestone intervals.
+        mine, ref = sp.get(run), sp.get(reference)
+        v["speed_ratio"] = None
+        if mine is None or ref is None or run == reference:
+            v["slow_evolution"] = False if run == reference else None
+            if run != reference:
+                v["messages"].append(f"{run}: no comparable accuracy climb with the reference; no speed verdict.")
+            verdicts[run] = v
+            continue
+        pair = mine.merge(ref, on=["milestone_from", "milestone_to"], suffixes=("", "_ref"))
+        if pair.empty:  # no shared milestone intervals: compare the overall rates
+            pair = pd.DataFrame({"movement_per_gain": [mine["movement"].sum() / mine["gain"].sum()],
+                                 "movement_per_gain_ref": [ref["movement"].sum() / ref["gain"].sum()],
+                                 "gain": [mine["gain"].sum()]})
+        ratios = pair["movement_per_gain"] / pair["movement_per_gain_ref"]
+        ratio = float(ratios.mean())
+        climb = float(pair["gain"].sum())
+        v["speed_ratio"], v["movement_per_gain"] = ratio, float(pair["movement_per_gain"].mean())
+        v["movement_per_gain_reference"] = float(pair["movement_per_gain_ref"].mean())
+        v["slow_evolution"] = bool(climb >= min_gain and ratio < slow_ratio)
+        if v["slow_evolution"]:
+            v["messages"].append(
+                f"{run}: concepts move slowly while training accuracy climbs -- "
+                f"{v['movement_per_gain']:.2f} units of movement per +1.0 training accuracy against "
+                f"{v['movement_per_gain_reference']:.2f} in {reference!r} (ratio {ratio:.2f}). This is the "
+                f"signature of overfitting; consider more regularisation (dropout, weight decay, data)."
+            )
+        else:
+            v["messages"].append(f"{run}: concepts evolve at a normal pace for the accuracy gained "
+                                 f"(ratio {ratio:.2f} to {reference!r}).")
+        verdicts[run] = v
+    params = {"reference": reference, "collapse_fraction": collapse_fraction, "accuracy_drop": accuracy_drop,
+              "slow_ratio": slow_ratio, "min_gain": min_gain, "milestones": list(milestones),
+              "tolerance": tolerance, "space": space, "entropy_method": method}
+    return Diagnosis(table=table, speed=speed, verdicts=verdicts, params=params)
