@@ -8,6 +8,8 @@
 
 namespace py = pybind11;
 
+void register_sgns(py::module_& m);  // sgns.cpp
+
 static int max_threads() {
 #ifdef _OPENMP
     return omp_get_max_threads();
@@ -25,4 +27,5 @@ PYBIND11_MODULE(_C, m) {
 #else
         false;
 #endif
+    register_sgns(m);
 }
