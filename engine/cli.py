@@ -175,6 +175,145 @@ def stimuli(
     console.print(f"stimuli written to {out}")
 
 
+def _dataset(dataset: str, image_size: int, out: Path, split: str = "train"):
+    from . import data as data_mod
+
+    if dataset == "builtin":
+        return data_mod.builtin_dataset(split, root=out / "data")
+    return data_mod.image_folder(dataset, size=image_size)
+
+
+def _two_models(ckpt_t: Path, ckpt_t2: Path, model: str, ds):
+    """The models at t and t', loaded with the adapter's strict, weights-only checks."""
+    from .adapter import ModelAdapter
+    from .pipeline import _model_factory
+
+    factory = _model_factory(model, len(ds.class_names))
+    models = []
+    for path in (ckpt_t, ckpt_t2):
+        m = factory()
+        ModelAdapter(m, input_shape=tuple(ds[0][0].shape)).load_checkpoint(path)
+        models.append(m.eval())
+    return models
+
+
+EvoT = Annotated[Path, typer.Argument(help="Checkpoint at the earlier epoch t.")]
+EvoT2 = Annotated[Path, typer.Argument(help="Checkpoint at the later epoch t'.")]
+ModelOpt = Annotated[str, typer.Option(help="vgg_small, torchvision:<name>, or package.module:factory")]
+DataOpt = Annotated[str, typer.Option(help="'builtin' or an image folder (one subfolder per class)")]
+ClassOpt = Annotated[Optional[list[int]], typer.Option("--class", help="Class index (repeatable); default 0, 1, 2.")]
+LayerOpt = Annotated[Optional[list[str]], typer.Option("--layer", help="Layer name (repeatable); default every Conv2d.")]
+
+
+@app.command()
+def importance(
+    ckpt_t: EvoT, ckpt_t2: EvoT2, out: Out = Path("conceptevo-runs/importance"), model: ModelOpt = "vgg_small",
+    dataset: DataOpt = "builtin", image_size: int = 32, classes: ClassOpt = None, layers: LayerOpt = None,
+    images: Annotated[int, typer.Option(help="Images per class.")] = 128, batch_size: int = 64, seed: Seed = 0,
+) -> None:
+    """Important concept evolutions t -> t' (Eq. 2-4): per class, layer and neuron, the share of the
+    class's images whose logit rises along the neuron's activation change. Writes importance.parquet."""
+    from . import importance as imp_mod
+    from .errors import ConceptEvoError
+    from .store import RunStore
+
+    try:
+        ds = _dataset(dataset, image_size, out)
+        m_t, m_t2 = _two_models(ckpt_t, ckpt_t2, model, ds)
+        table = imp_mod.evolution_importance(m_t, m_t2, ds, classes=classes or [0, 1, 2], layers=layers or None,
+                                             batch_size=batch_size, max_images_per_class=images, seed=seed,
+                                             progress=True)
+    except ConceptEvoError as exc:
+        _fail(exc)
+    RunStore(out).save_table("importance", table)
+    top = table.sort_values(["class", "score"], ascending=[True, False]).groupby("class").head(5)
+    console.print(top.to_string(index=False))
+    console.print(f"-> {out / 'importance.parquet'}")
+
+
+@app.command()
+def reversion(
+    ckpt_t: EvoT, ckpt_t2: EvoT2, out: Out = Path("conceptevo-runs/reversion"), model: ModelOpt = "vgg_small",
+    dataset: DataOpt = "builtin", test_dataset: Annotated[Optional[str], typer.Option(help="Held-out images.")] = None,
+    image_size: int = 32, classes: ClassOpt = None, layers: LayerOpt = None,
+    sample_size: Annotated[int, typer.Option(help="Images per class and sample.")] = 32,
+    repeats: Annotated[int, typer.Option(help="Independent image samples.")] = 5, batch_size: int = 64,
+    seed: Seed = 0,
+) -> None:
+    """Reversion check (Fig. 7): revert each importance quartile's activations in the t' model to their
+    epoch-t values and measure the accuracy change, against reverting a random 25%."""
+    from . import reversion as rev_mod
+    from .errors import ConceptEvoError
+    from .store import RunStore
+
+    try:
+        ds = _dataset(dataset, image_size, out)
+        test = (_dataset("builtin", image_size, out, "test") if dataset == "builtin" and test_dataset is None
+                else (_dataset(test_dataset, image_size, out) if test_dataset else None))
+        m_t, m_t2 = _two_models(ckpt_t, ckpt_t2, model, ds)
+        res = rev_mod.reversion_check(m_t, m_t2, ds, test, classes=classes or [0, 1, 2], layers=layers or None,
+                                      sample_size=sample_size, repeats=repeats, batch_size=batch_size, seed=seed,
+                                      progress=True)
+    except ConceptEvoError as exc:
+        _fail(exc)
+    store = RunStore(out)
+    store.save_table("reversion", res.summary)
+    store.save_table("reversion_long", res.long)
+    rev_mod.plot_reversion(res.summary, store.path("figures/reversion.png"))
+    console.print(res.summary.to_string(index=False))
+    console.print(rev_mod.ordering_check(res.summary).to_string(index=False))
+
+
+@app.command()
+def diagnostics(
+    run: Annotated[Path, typer.Option("--run", help="A pipeline run directory (has neurons.parquet).")],
+    reference: Annotated[Optional[str], typer.Option(help="Healthy run to compare with; default the base.")] = None,
+) -> None:
+    """Concept diversity and evolution speed per run and epoch, with plain-language verdicts
+    (diversity collapse: too-high learning rate; slow concepts while accuracy climbs: overfitting)."""
+    import pandas as pd
+
+    from . import diagnostics as diag_mod
+    from .errors import ConceptEvoError
+    from .pipeline import PipelineConfig, resolve_runs
+    from .store import RunStore
+
+    store = RunStore(run, create=False)
+    if not store.exists("neurons.parquet"):
+        _fail(ConceptEvoError(f"{run} has no neurons.parquet: run `conceptevo run` or `conceptevo demo` first"))
+    cfg = PipelineConfig(**{k: v for k, v in store.manifest.get("config", {}).items()})
+    emb = pd.read_parquet(store.path("neurons.parquet"))
+    runs = resolve_runs(cfg, cfg.num_classes or 10)
+    logs = {n: s.log for n, s in runs.items() if s.log is not None}
+    ref = reference or (cfg.base or next(iter(runs))).split("/")[0]
+    diag = diag_mod.diagnose(emb, logs, reference=ref)
+    store.save_table("diagnostics", diag.table)
+    store.save_json("verdicts", diag.verdicts)
+    for name, v in diag.verdicts.items():
+        for msg in (v or {}).get("messages", []):
+            console.print(f"[bold]{name}[/]: {msg}")
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Option("--run", help="A pipeline run directory.")],
+) -> None:
+    """Rebuild report.html (and figures/) of a run from its stored config; finished stages are reused."""
+    from .errors import ConceptEvoError
+    from .pipeline import PipelineConfig, run_pipeline
+    from .store import RunStore
+
+    store = RunStore(run, create=False)
+    conf = store.manifest.get("config")
+    if not conf:
+        _fail(ConceptEvoError(f"{run} has no pipeline config in its manifest"))
+    try:
+        result = run_pipeline(PipelineConfig(**conf))
+    except ConceptEvoError as exc:
+        _fail(exc)
+    console.print(f"report: {result.report}")
+
+
 def main() -> None:
     """Entry point of the ``conceptevo`` script."""
     app()

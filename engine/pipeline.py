@@ -304,32 +304,54 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
             store.save_table("alignment", align.table)
             align.print(console)
 
-    # 7. important evolutions in the base run, t -> t'
     base_spec = runs[base_run]
     t, t2 = _pick_evolution_epochs(base_spec)
     classes = (list(range(min(cfg.importance_classes, num_classes))) if isinstance(cfg.importance_classes, int)
                else list(cfg.importance_classes))
     model_t, model_t2 = _load_model(base_spec, t, device), _load_model(base_spec, t2, device)
+    # 7. important evolutions in the base run, t -> t'
+    ckpt_inputs = [base_spec.checkpoints[t], base_spec.checkpoints[t2]]
     with _Timer(seconds, "importance"):
-        imp = importance.evolution_importance(model_t, model_t2, train_set, classes=classes, layers=cfg.layers,
-                                              batch_size=cfg.batch_size, device=device,
-                                              max_images_per_class=cfg.importance_images, seed=cfg.seed)
-        imp.insert(0, "model", base_run)
-        imp.insert(1, "t", t)
-        imp.insert(2, "t_prime", t2)
-        store.save_table("importance", imp)
+        params = {"t": t, "t_prime": t2, "classes": classes, "layers": cfg.layers, "seed": cfg.seed,
+                  "images": cfg.importance_images, "dataset": _dataset_id(train_set)}
+        key = store.stage_key(params, ckpt_inputs)
+        if store.is_done("importance", key):
+            imp = store.load_table("importance")
+        else:
+            t0 = time.perf_counter()
+            imp = importance.evolution_importance(model_t, model_t2, train_set, classes=classes,
+                                                  layers=cfg.layers, batch_size=cfg.batch_size, device=device,
+                                                  max_images_per_class=cfg.importance_images, seed=cfg.seed)
+            imp.insert(0, "model", base_run)
+            imp.insert(1, "t", t)
+            imp.insert(2, "t_prime", t2)
+            store.save_table("importance", imp)
+            store.mark_done("importance", key, time.perf_counter() - t0, params=params,
+                            seeds={"importance": cfg.seed}, outputs=["importance.parquet"])
 
     # 8. reversion check (Fig. 7)
     with _Timer(seconds, "reversion"):
-        rev = reversion.reversion_check(model_t, model_t2, train_set, test_set, classes=classes, layers=cfg.layers,
-                                        sample_size=cfg.reversion_sample_size, repeats=cfg.reversion_repeats,
-                                        batch_size=cfg.batch_size, device=device, seed=cfg.seed)
-        store.save_table("reversion", rev.summary)
-        store.save_table("reversion_long", rev.long)
-        reversion.plot_reversion(rev.summary, store.path("figures/reversion.png"),
-                                 title=f"{base_run}: reverting evolutions {t} -> {t2}")
-        order = reversion.ordering_check(rev.summary)
-        console.print(order.to_string(index=False))
+        params = {"t": t, "t_prime": t2, "classes": classes, "layers": cfg.layers, "seed": cfg.seed,
+                  "sample_size": cfg.reversion_sample_size, "repeats": cfg.reversion_repeats,
+                  "dataset": _dataset_id(train_set), "test": _dataset_id(test_set)}
+        key = store.stage_key(params, ckpt_inputs)
+        if store.is_done("reversion", key):
+            rev_summary, rev_long = store.load_table("reversion"), store.load_table("reversion_long")
+        else:
+            t0 = time.perf_counter()
+            rev = reversion.reversion_check(model_t, model_t2, train_set, test_set, classes=classes,
+                                            layers=cfg.layers, sample_size=cfg.reversion_sample_size,
+                                            repeats=cfg.reversion_repeats, batch_size=cfg.batch_size,
+                                            device=device, seed=cfg.seed)
+            rev_summary, rev_long = rev.summary, rev.long
+            store.save_table("reversion", rev_summary)
+            store.save_table("reversion_long", rev_long)
+            reversion.plot_reversion(rev_summary, store.path("figures/reversion.png"),
+                                     title=f"{base_run}: reverting evolutions {t} -> {t2}")
+            store.mark_done("reversion", key, time.perf_counter() - t0, params=params,
+                            seeds={"reversion": cfg.seed},
+                            outputs=["reversion.parquet", "reversion_long.parquet", "figures/reversion.png"])
+        console.print(reversion.ordering_check(rev_summary).to_string(index=False))
 
     # 9. diagnostics
     emb = space.embeddings()
@@ -348,7 +370,7 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
     report_path = None
     if report:
         with _Timer(seconds, "report"):
-            report_path = _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev, diag, align,
+            report_path = _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summary, diag, align,
                                         base_run, (t, t2), patches, report_mod)
     total = time.perf_counter() - t_all
     seconds["total"] = total
@@ -356,7 +378,7 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
     return RunResult(cfg.out, report_path, seconds, diag.verdicts)
 
 
-def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev, diag, align, base_run, tt, patches,
+def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summary, diag, align, base_run, tt, patches,
                   report_mod) -> Path:
     """Assemble ReportData: points + tags, patches, neighbours, accuracy, diagnostics, evolutions."""
     points = emb[["model", "epoch", "layer", "channel", "x", "y"]].copy()
@@ -396,7 +418,7 @@ def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev, diag
     class_names = getattr(train_set, "class_names", None)
     if class_names:
         top["class"] = [f"{c}: {class_names[c]}" for c in top["class"]]
-    rev_plot = rev.summary.rename(columns={"mean_delta": "delta", "std_over_samples": "std"})
+    rev_plot = rev_summary.rename(columns={"mean_delta": "delta", "std_over_samples": "std"})
     rev_plot["metric"] = rev_plot["split"].astype(str) + " " + rev_plot["metric"].astype(str)
     verdict_text = {run: v.get("messages", []) for run, v in diag.verdicts.items()}
     facts = {"base": f"{base_run} epoch {max(runs[base_run].checkpoints)}", "neurons": len(points),
@@ -409,6 +431,15 @@ def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev, diag
                                title="ConceptEvo report", facts=facts,
                                layer_order=list(next(iter(stims.values())).layers))
     return report_mod.build_report(store.path("report.html"), rd, png_dir=store.path("figures"))
+
+
+def _dataset_id(ds) -> str | None:
+    """A cheap identity of a dataset for stage keys: size, class names, and a few labels."""
+    if ds is None:
+        return None
+    labels = getattr(ds, "labels", None)
+    head = labels[:64].tolist() if labels is not None else []
+    return f"{len(ds)}:{getattr(ds, 'class_names', None)}:{head}"
 
 
 def _jsonable(d: dict) -> dict:

@@ -7,7 +7,7 @@ from conceptevo.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("cmd", [[], ["demo"], ["run"], ["data"], ["train"], ["stimuli"], ["info"]])
+@pytest.mark.parametrize("cmd", [[], ["demo"], ["run"], ["data"], ["train"], ["stimuli"], ["info"], ["importance"], ["reversion"], ["diagnostics"], ["report"]])
 def test_help(cmd):
     res = runner.invoke(app, [*cmd, "--help"])
     assert res.exit_code == 0, res.output
