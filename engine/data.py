@@ -1,0 +1,948 @@
+"""Datasets with stable integer image ids.
+
+Every dataset the engine reads is an :class:`ImageSet`: image ``i`` has the id ``i``
+(its index), forever, so stimuli, embeddings and reports computed on different
+days or machines refer to the same images.
+
+Sources
+-------
+* :func:`builtin_dataset` -- procedurally generated images made of *known concepts*
+  (shape, colour, texture, a small part, background, occlusion), with every image's
+  ground-truth concept tags. See "Built-in concept data" below.
+* :func:`image_folder` -- one subfolder per class, decoded lazily with Pillow.
+* :func:`tensor_dataset` -- images already in memory.
+* :func:`as_image_set` -- any ``torch.utils.data.Dataset`` returning ``(image, label)``.
+
+:func:`indexed_loader` yields ``(ids, x, y)`` batches in id order and can start and
+stop anywhere, so a pass over the data can resume mid-way.
+
+Normalisation
+-------------
+Images are stored as uint8 RGB; ``ImageSet[i]`` and the loaders return
+``x = (uint8 / 255 - 0.5) / 0.25`` (:meth:`ImageSet.normalize`), float32 ``(3, H, W)``.
+The one exception is a wrapped dataset whose items are already float tensors: those
+are the model's own input convention and pass through unchanged.
+
+Built-in concept data
+---------------------
+Each image shows one object on a background. Concept families (``ImageSet.tags``):
+
+=========== ===========================================================
+shape       circle, square, triangle, cross
+colour      red, green, blue, yellow (brightness and per-channel jitter)
+texture     solid, h_stripes, v_stripes, checker (object colour on a darker shade)
+part        none, marker (a small white knob with a dark rim at the object's upper right)
+background  plain, gradient, blotches (all low-saturation greys)
+occluded    no, yes (a grey bar across the object; the marker may be hidden)
+size        small, medium, large (terciles of the object radius)
+class       the true class (the rule below), before any label noise
+=========== ===========================================================
+
+Nuisances: position, size, rotation (+-25 degrees, texture rotates with the object),
+texture phase, pixel noise. Classes are combinations (:data:`CLASS_RULES`)::
+
+     0 red_solid_circle              circle   red     solid      none
+     1 red_solid_square              square   red     solid      none
+     2 blue_solid_circle             circle   blue    solid      none
+     3 red_hstripe_circle            circle   red     h_stripes  none
+     4 green_vstripe_triangle        triangle green   v_stripes  none
+     5 green_vstripe_cross           cross    green   v_stripes  none
+     6 yellow_vstripe_triangle       triangle yellow  v_stripes  none
+     7 green_checker_triangle        triangle green   checker    none
+     8 yellow_checker_square         square   yellow  checker    none
+     9 blue_hstripe_cross            cross    blue    h_stripes  none
+    10 blue_hstripe_cross_marked     cross    blue    h_stripes  marker
+    11 yellow_checker_square_marked  square   yellow  checker    marker
+
+Every shape, colour and texture value occurs in exactly three classes and the marker
+in two, so no single concept identifies a class; and no family can be ignored: without
+shape, classes 0/1 collide (also 4/5), without colour 0/2 (4/6), without texture 0/3
+(4/7), without the part 9/10 and 8/11. A network has to detect all four families and
+combine them. Difficulty comes from the nuisances, occlusion (which can hide the marker,
+making 9/10 and 8/11 genuinely ambiguous) and **label noise**: by default 5% of the
+*training* labels are replaced by a uniformly drawn other class (``labels`` holds the
+noisy label, ``tags["class"]`` the true one); test labels are clean. Generation is
+vectorised NumPy and seeded: the same ``(split, seed, num_images, image_size, label_noise)`` gives
+byte-identical images on any run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .errors import DataError
+
+__all__ = [
+    "ImageSet",
+    "builtin_dataset",
+    "render_concept_images",
+    "image_folder",
+    "tensor_dataset",
+    "as_image_set",
+    "indexed_loader",
+    "CLASS_RULES",
+    "CLASS_NAMES",
+    "CONCEPTS",
+    "MARKER_OFFSET",
+    "MEAN",
+    "STD",
+    "IMAGE_EXTENSIONS",
+]
+
+#: Normalisation of uint8 images: ``x = (u8 / 255 - MEAN) / STD`` (all channels).
+MEAN = 0.5
+STD = 0.25
+
+#: File name endings :func:`image_folder` treats as images (case-insensitive).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+# ============================================================================ ImageSet
+class ImageSet(Dataset):
+    """Images with stable integer ids ``0..N-1`` (the index).
+
+    Attributes
+    ----------
+    images : uint8 tensor ``(N, 3, H, W)`` for in-memory sets, ``None`` for lazy ones.
+    labels : int64 tensor ``(N,)``.
+    class_names : list of class names, ``labels < len(class_names)``.
+    tags, tag_names : built-in data only -- concept family -> int codes ``(N,)`` / code names.
+    paths : the file of every image (folder sets), else ``None``.
+    meta : extra per-image arrays (built-in data: ``cx, cy, radius, angle`` in pixels/radians).
+    """
+
+    MEAN = MEAN
+    STD = STD
+
+    def __init__(
+        self,
+        images: torch.Tensor | None,
+        labels: torch.Tensor,
+        class_names: Sequence[str],
+        tags: dict[str, np.ndarray] | None = None,
+        tag_names: dict[str, list[str]] | None = None,
+        *,
+        fetch: Callable[[int], torch.Tensor] | None = None,
+        passthrough: bool = False,
+        paths: list[Path] | None = None,
+        meta: dict[str, np.ndarray] | None = None,
+        source: str = "",
+    ) -> None:
+        if (images is None) == (fetch is None):
+            raise DataError("ImageSet needs exactly one of images (in memory) or fetch (lazy)")
+        labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+        n = labels.shape[0]
+        if images is not None:
+            if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+                raise DataError(
+                    f"ImageSet images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+            if images.shape[0] != n:
+                raise DataError(f"ImageSet: {images.shape[0]} images but {n} labels")
+        self.class_names = [str(c) for c in class_names]
+        if n and (int(labels.min()) < 0 or int(labels.max()) >= len(self.class_names)):
+            raise DataError(
+                f"labels must lie in [0, {len(self.class_names)}) (one per class name); "
+                f"got min {int(labels.min())}, max {int(labels.max())}"
+            )
+        for fam, codes in (tags or {}).items():
+            if len(codes) != n:
+                raise DataError(f"tag family {fam!r} has {len(codes)} codes for {n} images")
+        self.images = images
+        self.labels = labels
+        self.tags = tags
+        self.tag_names = tag_names
+        self.paths = paths
+        self.meta = meta
+        self.source = source
+        self._fetch = fetch
+        self._passthrough = passthrough
+
+    # ------------------------------------------------------------------ basics
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.images is not None
+
+    def __repr__(self) -> str:
+        kind = "in memory" if self.in_memory else "lazy"
+        src = f", {self.source}" if self.source else ""
+        return f"ImageSet({len(self)} images, {self.num_classes} classes, {kind}{src})"
+
+    @staticmethod
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        """uint8 images (any shape) -> float32 ``(x / 255 - MEAN) / STD``."""
+        return (x.to(torch.float32) * (1.0 / 255.0) - MEAN) * (1.0 / STD)
+
+    def _check_id(self, i: int) -> int:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"image id {i} out of range [0, {len(self)})")
+        return i
+
+    def _item(self, i: int) -> torch.Tensor:
+        """The stored form of image ``i``: uint8 CHW, or float CHW for passthrough sets."""
+        if self.images is not None:
+            return self.images[i]
+        return self._fetch(i)  # type: ignore[misc]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        i = self._check_id(i)
+        item = self._item(i)
+        x = item.to(torch.float32) if self._passthrough else self.normalize(item)
+        return x, int(self.labels[i])
+
+    def raw(self, i: int) -> np.ndarray:
+        """Image ``i`` as uint8 ``(H, W, 3)`` for drawing patches.
+
+        Passthrough (float) sets are mapped to uint8 by ``x * 255`` when the values lie
+        in ``[0, 1]``, otherwise by a per-image min-max stretch (display only).
+        """
+        i = self._check_id(i)
+        item = self._item(i)
+        if item.dtype != torch.uint8:
+            item = _float_to_display_uint8(item)
+        arr = item.permute(1, 2, 0).contiguous().numpy()
+        if arr.shape[2] == 1:
+            arr = np.repeat(arr, 3, axis=2)
+        return arr
+
+    def batch(self, ids: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images and labels of the given ids (fast slice for in-memory sets)."""
+        ids = torch.as_tensor(ids, dtype=torch.int64)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self)):
+            raise IndexError(f"image ids must lie in [0, {len(self)})")
+        if self.images is not None:
+            return self.normalize(self.images[ids]), self.labels[ids]
+        xs = [self[int(i)][0] for i in ids]
+        if not xs:
+            raise DataError("empty batch")
+        return torch.stack(xs), self.labels[ids]
+
+    def subset(self, ids: Sequence[int] | np.ndarray | torch.Tensor) -> ImageSet:
+        """A new ImageSet of the chosen images, re-numbered ``0..len(ids)-1``.
+
+        ``meta["parent_id"]`` keeps each image's id in this set.
+        """
+        idx = torch.as_tensor(np.asarray(ids), dtype=torch.int64).reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise DataError(f"subset ids must lie in [0, {len(self)})")
+        np_idx = idx.numpy()
+        tags = {k: np.asarray(v)[np_idx] for k, v in self.tags.items()} if self.tags is not None else None
+        meta = {k: np.asarray(v)[np_idx] for k, v in (self.meta or {}).items() if k != "parent_id"}
+        has_parent = bool(self.meta) and "parent_id" in self.meta  # type: ignore[operator]
+        parent = np.asarray(self.meta["parent_id"])[np_idx] if has_parent else np_idx  # type: ignore[index]
+        meta["parent_id"] = parent.astype(np.int64)
+        paths = [self.paths[j] for j in np_idx] if self.paths is not None else None
+        if self.images is not None:
+            images, fetch = self.images[idx], None
+        else:
+            images, fetch = None, _SubsetFetch(self._fetch, np_idx.copy())  # type: ignore[arg-type]
+        return ImageSet(
+            images,
+            self.labels[idx],
+            self.class_names,
+            tags,
+            self.tag_names,
+            fetch=fetch,
+            passthrough=self._passthrough,
+            paths=paths,
+            meta=meta,
+            source=f"subset of {self.source}" if self.source else "subset",
+        )
+
+    def to_memory(self) -> ImageSet:
+        """Decode every image once and return an in-memory copy (same ids); passthrough sets stay lazy."""
+        if self.images is not None or self._passthrough:
+            return self
+        images = torch.stack([self._item(i) for i in range(len(self))]) if len(self) else None
+        if images is None:
+            raise DataError("cannot load an empty ImageSet into memory")
+        return ImageSet(images, self.labels, self.class_names, self.tags, self.tag_names,
+                        paths=self.paths, meta=self.meta, source=self.source)
+
+
+class _SubsetFetch:
+    """Picklable id remapping for lazy subsets (DataLoader workers pickle the dataset)."""
+
+    def __init__(self, fetch: Callable[[int], torch.Tensor], ids: np.ndarray) -> None:
+        self.fetch, self.ids = fetch, ids
+
+    def __call__(self, i: int) -> torch.Tensor:
+        return self.fetch(int(self.ids[i]))
+
+
+def _float_to_display_uint8(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().to(torch.float32)
+    lo, hi = float(x.min()), float(x.max())
+    if not (lo >= 0.0 and hi <= 1.0):
+        x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+    return (x * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+# ====================================================================== built-in data
+CONCEPTS: dict[str, list[str]] = {
+    "shape": ["circle", "square", "triangle", "cross"],
+    "colour": ["red", "green", "blue", "yellow"],
+    "texture": ["solid", "h_stripes", "v_stripes", "checker"],
+    "part": ["none", "marker"],
+    "background": ["plain", "gradient", "blotches"],
+    "occluded": ["no", "yes"],
+    "size": ["small", "medium", "large"],
+}
+
+#: class name -> (shape, colour, texture, part). See the module docstring.
+CLASS_RULES: dict[str, tuple[str, str, str, str]] = {
+    "red_solid_circle": ("circle", "red", "solid", "none"),
+    "red_solid_square": ("square", "red", "solid", "none"),
+    "blue_solid_circle": ("circle", "blue", "solid", "none"),
+    "red_hstripe_circle": ("circle", "red", "h_stripes", "none"),
+    "green_vstripe_triangle": ("triangle", "green", "v_stripes", "none"),
+    "green_vstripe_cross": ("cross", "green", "v_stripes", "none"),
+    "yellow_vstripe_triangle": ("triangle", "yellow", "v_stripes", "none"),
+    "green_checker_triangle": ("triangle", "green", "checker", "none"),
+    "yellow_checker_square": ("square", "yellow", "checker", "none"),
+    "blue_hstripe_cross": ("cross", "blue", "h_stripes", "none"),
+    "blue_hstripe_cross_marked": ("cross", "blue", "h_stripes", "marker"),
+    "yellow_checker_square_marked": ("square", "yellow", "checker", "marker"),
+}
+CLASS_NAMES: list[str] = list(CLASS_RULES)
+
+_BASE_RGB = np.array([[215, 45, 40], [45, 175, 60], [50, 85, 220], [230, 205, 45]], np.float32)
+_RULE_CODES = np.array(
+    [[CONCEPTS[f].index(v) for f, v in zip(("shape", "colour", "texture", "part"), rule)]
+     for rule in CLASS_RULES.values()],
+    dtype=np.int64,
+)
+_SPLIT_CODES = {"train": 1, "test": 2}
+_DEFAULT_SIZES = {"train": 6000, "test": 1200}
+_DEFAULT_LABEL_NOISE = {"train": 0.05, "test": 0.0}
+_CHUNK = 512  # images rendered per vectorised step; fixed so results never depend on it
+_GENERATOR_VERSION = 3  # bump when rendering changes: invalidates .npz caches
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    radius: tuple[float, float] = (6.0, 10.5)  # object radius range at 32 px
+    rotation: float = math.radians(25.0)
+    texture_dark: float = 0.35  # shade of the "off" half of a texture (fraction of the colour)
+    texture_period: float = 5.0  # pixels at 32 px
+    occlusion_prob: float = 0.25
+    noise_std: tuple[float, float] = (3.0, 12.0)
+
+
+_GEOM = _Geometry()
+#: Centre of the marker part in object coordinates (u right, v down), in units of the radius.
+MARKER_OFFSET = (0.78, -0.78)
+
+
+def _sd_shapes(u: np.ndarray, v: np.ndarray, r: np.ndarray) -> list[np.ndarray]:
+    """Signed distance (pixels, negative inside) of each shape in object coordinates (u right, v down)."""
+    circle = np.sqrt(u * u + v * v) - r
+    h = 0.85 * r
+    au, av = np.abs(u), np.abs(v)
+    square = np.maximum(au, av) - h
+    # Equilateral triangle pointing up, circumradius 1.2 r: max over the three edge half-planes.
+    rc = 1.2 * r
+    s3 = math.sqrt(3.0) / 2.0
+    tri = np.maximum(np.maximum(v, s3 * u - 0.5 * v), -s3 * u - 0.5 * v) - 0.5 * rc
+    w = 0.36 * r
+    cross = np.minimum(np.maximum(au - r, av - w), np.maximum(au - w, av - r))
+    return [circle, square, tri, cross]
+
+
+def _textures(u: np.ndarray, v: np.ndarray, phase_u: np.ndarray, phase_v: np.ndarray,
+              period: float) -> list[np.ndarray]:
+    """Brightness pattern in [0, 1] of each texture (1 = full object colour)."""
+
+    def square_wave(t: np.ndarray) -> np.ndarray:  # soft-edged, so thin stripes alias less
+        return np.clip(0.5 + 1.5 * np.cos(2.0 * math.pi * t / period), 0.0, 1.0)
+
+    su = square_wave(u + phase_u)
+    sv = square_wave(v + phase_v)
+    solid = np.ones_like(u)
+    checker = np.clip(0.5 + 1.5 * np.cos(2.0 * math.pi * (u + phase_u) / period)
+                      * np.cos(2.0 * math.pi * (v + phase_v) / period) * 2.0, 0.0, 1.0)
+    return [solid, sv, su, checker]  # h_stripes vary along v (rows), v_stripes along u
+
+
+def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) matrix that upsamples a coarse grid bilinearly (align corners)."""
+    pos = np.linspace(0, n_in - 1, n_out)
+    lo = np.clip(np.floor(pos).astype(int), 0, n_in - 2)
+    frac = pos - lo
+    m = np.zeros((n_out, n_in), np.float32)
+    m[np.arange(n_out), lo] = 1 - frac
+    m[np.arange(n_out), lo + 1] = frac
+    return m
+
+
+def render_concept_images(
+    num_images: int,
+    seed: int = 0,
+    split: str = "train",
+    image_size: int = 32,
+    label_noise: float | None = None,
+    return_masks: bool = False,
+) -> dict[str, Any]:
+    """Generate built-in concept images (see the module docstring) as NumPy arrays.
+
+    Returns ``images`` uint8 ``(N, 3, S, S)``, ``labels`` int64 ``(N,)`` (after label noise),
+    ``tags`` (family -> int64 codes), ``meta`` (``cx, cy, radius, angle`` float32 in pixels
+    and radians; ``texture_phase_u/v``) and, with ``return_masks``, ``masks`` float32
+    ``(N, S, S)``: the object's coverage (1 inside, anti-aliased edge, 0 outside; the marker
+    and occluder not included) and ``occluder`` the occluding bar's coverage.
+    """
+    if split not in _SPLIT_CODES:
+        raise DataError(f"split must be one of {sorted(_SPLIT_CODES)}, got {split!r}")
+    if int(num_images) < 0:
+        raise DataError(f"num_images must be >= 0, got {num_images}")
+    if int(image_size) < 8:
+        raise DataError(f"image_size must be >= 8 pixels, got {image_size}")
+    if label_noise is None:
+        label_noise = _DEFAULT_LABEL_NOISE[split]
+    if not 0.0 <= float(label_noise) < 1.0:
+        raise DataError(f"label_noise must be in [0, 1), got {label_noise}")
+    n, S = int(num_images), int(image_size)
+    scale = S / 32.0
+    g = _GEOM
+    n_cls = len(CLASS_NAMES)
+
+    # Per-image parameters come from one stream, pixel noise from per-chunk streams, so the
+    # result is independent of how the work is chunked.
+    root_seq = np.random.SeedSequence([int(seed), _SPLIT_CODES[split], 0xC0DE])
+    param_seq, label_seq, *chunk_seqs = root_seq.spawn(2 + max(1, -(-n // _CHUNK)))
+    rng = np.random.default_rng(param_seq)
+
+    cls = np.arange(n) % n_cls  # balanced classes, shuffled
+    rng.shuffle(cls)
+    codes = _RULE_CODES[cls]
+    shape, colour, texture, part = codes.T
+    radius = rng.uniform(*g.radius, size=n) * scale
+    margin = 1.2 * radius + 1.0 * scale  # keeps the marker and the corners in the frame
+    room = np.maximum(S - 2 * margin, 0.0)
+    cx = rng.uniform(0, 1, n) * room + margin
+    cy = rng.uniform(0, 1, n) * room + margin
+    angle = rng.uniform(-g.rotation, g.rotation, n)
+    period = g.texture_period * scale
+    phase_u = rng.uniform(0, period, n)
+    phase_v = rng.uniform(0, period, n)
+    brightness = rng.uniform(0.75, 1.1, n)
+    rgb = np.clip(_BASE_RGB[colour] * brightness[:, None] + rng.normal(0, 14, (n, 3)), 0, 255)
+    background = rng.integers(0, 3, n)
+    bg_grey = rng.uniform(55, 200, (n, 2))  # two grey levels (gradient uses both)
+    bg_tint = rng.normal(0, 8, (n, 3))
+    bg_dir = rng.uniform(0, 2 * math.pi, n)
+    occluded = rng.random(n) < g.occlusion_prob
+    occ_vertical = rng.random(n) < 0.5
+    occ_offset = rng.uniform(-0.9, 0.9, n) * radius  # the bar crosses the object
+    occ_width = rng.uniform(2.5, 4.5, n) * scale
+    occ_grey = rng.uniform(60, 190, n)
+    noise_std = rng.uniform(*g.noise_std, n)
+    size_code = np.digitize(radius / scale, np.linspace(*g.radius, 4)[1:-1])
+
+    lrng = np.random.default_rng(label_seq)
+    flip = lrng.random(n) < float(label_noise)
+    other = (cls + lrng.integers(1, n_cls, n)) % n_cls  # uniformly one of the other classes
+    labels = np.where(flip, other, cls).astype(np.int64)
+
+    images = np.empty((n, 3, S, S), np.uint8)
+    masks = np.empty((n, S, S), np.float32) if return_masks else None
+    occl = np.empty((n, S, S), np.float32) if return_masks else None
+    coords = (np.arange(S, dtype=np.float32) + 0.5)
+    up = _bilinear_matrix(S, 5)
+    for c, seq in enumerate(chunk_seqs):
+        lo, hi = c * _CHUNK, min(n, (c + 1) * _CHUNK)
+        if lo >= hi:
+            break
+        sl = slice(lo, hi)
+        m = hi - lo
+        crng = np.random.default_rng(seq)
+        X = coords[None, None, :]
+        Y = coords[None, :, None]
+        dx = X - cx[sl, None, None].astype(np.float32)
+        dy = Y - cy[sl, None, None].astype(np.float32)
+        ca = np.cos(angle[sl])[:, None, None].astype(np.float32)
+        sa = np.sin(angle[sl])[:, None, None].astype(np.float32)
+        u = ca * dx + sa * dy
+        v = -sa * dx + ca * dy
+        r = radius[sl, None, None].astype(np.float32)
+
+        sd = np.choose(shape[sl, None, None], _sd_shapes(u, v, r))
+        alpha = np.clip(0.5 - sd / scale, 0.0, 1.0)  # ~1 px anti-aliased edge
+        pattern = np.choose(texture[sl, None, None],
+                            _textures(u, v, phase_u[sl, None, None], phase_v[sl, None, None], period))
+        shade = g.texture_dark + (1.0 - g.texture_dark) * pattern
+
+        # Background (3, m, S, S) in float.
+        gx, gy = np.cos(bg_dir[sl])[:, None, None], np.sin(bg_dir[sl])[:, None, None]
+        t = (gx * (X - S / 2) + gy * (Y - S / 2)) / S + 0.5  # position along the gradient direction
+        t = np.clip(t, 0, 1)
+        grad = bg_grey[sl, 0, None, None] * (1 - t) + bg_grey[sl, 1, None, None] * t
+        coarse = crng.uniform(-1, 1, (m, 5, 5)).astype(np.float32)
+        blotch = bg_grey[sl, 0, None, None] + 55.0 * np.einsum("ij,mjk,lk->mil", up, coarse, up)
+        plain = np.broadcast_to(bg_grey[sl, 0, None, None], (m, S, S))
+        bg = np.choose(background[sl, None, None], [plain, grad, blotch])
+        bg = bg[None] + bg_tint[sl].T[:, :, None, None]
+
+        obj = rgb[sl].T[:, :, None, None] * shade[None]
+        img = bg * (1 - alpha[None]) + obj * alpha[None]
+
+        # Marker: white knob at the object's upper right (rotates with the object).
+        mu, mv = MARKER_OFFSET[0] * r, MARKER_OFFSET[1] * r
+        has = part[sl, None, None] == 1
+        mk = np.sqrt((u - mu) ** 2 + (v - mv) ** 2)
+        rim = np.clip(0.5 - (mk - 2.6 * scale) / scale, 0, 1) * has  # dark rim: visible on light grounds
+        dot = np.clip(0.5 - (mk - 1.7 * scale) / scale, 0, 1) * has
+        img = img * (1 - rim[None]) + 25.0 * rim[None]
+        img = img * (1 - dot[None]) + 250.0 * dot[None]
+
+        # Occluder: a grey bar through the object, painted last.
+        along = np.where(occ_vertical[sl, None, None], dx, dy) - occ_offset[sl, None, None]
+        oc_alpha = np.clip(0.5 * occ_width[sl, None, None] - np.abs(along) + 0.5, 0, 1)
+        oc_alpha = oc_alpha * occluded[sl, None, None]
+        img = img * (1 - oc_alpha[None]) + occ_grey[sl][None, :, None, None] * oc_alpha[None]
+
+        img = img + crng.normal(0.0, 1.0, img.shape).astype(np.float32) * noise_std[sl][None, :, None, None]
+        images[sl] = np.clip(np.rint(img), 0, 255).astype(np.uint8).transpose(1, 0, 2, 3)
+        if return_masks:
+            masks[sl] = alpha
+            occl[sl] = oc_alpha
+
+    tags = {
+        "shape": shape.astype(np.int64),
+        "colour": colour.astype(np.int64),
+        "texture": texture.astype(np.int64),
+        "part": part.astype(np.int64),
+        "background": background.astype(np.int64),
+        "occluded": occluded.astype(np.int64),
+        "size": size_code.astype(np.int64),
+        "class": cls.astype(np.int64),
+    }
+    meta = {
+        "cx": cx.astype(np.float32),
+        "cy": cy.astype(np.float32),
+        "radius": radius.astype(np.float32),
+        "angle": angle.astype(np.float32),
+        "texture_phase_u": phase_u.astype(np.float32),
+        "texture_phase_v": phase_v.astype(np.float32),
+    }
+    out: dict[str, Any] = {"images": images, "labels": labels, "tags": tags, "meta": meta}
+    if return_masks:
+        out["masks"] = masks
+        out["occluder"] = occl
+    return out
+
+
+def _tag_names() -> dict[str, list[str]]:
+    names = {k: list(v) for k, v in CONCEPTS.items()}
+    names["class"] = list(CLASS_NAMES)
+    return names
+
+
+def builtin_dataset(
+    split: str = "train",
+    seed: int = 0,
+    root: str | Path | None = None,
+    *,
+    num_images: int | None = None,
+    image_size: int = 32,
+    label_noise: float | None = None,
+) -> ImageSet:
+    """The built-in concept dataset (see the module docstring).
+
+    ``split`` is ``"train"`` (6,000 images by default, 5% label noise) or ``"test"``
+    (1,200 images, clean labels); train and test of one seed are different images.
+    With ``root``, the generated arrays are cached there as ``.npz`` and reused.
+    """
+    if split not in _SPLIT_CODES:
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    n = _DEFAULT_SIZES[split] if num_images is None else int(num_images)
+    noise = _DEFAULT_LABEL_NOISE[split] if label_noise is None else float(label_noise)
+    data: dict[str, Any] | None = None
+    cache: Path | None = None
+    if root is not None:
+        key = json.dumps([_GENERATOR_VERSION, split, int(seed), n, int(image_size), round(noise, 8)])
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        cache = Path(root) / f"builtin_{split}_s{int(seed)}_n{n}_{int(image_size)}px_{digest}.npz"
+        if cache.exists():
+            data = _load_cache(cache)
+    if data is None:
+        data = render_concept_images(n, seed=seed, split=split, image_size=image_size, label_noise=noise)
+        if cache is not None:
+            _save_cache(cache, data)
+    return ImageSet(
+        torch.from_numpy(data["images"]),
+        torch.from_numpy(data["labels"]),
+        CLASS_NAMES,
+        data["tags"],
+        _tag_names(),
+        meta=data["meta"],
+        source=f"builtin:{split}:seed={seed}",
+    )
+
+
+def _save_cache(path: Path, data: dict[str, Any]) -> None:
+    from .store import atomic_write
+
+    flat = {"images": data["images"], "labels": data["labels"]}
+    flat.update({f"tag.{k}": v for k, v in data["tags"].items()})
+    flat.update({f"meta.{k}": v for k, v in data["meta"].items()})
+    atomic_write(path, lambda tmp: np.savez(tmp, **flat))
+
+
+def _load_cache(path: Path) -> dict[str, Any] | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            files = set(z.files)
+            data = {
+                "images": z["images"],
+                "labels": z["labels"],
+                "tags": {k[4:]: z[k] for k in files if k.startswith("tag.")},
+                "meta": {k[5:]: z[k] for k in files if k.startswith("meta.")},
+            }
+    except Exception as exc:  # a damaged cache is regenerated, not fatal
+        warnings.warn(f"ignoring unreadable dataset cache {path}: {exc}", stacklevel=3)
+        return None
+    if set(data["tags"]) != set(CONCEPTS) | {"class"}:
+        warnings.warn(f"ignoring dataset cache {path}: unexpected tag families", stacklevel=3)
+        return None
+    return data
+
+
+# ======================================================================= image folders
+class _FolderFetch:
+    """Decode one file with Pillow to uint8 CHW of a fixed size (picklable for workers)."""
+
+    def __init__(self, paths: list[Path], size: tuple[int, int], crop: bool) -> None:
+        self.paths, self.size, self.crop = paths, size, crop
+
+    def __call__(self, i: int) -> torch.Tensor:
+        path = self.paths[i]
+        try:
+            arr = _decode(path, self.size, self.crop)
+        except Exception as exc:
+            raise DataError(f"cannot decode image {path} (id {i}): {exc}") from exc
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _decode(path: Path, size: tuple[int, int], crop: bool) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        h, w = size
+        if crop:  # resize the shorter side, then centre-crop: keeps the aspect ratio
+            s = max(h / im.height, w / im.width)
+            nh, nw = max(h, round(im.height * s)), max(w, round(im.width * s))
+            im = im.resize((nw, nh), Image.Resampling.BILINEAR)
+            top, left = (nh - h) // 2, (nw - w) // 2
+            im = im.crop((left, top, left + w, top + h))
+        else:
+            im = im.resize((w, h), Image.Resampling.BILINEAR)
+        return np.asarray(im, dtype=np.uint8).copy()
+
+
+def _check_file(path: Path, decode: bool) -> str | None:
+    """None when Pillow can open (and, with ``decode``, fully decode) ``path``; else why not."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if decode:
+                im.load()
+            else:
+                im.verify()
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def image_folder(
+    path: str | Path,
+    size: int | tuple[int, int] = 32,
+    *,
+    skip_bad: bool = False,
+    check: str = "verify",
+    crop: bool = True,
+    extensions: Iterable[str] = IMAGE_EXTENSIONS,
+) -> ImageSet:
+    """Images in ``path/<class>/**/<file>``, decoded lazily with Pillow to RGB ``size``.
+
+    Classes are the sorted subfolder names; ids follow the sorted (class, relative path)
+    order of the usable files. Construction scans every file: ``check="verify"`` runs
+    Pillow's cheap structural check, ``"decode"`` decodes every file fully (slower, also
+    catches truncated JPEGs), ``"none"`` only lists. Files Pillow cannot read are
+    reported by path: a :class:`DataError` listing them, or with ``skip_bad=True`` a
+    warning listing them, and they are left out. Images are resized so the shorter side
+    fits and centre-cropped (``crop=True``) or stretched (``crop=False``).
+    Hidden files and files with other endings are ignored.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"image folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"image folder {root} is not a directory")
+    if check not in ("verify", "decode", "none"):
+        raise DataError(f"check must be 'verify', 'decode' or 'none', got {check!r}")
+    hw = (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+    if min(hw) < 1:
+        raise DataError(f"size must be positive, got {size!r}")
+    exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(
+            f"image folder {root} has no class subfolders (expected {root}/<class>/<image files>)")
+    stray = [p for p in root.iterdir() if not p.is_dir() and p.suffix.lower() in exts]
+    if stray:
+        warnings.warn(f"{len(stray)} image file(s) directly in {root} belong to no class and are ignored, "
+                      f"e.g. {stray[0]}", stacklevel=2)
+
+    files: list[tuple[Path, int]] = []
+    for ci, cname in enumerate(classes):
+        cdir = root / cname
+        found = [p for p in cdir.rglob("*")
+                 if p.suffix.lower() in exts
+                 and not any(part.startswith(".") for part in p.relative_to(cdir).parts)
+                 and (p.is_file() or p.is_symlink() or p.is_dir())]  # dirs/broken links: reported as bad
+        for p in sorted(found, key=lambda q: q.relative_to(cdir).as_posix()):
+            files.append((p, ci))
+    if not files:
+        raise DataError(
+            f"image folder {root} has no image files ({', '.join(exts)}) in its class subfolders {classes}")
+
+    bad: list[tuple[Path, str]] = []
+    if check != "none":
+        for p, _ in files:
+            why = _check_file(p, decode=(check == "decode"))
+            if why is not None:
+                bad.append((p, why))
+    else:
+        for p, _ in files:
+            if not p.is_file():
+                bad.append((p, "not a readable regular file"))
+    if bad:
+        listing = "\n".join(f"  {p}: {why}" for p, why in bad)
+        if not skip_bad:
+            err = DataError(f"{len(bad)} unreadable or corrupt image file(s) in {root}:\n{listing}\n"
+                            "(pass skip_bad=True to leave them out)")
+            err.paths = [p for p, _ in bad]  # type: ignore[attr-defined]
+            raise err
+        warnings.warn(f"skipping {len(bad)} unreadable or corrupt image file(s) in {root}:\n{listing}",
+                      stacklevel=2)
+        bad_set = {p for p, _ in bad}
+        files = [(p, c) for p, c in files if p not in bad_set]
+        if not files:
+            raise DataError(f"image folder {root}: every image file is unreadable")
+    empty = [c for ci, c in enumerate(classes) if not any(fc == ci for _, fc in files)]
+    if empty:
+        warnings.warn(f"class folder(s) with no usable images in {root}: {empty}", stacklevel=2)
+
+    paths = [p for p, _ in files]
+    labels = torch.tensor([c for _, c in files], dtype=torch.int64)
+    return ImageSet(None, labels, classes, fetch=_FolderFetch(paths, hw, crop), paths=paths,
+                    source=f"folder:{root}")
+
+
+# ==================================================================== tensors, Datasets
+def _to_uint8_chw_batch(images: Any, what: str) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images.detach().cpu()
+    if t.ndim != 4:
+        raise DataError(
+            f"{what}: images must be 4-D (N, 3, H, W) or (N, H, W, 3), got shape {tuple(t.shape)}")
+    if t.shape[1] not in (1, 3) and t.shape[3] in (1, 3):
+        t = t.permute(0, 3, 1, 2)
+    if t.shape[1] not in (1, 3):
+        raise DataError(f"{what}: images need 1 or 3 channels, got shape {tuple(t.shape)}")
+    if t.dtype != torch.uint8:
+        if not t.is_floating_point():
+            raise DataError(f"{what}: images must be uint8 or float in [0, 1], got {t.dtype}")
+        if t.numel() and (float(t.min()) < 0.0 or float(t.max()) > 1.0):
+            raise DataError(f"{what}: float images must lie in [0, 1] (got [{float(t.min()):.3g}, "
+                            f"{float(t.max()):.3g}]); pre-normalised tensors can be wrapped with "
+                            "as_image_set(torch.utils.data.TensorDataset(x, y)), which passes them through")
+        t = (t.to(torch.float32) * 255.0).round().to(torch.uint8)
+    if t.shape[1] == 1:
+        t = t.expand(-1, 3, -1, -1)
+    return t.contiguous()
+
+
+def tensor_dataset(images: Any, labels: Any, class_names: Sequence[str] | None = None) -> ImageSet:
+    """An in-memory ImageSet from uint8 ``(N, 3, H, W)`` / ``(N, H, W, 3)`` images (or float in [0, 1],
+    quantised to uint8; 1-channel images are repeated to RGB) and integer labels."""
+    imgs = _to_uint8_chw_batch(images, "tensor_dataset")
+    lab = torch.as_tensor(np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels))
+    if lab.is_floating_point() or lab.dtype == torch.bool:
+        raise DataError(f"tensor_dataset: labels must be integers, got {lab.dtype}")
+    lab = lab.to(torch.int64).reshape(-1)
+    if lab.shape[0] != imgs.shape[0]:
+        raise DataError(f"tensor_dataset: {imgs.shape[0]} images but {lab.shape[0]} labels")
+    if lab.numel() and int(lab.min()) < 0:
+        raise DataError(f"tensor_dataset: labels must be >= 0, got {int(lab.min())}")
+    if class_names is None:
+        class_names = [str(i) for i in range(int(lab.max()) + 1 if lab.numel() else 0)]
+    return ImageSet(imgs, lab, class_names, source="tensors")
+
+
+class _DatasetFetch:
+    """Image ``i`` of a wrapped Dataset in the ImageSet's stored form."""
+
+    def __init__(self, ds: Dataset, passthrough: bool) -> None:
+        self.ds, self.passthrough = ds, passthrough
+
+    def __call__(self, i: int) -> torch.Tensor:
+        img = self.ds[i][0]
+        return _item_to_tensor(img, self.passthrough, i)
+
+
+def _item_to_tensor(img: Any, passthrough: bool, i: int) -> torch.Tensor:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        Image = None
+    if Image is not None and isinstance(img, Image.Image):
+        if passthrough:
+            raise DataError(f"dataset item {i} is a PIL image but earlier items were float tensors")
+        return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+    if isinstance(img, np.ndarray):
+        img = torch.from_numpy(img)
+    if not isinstance(img, torch.Tensor):
+        raise DataError(
+            f"dataset item {i}: image must be a tensor, ndarray or PIL image, got {type(img).__name__}")
+    if img.ndim == 2:
+        img = img[None]
+    if img.ndim != 3:
+        raise DataError(f"dataset item {i}: image must be (C, H, W), got shape {tuple(img.shape)}")
+    if passthrough:
+        if not img.is_floating_point():
+            raise DataError(f"dataset item {i} is {img.dtype} but earlier items were float tensors")
+        return img
+    if img.dtype != torch.uint8:
+        raise DataError(f"dataset item {i} is {img.dtype} but earlier items were uint8/PIL")
+    if img.shape[0] not in (1, 3) and img.shape[2] in (1, 3):
+        img = img.permute(2, 0, 1)
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    if img.shape[0] != 3:
+        raise DataError(f"dataset item {i}: expected 1 or 3 channels, got shape {tuple(img.shape)}")
+    return img.contiguous()
+
+
+def as_image_set(obj: Any, class_names: Sequence[str] | None = None) -> ImageSet:
+    """Wrap any map-style Dataset returning ``(image, label)`` as an ImageSet (id = index).
+
+    Images may be PIL images or uint8 tensors (normalised like the built-in data) or
+    float tensors (the model's own input convention: passed through unchanged).
+    Labels are read from ``obj.targets`` when present (torchvision style), else by one
+    pass over the items. Class names default to ``obj.classes`` or ``"0".."C-1"``.
+    An ImageSet is returned as is.
+    """
+    if isinstance(obj, ImageSet):
+        return obj
+    if not hasattr(obj, "__getitem__") or not hasattr(obj, "__len__"):
+        raise DataError(
+            f"as_image_set needs a map-style Dataset with __getitem__ and __len__, got {type(obj).__name__}")
+    n = len(obj)
+    if n == 0:
+        raise DataError(f"as_image_set: the dataset {type(obj).__name__} is empty")
+    first = obj[0]
+    if not isinstance(first, (tuple, list)) or len(first) < 2:
+        raise DataError(f"as_image_set: items must be (image, label) pairs, item 0 is {type(first).__name__}")
+    img0 = first[0]
+    passthrough = isinstance(img0, (torch.Tensor, np.ndarray)) and not (
+        torch.as_tensor(img0).dtype == torch.uint8)
+    if passthrough and not torch.as_tensor(img0).is_floating_point():
+        raise DataError(f"as_image_set: item 0 image has dtype {torch.as_tensor(img0).dtype}; "
+                        "expected uint8, float or a PIL image")
+    _item_to_tensor(img0, passthrough, 0)  # validate the first item's layout early
+
+    targets = getattr(obj, "targets", None)
+    if targets is not None and len(targets) == n:
+        labels = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
+    else:
+        labels = torch.empty(n, dtype=torch.int64)
+        for i in range(n):
+            y = obj[i][1]
+            try:
+                labels[i] = int(y)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise DataError(f"as_image_set: label of item {i} is not an integer: {y!r}") from exc
+    if n and int(labels.min()) < 0:
+        raise DataError(f"as_image_set: labels must be >= 0, got {int(labels.min())}")
+    if class_names is None:
+        class_names = getattr(obj, "classes", None)
+    if class_names is None:
+        class_names = [str(i) for i in range(int(labels.max()) + 1)]
+    return ImageSet(None, labels, list(class_names), fetch=_DatasetFetch(obj, passthrough),
+                    passthrough=passthrough, source=f"dataset:{type(obj).__name__}")
+
+
+# ============================================================================ loading
+class _IdDataset(Dataset):
+    """(id, x, y) items of an ImageSet over ids [start, stop) for DataLoader workers."""
+
+    def __init__(self, ds: ImageSet, start: int) -> None:
+        self.ds, self.start, self.n = ds, start, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, j: int) -> tuple[int, torch.Tensor, int]:
+        i = self.start + j
+        x, y = self.ds[i]
+        return i, x, y
+
+
+def indexed_loader(
+    ds: Any,
+    batch_size: int,
+    num_workers: int = 0,
+    start: int = 0,
+    stop: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Batches ``(ids int64, x float32, y int64)`` over ids ``start..stop-1`` in order.
+
+    In-memory sets are sliced directly; lazy sets go through a ``DataLoader`` with
+    ``num_workers`` processes. Resume a pass by starting at the first id not yet seen.
+    """
+    ds = as_image_set(ds)
+    n = len(ds)
+    stop = n if stop is None else int(stop)
+    start = int(start)
+    if int(batch_size) < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= start <= stop <= n:
+        raise DataError(f"need 0 <= start <= stop <= {n} (the dataset size), got start={start}, stop={stop}")
+    if int(num_workers) < 0:
+        raise DataError(f"num_workers must be >= 0, got {num_workers}")
+    return _iter_batches(ds, int(batch_size), int(num_workers), start, stop)
+
+
+def _iter_batches(ds: ImageSet, batch_size: int, num_workers: int, start: int, stop: int):
+    if ds.in_memory or num_workers == 0:
+        for lo in range(start, stop, batch_size):
+            ids = torch.arange(lo, min(stop, lo + batch_size), dtype=torch.int64)
+            x, y = ds.batch(ids)
+            yield ids, x, y
+        return
+    inner = _IdDataset(ds, start)
+    inner.n = stop - start
+    loader = torch.utils.data.DataLoader(inner, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    for ids, x, y in loader:
+        yield ids.to(torch.int64), x, y.to(torch.int64)
