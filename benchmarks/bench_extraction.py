@@ -26,25 +26,19 @@ import argparse
 import contextlib
 import gc
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
 
 
 clock = time.perf_counter
 
 
 def _device_name() -> str:
-    cpu = platform.processor() or "cpu"
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
+    return machine_line(None, f"torch threads {torch.get_num_threads()}")
 
 
 def _dataset(n: int, seed: int):

@@ -26,26 +26,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import numpy as np
+from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
 
 VGG16_CHANNELS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
 
 
 def device_name() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
+    return machine_line()
 
 
 def synthetic_stimuli(n: int, k: int, num_images: int, concepts: int = 300, seed: int = 0) -> np.ndarray:

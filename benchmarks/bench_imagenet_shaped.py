@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -28,6 +26,7 @@ import time
 
 import torch
 from torch import nn
+from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
 
 
 # ------------------------------------------------------------------------------- models
@@ -111,15 +110,7 @@ def _factories() -> dict[str, tuple[str, callable]]:
 
 # ------------------------------------------------------------------------------ helpers
 def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or "cpu"
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
+    return machine_line(device, f"torch threads {torch.get_num_threads()}")
 
 
 def _rss_mib() -> float:
@@ -257,7 +248,6 @@ def main(argv=None) -> int:
                 gc.collect()
                 times[name].append(fn())
         base = statistics.median(times["plain inference"])
-        passes = n_img * len(states)
         for name, ts in times.items():
             med = statistics.median(ts)
             rows.append(f"{f'{label}: {name}':<34} {f'{n_img} img x {len(states)} ck':>18} {med:>11.2f}s "

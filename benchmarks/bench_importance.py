@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 import time
 
@@ -39,21 +37,11 @@ import torch
 
 from conceptevo.importance import evolution_importance, importance_loop, resolve_pair
 from conceptevo.models import build_model
+from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
 
 
 def device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
+    return machine_line(device, f"torch {torch.get_num_threads()} threads")
 
 
 def sync(device: str) -> None:

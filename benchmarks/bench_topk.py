@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ from torch import nn
 
 from conceptevo import kernels as K
 from conceptevo.kernels import cpu_topk
+from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
 
 # VGG16 conv layers: name -> (input channels, output channels, downsampling of the input resolution)
 VGG16_CONVS: dict[str, tuple[int, int, int]] = {
@@ -88,22 +88,9 @@ def median_time(fn: Callable[[], object], repeats: int, device: torch.device, wa
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, triton)"
-    model = platform.processor() or "CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    load = ""
-    if hasattr(os, "getloadavg"):
-        load = f", load average {os.getloadavg()[0]:.1f} at start"
-    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"numba {cpu_topk.numba.get_num_threads()} threads{load}")
+    load = f", load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
+    return machine_line(device, f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+                                f"numba {cpu_topk.numba.get_num_threads()} threads{load}")
 
 
 # -- the naive baseline (what the authors' stimulus code does per batch) ----------------------------

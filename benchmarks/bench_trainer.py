@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -23,21 +22,13 @@ import numpy as np
 from conceptevo import _C
 from conceptevo.neuron_embedding import train
 from conceptevo.pairs import build_pairs, build_pairs_reference
+from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
 
 VGG16_CHANNELS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
 
 
 def device_name() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores visible, OpenMP threads {_C.max_threads()}"
+    return machine_line(None, f"OpenMP threads {_C.max_threads()}")
 
 
 def median_time(fn, runs: int) -> float:

@@ -37,12 +37,14 @@ Verdicts (thresholds are parameters of :func:`diagnose`):
 
 * ``diversity_collapses`` (too-high learning rate): the effective spread at the last
   saved epoch, ``exp(H_last - H_peak)``, is below ``collapse_fraction`` of the run's
-  own peak -- or ``exp(H_last - H_ref_last)`` below it relative to the reference run's
+  own peak (over epochs >= ``peak_from_epoch``, default 1: the untrained network of
+  epoch 0 spreads its random filters' neurons widely, which is not learned diversity) -- or ``exp(H_last - H_ref_last)`` below it relative to the reference run's
   last epoch -- *while* training accuracy falls: ``max(train_top1) - train_top1(last)
   >= accuracy_drop``. With ``collapse_fraction=0.75`` the drop is >= ln(4/3) = 0.29
   nats (the paper's ConvNeXt: 1.64 -> 1.34; VGG16: 2.03 -> -1.52).
 * ``slow_evolution`` (overfitting): training accuracy climbs (total gain over the
-  milestone intervals >= ``min_gain``) but the movement per unit of accuracy gain is
+  milestone intervals >= ``min_gain``, and the run ends near its best accuracy: a run
+  whose accuracy fell by ``accuracy_drop`` or more gets no speed verdict) but the movement per unit of accuracy gain is
   below ``slow_ratio`` times the reference run's over the same milestone intervals
   (paper VGG16: 1.11 vs 1.34 and 0.98 vs 1.30, ratios 0.83 and 0.75).
 
@@ -326,6 +328,7 @@ def diagnose(
     tolerance: float = 0.125,
     space: str | None = None,
     method: str = "ebrahimi",
+    peak_from_epoch: int = 1,
 ) -> Diagnosis:
     """Per-run verdicts against the ``reference`` run (the well-trained one).
 
@@ -342,6 +345,8 @@ def diagnose(
         milestones, tolerance: see :func:`milestone_speed`.
         space: ``"vector"`` (default when a ``vector`` column exists) or ``"xy"``.
         method: entropy estimator (see :func:`entropy_1d`).
+        peak_from_epoch: first epoch that may be a run's diversity peak (earlier epochs, the
+            initialisation, are still in the table); all epochs when a run has none later.
 
     Returns:
         :class:`Diagnosis` with ``verdicts[run]`` holding ``diversity_collapses`` and
@@ -366,7 +371,11 @@ def diagnose(
     for run in runs:
         d = div[run]
         h = d["diversity"].to_numpy()
-        peak_i = int(np.argmax(np.where(np.isnan(h), -np.inf, h)))  # first peak; NaN (too few neurons) ignored
+        eligible = d["epoch"].to_numpy() >= peak_from_epoch
+        if not eligible.any():
+            eligible[:] = True
+        # first peak; NaN (too few neurons) and the initialisation ignored
+        peak_i = int(np.argmax(np.where(np.isnan(h) | ~eligible, -np.inf, h)))
         h_peak, h_last = float(h[peak_i]), float(h[-1])
         spread_peak = math.exp(h_last - h_peak) if np.isfinite(h_peak) and h_last > -math.inf else 0.0
         spread_ref = None
@@ -418,6 +427,12 @@ def diagnose(
                 v["messages"].append(f"{run}: no comparable accuracy climb with the reference; no speed verdict.")
             verdicts[run] = v
             continue
+        if best - last_acc >= accuracy_drop:  # overfitting is about a climb that goes on, not a collapse
+            v["slow_evolution"] = False
+            v["messages"].append(f"{run}: training accuracy ended {best - last_acc:.2f} below its best; "
+                                 f"no evolution-speed verdict.")
+            verdicts[run] = v
+            continue
         pair = mine.merge(ref, on=["milestone_from", "milestone_to"], suffixes=("", "_ref"))
         if pair.empty:  # no shared milestone intervals: compare the overall rates
             pair = pd.DataFrame({"movement_per_gain": [mine["movement"].sum() / mine["gain"].sum()],
@@ -442,5 +457,6 @@ def diagnose(
         verdicts[run] = v
     params = {"reference": reference, "collapse_fraction": collapse_fraction, "accuracy_drop": accuracy_drop,
               "slow_ratio": slow_ratio, "min_gain": min_gain, "milestones": list(milestones),
-              "tolerance": tolerance, "space": space, "entropy_method": method}
+              "tolerance": tolerance, "space": space, "entropy_method": method,
+              "peak_from_epoch": peak_from_epoch}
     return Diagnosis(table=table, speed=speed, verdicts=verdicts, params=params)

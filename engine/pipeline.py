@@ -24,7 +24,7 @@ import os
 import re
 import time
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,8 +65,10 @@ class PipelineConfig:
     dim: int = 30
     repeats: int = 10                     # E of Step 1.2
     sgns_epochs: int | None = None
+    evolution_epochs: list[int] | None = None  # [t, t'] of the base run; default: paper's milestones
     importance_classes: int | list[int] = 3
     importance_images: int = 128          # images per class for the importance tables
+    reversion_classes: int | list[int] | None = None  # None: every class (the paper: 100 random)
     reversion_sample_size: int = 32
     reversion_repeats: int = 5
     patches_per_neuron: int = 4
@@ -201,20 +203,34 @@ class _Timer:
             console.print(f"[green]{self.stage}[/] done in {dt:.1f} s")
 
 
-def _pick_evolution_epochs(spec: RunSpec) -> tuple[int, int]:
-    """t -> t' for the importance stage: t' = last epoch; t = the epoch whose training top-1
-    is closest to halfway between the first and last (the paper picks accuracy milestones)."""
+def _pick_evolution_epochs(spec: RunSpec, chosen: Sequence[int] | None = None,
+                           milestones: Sequence[float] = (0.25, 0.5, 0.75)) -> tuple[int, int]:
+    """t -> t' for importance and reversion, as the paper picks them (Sec. 4.4): the saved
+    epochs whose training top-1 is closest to the accuracy milestones 25%, 50%, 75%; of the
+    stages between consecutive distinct milestone epochs, the last. Without a log (or with all
+    milestones on one epoch): the middle saved epoch -> the last. ``chosen`` overrides."""
     epochs = sorted(spec.checkpoints)
+    if chosen is not None:
+        t, t2 = (int(e) for e in chosen)
+        missing = [e for e in (t, t2) if e not in spec.checkpoints]
+        if missing or t >= t2:
+            raise ConceptEvoError(f"evolution_epochs {list(chosen)}: need two saved epochs t < t' of run "
+                                  f"{spec.name!r} (saved: {epochs})")
+        return t, t2
     if len(epochs) < 2:
         raise ConceptEvoError(f"run {spec.name!r} needs two checkpoints for evolution analysis")
-    t2 = epochs[-1]
     if spec.log is not None and "train_top1" in spec.log:
         log = spec.log.set_index("epoch")["train_top1"]
-        known = [e for e in epochs[:-1] if e in log.index]
-        if known:
-            mid = (log[known[0]] + log[t2]) / 2 if t2 in log.index else log[known].median()
-            return min(known, key=lambda e: (abs(log[e] - mid), e)), t2
-    return epochs[len(epochs) // 2 - 1 if len(epochs) > 2 else 0], t2
+        known = [e for e in epochs if e in log.index and np.isfinite(log[e])]
+        resolved = []
+        for m in milestones:
+            if known:
+                e = min(known, key=lambda e: (abs(log[e] - m), e))
+                if not resolved or e > resolved[-1]:
+                    resolved.append(e)
+        if len(resolved) >= 2:
+            return resolved[-2], resolved[-1]
+    return epochs[len(epochs) // 2 - 1 if len(epochs) > 2 else 0], epochs[-1]
 
 
 def _load_model(spec: RunSpec, epoch: int, device: torch.device) -> torch.nn.Module:
@@ -305,7 +321,7 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
             align.print(console)
 
     base_spec = runs[base_run]
-    t, t2 = _pick_evolution_epochs(base_spec)
+    t, t2 = _pick_evolution_epochs(base_spec, cfg.evolution_epochs)
     classes = (list(range(min(cfg.importance_classes, num_classes))) if isinstance(cfg.importance_classes, int)
                else list(cfg.importance_classes))
     model_t, model_t2 = _load_model(base_spec, t, device), _load_model(base_spec, t2, device)
@@ -330,8 +346,11 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
                             seeds={"importance": cfg.seed}, outputs=["importance.parquet"])
 
     # 8. reversion check (Fig. 7)
+    rc = cfg.reversion_classes
+    rev_classes = (list(range(num_classes)) if rc is None else list(range(min(rc, num_classes)))
+                   if isinstance(rc, int) else [int(c) for c in rc])
     with _Timer(seconds, "reversion"):
-        params = {"t": t, "t_prime": t2, "classes": classes, "layers": cfg.layers, "seed": cfg.seed,
+        params = {"t": t, "t_prime": t2, "classes": rev_classes, "layers": cfg.layers, "seed": cfg.seed,
                   "sample_size": cfg.reversion_sample_size, "repeats": cfg.reversion_repeats,
                   "dataset": _dataset_id(train_set), "test": _dataset_id(test_set)}
         key = store.stage_key(params, ckpt_inputs)
@@ -339,7 +358,7 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
             rev_summary, rev_long = store.load_table("reversion"), store.load_table("reversion_long")
         else:
             t0 = time.perf_counter()
-            rev = reversion.reversion_check(model_t, model_t2, train_set, test_set, classes=classes,
+            rev = reversion.reversion_check(model_t, model_t2, train_set, test_set, classes=rev_classes,
                                             layers=cfg.layers, sample_size=cfg.reversion_sample_size,
                                             repeats=cfg.reversion_repeats, batch_size=cfg.batch_size,
                                             device=device, seed=cfg.seed)
@@ -352,6 +371,11 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
                             seeds={"reversion": cfg.seed},
                             outputs=["reversion.parquet", "reversion_long.parquet", "figures/reversion.png"])
         console.print(reversion.ordering_check(rev_summary).to_string(index=False))
+        per_class = reversion.class_ordering(rev_long)
+        console.print(f"per class (train top-1): the most important bin drops accuracy most in "
+                      f"{int(per_class['top_bin_drops_most'].sum())} of {len(per_class)} classes, the full "
+                      f"order holds in {int(per_class['monotone'].sum())}; "
+                      f"{int(per_class['no_effect'].sum())} classes change by less than 1% whatever is reverted")
 
     # 9. diagnostics
     emb = space.embeddings()
@@ -364,8 +388,8 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
         store.save_table("evolution_speed", diag.speed)
         store.save_json("verdicts", diag.verdicts)
         for run, v in diag.verdicts.items():
-            for msg in v.get("messages", []):
-                console.print(f"[bold]{run}[/]: {msg}")
+            for msg in v.get("messages", []):  # each message starts with the run's name
+                console.print(msg)
 
     report_path = None
     if report:
@@ -460,14 +484,16 @@ def run_demo(out: str | Path = "conceptevo-runs/demo", *, quick: bool = False, s
     out = Path(out)
     n_train, n_test = (1200, 300) if quick else (None, None)
     console.rule("[bold]training the three built-in runs")
-    runs_dirs = train.train_regimes(out / "training", seed=seed, data_root=out / "data",  # 1 thread: faster on 2 busy cores
+    # training on 1 thread: small batches on 2 busy cores run faster without OpenMP contention
+    runs_dirs = train.train_regimes(out / "training", seed=seed, data_root=out / "data",
                                     train_images=n_train, test_images=n_test,
                                     epoch_scale=0.34 if quick else 1.0, threads=threads or 1)
     train_set = data.builtin_dataset("train", seed=seed, root=out / "data", num_images=n_train)
     test_set = data.builtin_dataset("test", seed=seed, root=out / "data", num_images=n_test)
     cfg = PipelineConfig(out=out, runs={k: str(v) for k, v in runs_dirs.items()}, base="well_trained", seed=seed,
                          importance_classes=2 if quick else 3, reversion_repeats=2 if quick else 5,
-                         reversion_sample_size=16 if quick else 32, threads=threads,
+                         reversion_classes=2 if quick else None,  # full demo: every class, as Fig. 7
+                         reversion_sample_size=16 if quick else 64, threads=threads,
                          importance_images=32 if quick else 128)
     result = run_pipeline(cfg, train_set=train_set, test_set=test_set)
     total = time.perf_counter() - t0

@@ -619,6 +619,15 @@ for (let i = 0; i < N; i++) {
   if (!byNeuron.has(nk)) byNeuron.set(nk, new Map());
   byNeuron.get(nk).set(P.e[i], i);
 }
+// Runs save different epochs: each panel shows its latest saved epoch at or before the slider's
+// (its first one before that), so no panel goes blank between its checkpoints.
+const savedEpochs = byME.map((mm) => [...mm.keys()].sort((a, b) => a - b));
+function panelEpoch(mi, ep) {
+  const es = savedEpochs[mi];
+  let best = es.length ? es[0] : null;
+  for (const e of es) if (e <= ep) best = e;
+  return best;
+}
 const text = new Array(N);
 for (let i = 0; i < N; i++) text[i] = label(i);
 
@@ -642,7 +651,7 @@ function buildTraces() {
         xaxis: xa, yaxis: ya, hoverinfo: "skip", showlegend: false, meta: "ghost", uid: "g" + mi,
         marker: {color: "rgba(150,150,150,0.16)", size: 4}});
     }
-    const idx = byME[mi].get(ep) || [];
+    const idx = byME[mi].get(panelEpoch(mi, ep)) || [];
     if (opt.kind === "num") {
       const v = idx.map((i) => opt.values[i]);
       traces.push({type: scatterType, mode: "markers", x: idx.map((i) => P.x[i]), y: idx.map((i) => P.y[i]),
@@ -672,7 +681,7 @@ function buildTraces() {
     for (const [j] of P.neighbours[state.pinned]) if (j >= 0) marks.push([j, "#ff9f1c"]);
     P.models.forEach((name, mi) => {
       const [xa, ya] = axisNames(mi);
-      const mine = marks.filter(([j]) => P.m[j] === mi && P.e[j] === ep);
+      const mine = marks.filter(([j]) => P.m[j] === mi && P.e[j] === panelEpoch(mi, ep));
       traces.push({type: scatterType, mode: "markers", x: mine.map(([j]) => P.x[j]),
         y: mine.map(([j]) => P.y[j]), xaxis: xa, yaxis: ya, hoverinfo: "skip", showlegend: false,
         meta: "hl", uid: "h" + mi,
@@ -688,9 +697,14 @@ for (const opt of P.color) if (opt.kind === "num") {
 }
 
 function render() {
-  epochLabel.textContent = "epoch " + P.epochs[state.epochIdx];
+  const ep = P.epochs[state.epochIdx];
+  epochLabel.textContent = "epoch " + ep;
   slider.value = String(state.epochIdx);
-  return Plotly.react(gd, buildTraces(), D.mapLayout, CONFIG);
+  // panel titles name the epoch each panel shows (subplot titles are the first annotations)
+  const layout = Object.assign({}, D.mapLayout);
+  layout.annotations = (D.mapLayout.annotations || []).map((a, mi) => mi < P.models.length
+    ? Object.assign({}, a, {text: P.models[mi] + " · epoch " + panelEpoch(mi, ep)}) : a);
+  return Plotly.react(gd, buildTraces(), layout, CONFIG);
 }
 
 // ---- side panel
@@ -1071,7 +1085,7 @@ def _rgb(colour: str) -> tuple[float, float, float]:
 # --------------------------------------------------------------------------- synthetic data
 def synthetic_report_data(
     runs: Sequence[str] = ("well_trained", "high_lr", "overfit"),
-    epochs: Sequence[int] = (0, 1, 2, 4, 8, 16),
+    epochs: Sequence[int] | Mapping[str, Sequence[int]] = (0, 1, 2, 4, 8, 16),
     layers: Sequence[tuple[str, int]] = (("features.0", 32), ("features.3", 64), ("features.7", 96),
                                          ("features.10", 108)),
     k: int = 5,
@@ -1086,7 +1100,9 @@ def synthetic_report_data(
     Images are procedural (coloured shapes on noise), stimuli random, receptive
     fields those of a plain 3x3-conv/2x2-pool stack, patches made with
     :func:`conceptevo.patches.report_patches`, coordinates drift with the epoch.
+    ``epochs`` is shared by every run, or a mapping run -> its own saved epochs.
     """
+    run_epochs = {r: list(epochs[r]) for r in runs} if isinstance(epochs, Mapping) else {r: list(epochs) for r in runs}
     from .patches import ArrayImages, ReceptiveField, report_patches
 
     rng = np.random.default_rng(seed)
@@ -1107,7 +1123,7 @@ def synthetic_report_data(
         img[mask] = rng.integers(100, 256, size=3)
         imgs[i] = img
     images = ArrayImages(imgs)
-    rfs, size, jump, start, spatial = {}, 1, 1.0, 0.0, n
+    rfs, size, jump, start = {}, 1, 1.0, 0.0
     for name, _ in layers:  # conv3x3 (pad 1) then pool 2x2 for every layer after the first
         size += 2 * int(jump)
         rfs[name] = ReceptiveField((size, size), (jump, jump), (start, start))
@@ -1118,7 +1134,7 @@ def synthetic_report_data(
     rows, stim = [], {}
     centres = {name: rng.normal(size=(c, 2)) * 3 + li * 2.0 for li, (name, c) in enumerate(layers)}
     for ri, run in enumerate(runs):
-        for ei, ep in enumerate(epochs):
+        for ei, ep in enumerate(run_epochs[run]):
             for name, c in layers:
                 drift = rng.normal(scale=0.15 * (1 + ri), size=(c, 2)) * ei
                 xy = centres[name] + drift + (ri - 1) * 0.5
@@ -1144,7 +1160,7 @@ def synthetic_report_data(
     acc, diag = [], []
     speed = {"overfit": 0.3, "high_lr": 1.4}
     for ri, run in enumerate(runs):
-        for ei, ep in enumerate(epochs):
+        for ei, ep in enumerate(run_epochs[run]):
             top1 = min(0.95, 0.1 + 0.8 * (1 - math.exp(-ep / 4)))
             top1 *= 0.3 if run == "high_lr" and ei > 2 else 1
             acc.append((run, ep, min(1, top1 * (1.2 if run == "overfit" else 1.05)),
@@ -1153,7 +1169,7 @@ def synthetic_report_data(
             diversity = 1.6 + growth * ei
             diag.append((run, ep, diversity,
                          float("nan") if ei == 0 else speed.get(run, 1) / (1 + ei)))
-    evo = []
+    evo, epochs = [], run_epochs[runs[0]]
     for cls in classes if len(epochs) > 1 else ():  # an evolution needs two epochs
         for _ in range(12):
             name, c = layers[rng.integers(len(layers))]

@@ -55,6 +55,7 @@ __all__ = [
     "bin_labels",
     "summarize_reversion",
     "ordering_check",
+    "class_ordering",
     "plot_reversion",
 ]
 
@@ -325,6 +326,32 @@ def ordering_check(summary: pd.DataFrame, tol: float = 0.0) -> pd.DataFrame:
         between = bool(rnd.size and bins.size and bins.min() - tol <= rnd.iloc[0] <= bins.max() + tol)
         out.append({"split": split, "metric": metric, "monotone": monotone, "random_between": between})
     return pd.DataFrame(out)
+
+
+def class_ordering(long: pd.DataFrame, split: str = "train", metric: str = "top1",
+                   no_effect: float = 0.01) -> pd.DataFrame:
+    """The Fig. 7 ordering class by class: mean accuracy change per bin (over layers and samples).
+
+    Columns: ``class``, one per bin (most important first, ``random`` last when present),
+    ``top_bin_drops_most`` (the most important bin's change is the lowest of the importance
+    bins), ``monotone`` (changes do not decrease from the most to the least important bin),
+    ``no_effect`` (every bin's change, random included, is within ``no_effect`` of zero:
+    the class is insensitive to reverting a quarter of any one layer).
+    """
+    sub = long[long["split"] == split]
+    if sub.empty:
+        raise ValueError(f"no rows for split {split!r}")
+    table = sub.groupby(["class", "bin"], sort=False)[f"delta_{metric}"].mean().unstack("bin")
+    bins = [b for b in sub["bin"].drop_duplicates() if b != RANDOM_BIN]
+    cols = bins + ([RANDOM_BIN] if RANDOM_BIN in table.columns else [])
+    table = table[cols]
+    vals = table[bins].to_numpy()
+    out = table.reset_index()
+    out.columns.name = None
+    out["top_bin_drops_most"] = vals[:, 0] <= vals.min(axis=1)
+    out["monotone"] = (np.diff(vals, axis=1) >= 0).all(axis=1)
+    out["no_effect"] = (table.abs() < no_effect).all(axis=1).to_numpy()
+    return out
 
 
 def plot_reversion(summary: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:

@@ -467,7 +467,7 @@ REGIMES: dict[str, dict[str, Any]] = {
     # No dropout, no weight decay, 50 images per class: memorises its training set (Fig. 2c).
     "overfit": dict(model_name="vgg_small_nodrop", lr=0.03, weight_decay=0.0, epochs=30,
                     lr_schedule="cosine", warmup_epochs=0.5, grad_clip=5.0, train_subset=600,
-                    save_epochs=[0, 2, 5, 10, 20, 30]),
+                    save_epochs=[0, 2, 5, 10, 15, 20, 30]),
 }
 
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conceptevo import data
 from conceptevo.data import (
     CLASS_NAMES,
     CLASS_RULES,

@@ -147,6 +147,10 @@ RUNS = {
     "overfit": ([1, 1.3, 1.6, 1.8, 1.9], [0.1, 0.25, 0.52, 0.76, 0.95], [0, 0.5, 1.0, 1.5, 1.7]),
     "shrinks_but_learns": ([1, 1.3, 1.2, 0.5, 0.4], [0.1, 0.26, 0.5, 0.74, 0.8], [0, 1, 2, 3, 3.5]),
     "diverse_but_falls": ([1, 1.3, 1.6, 1.8, 1.9], [0.1, 0.3, 0.5, 0.4, 0.2], [0, 1, 2, 3, 3.5]),
+    # climbs, then falls while barely moving: slow per gain, but a fall is not overfitting
+    "falls_and_stalls": ([1, 1.3, 1.6, 1.8, 1.9], [0.1, 0.25, 0.5, 0.75, 0.3], [0, 0.4, 0.8, 1.2, 1.3]),
+    # the untrained epoch 0 is the widest; later epochs dip a little while accuracy falls
+    "wide_init_dips": ([3, 1.3, 1.5, 1.7, 1.6], [0.1, 0.26, 0.5, 0.74, 0.6], [0, 1, 2, 3, 3.5]),
 }
 
 
@@ -169,8 +173,17 @@ def test_verdicts_on_constructed_runs(runs):
     assert v["high_lr"]["diversity_collapses"] is True
     assert "too-high learning rate" in " ".join(v["high_lr"]["messages"])
     assert v["high_lr"]["spread_vs_peak"] == pytest.approx(0.3 / 1.3, rel=1e-9)  # scale equivariance
-    for run in ("well", "healthy", "overfit", "shrinks_but_learns", "diverse_but_falls"):
+    for run in ("well", "healthy", "overfit", "shrinks_but_learns", "diverse_but_falls", "falls_and_stalls",
+                "wide_init_dips"):
         assert v[run]["diversity_collapses"] is False, run
+    # the initialisation is not the peak: spread 1.6 / 1.7 of epoch 3, not 1.6 / 3 of epoch 0
+    assert v["wide_init_dips"]["diversity_peak_epoch"] == 3
+    assert v["wide_init_dips"]["spread_vs_peak"] == pytest.approx(1.6 / 1.7, rel=1e-9)
+    assert diagnose(emb, logs, "well", peak_from_epoch=0).verdicts["wide_init_dips"]["diversity_collapses"] is True
+    # a run that ends far below its best gets no speed verdict, however little it moved
+    assert v["falls_and_stalls"]["slow_evolution"] is False
+    assert "no evolution-speed verdict" in " ".join(v["falls_and_stalls"]["messages"])
+    assert diagnose(emb, logs, "well", accuracy_drop=0.99).verdicts["falls_and_stalls"]["slow_evolution"] is True
     assert "not a collapse" in " ".join(v["shrinks_but_learns"]["messages"])
     assert v["overfit"]["slow_evolution"] is True
     assert "overfitting" in " ".join(v["overfit"]["messages"])

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from conceptevo import data, train
-from conceptevo.pipeline import PipelineConfig, run_pipeline
+from conceptevo.errors import ConceptEvoError
+from conceptevo.pipeline import PipelineConfig, RunSpec, _pick_evolution_epochs, run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,8 @@ def test_pipeline_end_to_end_and_cache(tiny_runs):
     root, tr, te, runs = tiny_runs
     cfg = PipelineConfig(out=root / "out", runs={k: str(v) for k, v in runs.items()}, base="a", k=5, k_i=3,
                          batch_size=64, repeats=3, importance_classes=2, importance_images=16,
-                         reversion_sample_size=8, reversion_repeats=2, patches_per_neuron=2, neighbours=3)
+                         reversion_sample_size=8, reversion_repeats=2, reversion_classes=[0, 3],
+                         patches_per_neuron=2, neighbours=3)
     res = run_pipeline(cfg, train_set=tr, test_set=te)
     out = root / "out"
     neurons = pd.read_parquet(out / "neurons.parquet")
@@ -47,3 +49,24 @@ def test_pipeline_end_to_end_and_cache(tiny_runs):
     manifest2 = json.loads((out / "manifest.json").read_text())
     assert (manifest2["stages"]["space"]["finished_at"], manifest2["stages"]["importance"]["finished_at"]) == before
     assert res2.seconds["unified space"] < res.seconds["unified space"]
+
+
+def test_evolution_epochs_follow_the_accuracy_milestones():
+    """The paper's stages: saved epochs closest to 25/50/75% training top-1; the last stage."""
+    def spec(accs, saved=None):
+        log = pd.DataFrame({"epoch": range(len(accs)), "train_top1": accs})
+        saved = range(len(accs)) if saved is None else saved
+        return RunSpec("r", {e: f"e{e}.pt" for e in saved}, factory=lambda: None, log=log)
+
+    # well_trained of the demo: 0.25 and 0.5 both land on epoch 1, 0.75 on epoch 5 -> 1 -> 5
+    accs = [0.091, 0.392, 0.623, 0.652, 0.681, 0.709, 0.75, 0.751, 0.804, 0.824, 0.843, 0.878, 0.885]
+    assert _pick_evolution_epochs(spec(accs, [0, 1, 2, 3, 5, 8, 12])) == (1, 5)
+    assert _pick_evolution_epochs(spec(accs)) == (1, 6)        # every epoch saved: 0.75 -> epoch 6 (0.750)
+    assert _pick_evolution_epochs(spec([0.1, 0.1, 0.1])) == (0, 2)  # no climb: middle -> last
+    no_log = RunSpec("r", {0: "a", 4: "b", 9: "c"}, factory=lambda: None)
+    assert _pick_evolution_epochs(no_log) == (0, 9)
+    assert _pick_evolution_epochs(no_log, [4, 9]) == (4, 9)
+    with pytest.raises(ConceptEvoError, match="saved"):
+        _pick_evolution_epochs(no_log, [3, 9])
+    with pytest.raises(ConceptEvoError, match="t < t'"):
+        _pick_evolution_epochs(no_log, [9, 4])

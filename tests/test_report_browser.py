@@ -83,7 +83,9 @@ POINT_PIXEL = """(k) => { const gd = document.getElementById('map');
 
 
 def test_report_in_chromium(browser, artifacts, tmp_path, rng):
-    data = synthetic_report_data(runs=("well_trained", "high_lr", "overfit"), epochs=(0, 2, 5, 9),
+    # runs save different epochs, as the built-in regimes do
+    run_epochs = {"well_trained": (0, 2, 5, 9), "high_lr": (0, 2, 5), "overfit": (0, 2, 5, 9, 14)}
+    data = synthetic_report_data(runs=tuple(run_epochs), epochs=run_epochs,
                                  layers=(("features.0", 12), ("features.3", 16), ("features.7", 20)),
                                  num_images=120, k=5, seed=int(rng.integers(2**31)))
     html = build_report(tmp_path / "report.html", data)
@@ -100,13 +102,20 @@ def test_report_in_chromium(browser, artifacts, tmp_path, rng):
     epochs, n_models = payload["epochs"], len(payload["models"])
     last = epochs[-1]
 
+    def panel_epoch(model: str, epoch: int) -> int:
+        """A panel shows its run's latest saved epoch at or before the slider's."""
+        return max(e for e in run_epochs[model] if e <= epoch)
+
     def expected(epoch: int) -> dict[str, set[int]]:
         """Point indices of every model panel at ``epoch``, from the embedded data."""
         out: dict[str, set[int]] = {}
         for i, (m, e) in enumerate(zip(payload["m"], payload["e"])):
-            if e == epoch:
+            if e == panel_epoch(payload["models"][m], epoch):
                 out.setdefault("x" if m == 0 else f"x{m + 1}", set()).add(i)
         return out
+
+    def titles() -> list[str]:
+        return page.evaluate("Array.from(document.querySelectorAll('#map .annotation-text')).map(t => t.textContent)")
 
     def plotted() -> dict[str, set[int]]:
         out: dict[str, set[int]] = {}
@@ -116,7 +125,8 @@ def test_report_in_chromium(browser, artifacts, tmp_path, rng):
 
     # -------- starts at the last epoch, every panel shows exactly that epoch's neurons
     assert page.text_content("#epoch-label") == f"epoch {last}"
-    assert plotted() == expected(last) and len(plotted()) == n_models
+    assert plotted() == expected(last) and len(plotted()) == n_models  # no panel blank at epoch 14
+    assert titles()[:n_models] == [f"{m} · epoch {panel_epoch(m, last)}" for m in payload["models"]]
     before = page.evaluate(PLOTTED)
 
     # -------- epoch slider: all panels move to epoch 0 together
@@ -126,6 +136,7 @@ def test_report_in_chromium(browser, artifacts, tmp_path, rng):
     after = page.evaluate(PLOTTED)
     assert after != before
     assert plotted() == expected(epochs[0])
+    assert titles()[:n_models] == [f"{m} · epoch {epochs[0]}" for m in payload["models"]]
     xs = np.array(payload["x"], dtype=float)
     for _, ids, x in after:                               # coordinates are those of the chosen points
         assert np.allclose(x, xs[ids])
@@ -155,7 +166,7 @@ def test_report_in_chromium(browser, artifacts, tmp_path, rng):
                             .map(im => [im.naturalWidth, im.complete, im.src.slice(0, 16)])""")
     assert len(imgs) == len(payload["patches"][i])
     assert all(w > 0 and done and src.startswith("data:image/") for w, done, src in imgs)
-    assert page.locator("#sp-epochs .epoch-row").count() == len(epochs)
+    assert page.locator("#sp-epochs .epoch-row").count() == len(run_epochs[payload["models"][payload["m"][i]]])
     assert page.locator("#sp-neighbours li").count() == max(1, len(payload["neighbours"][i]))
 
     # -------- click pins the neuron and circles it (and its neighbours at this epoch) on the map

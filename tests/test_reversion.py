@@ -14,6 +14,7 @@ from conceptevo.reversion import (
     RANDOM_BIN,
     bin_labels,
     capture_epoch_t,
+    class_ordering,
     ordering_check,
     plot_reversion,
     reversion_check,
@@ -227,6 +228,32 @@ def test_summary_by_hand_and_ordering():
     bad = good.assign(mean_delta=[-0.1, -0.2, -0.1, 0.05, 0.3])
     chk = ordering_check(bad)
     assert not chk["monotone"].item() and not chk["random_between"].item()
+
+
+def test_class_ordering_by_hand():
+    bins = [*bin_labels(4), RANDOM_BIN]
+    deltas = {  # class -> per-bin change; two layers, second layer = first + offsets averaging 0
+        0: [-0.30, -0.20, -0.10, 0.00, -0.15],   # full order
+        1: [-0.30, -0.05, -0.10, 0.02, -0.10],   # top bin worst, order broken in the middle
+        2: [0.00, 0.005, -0.002, 0.0, 0.001],    # insensitive
+        3: [-0.05, -0.02, -0.01, -0.60, -0.10],  # least important bin worst
+    }
+    rows = []
+    for c, ds in deltas.items():
+        for layer, off in (("a", 0.004), ("b", -0.004)):
+            for b, d in zip(bins, ds):
+                for split in ("train", "test"):
+                    rows.append({"class": c, "layer": layer, "sample": 0, "split": split, "bin": b,
+                                 "delta_top1": d + off if split == "train" else 0.0, "delta_top5": 0.0})
+    out = class_ordering(pd.DataFrame(rows)).set_index("class")
+    assert list(out.columns[:5]) == bins
+    np.testing.assert_allclose(out[bins].to_numpy(), np.array(list(deltas.values())), atol=1e-12)
+    assert out["top_bin_drops_most"].tolist() == [True, True, False, False]
+    assert out["monotone"].tolist() == [True, False, False, False]
+    assert out["no_effect"].tolist() == [False, False, True, False]
+    assert class_ordering(pd.DataFrame(rows), split="test")["no_effect"].all()
+    with pytest.raises(ValueError, match="no rows"):
+        class_ordering(pd.DataFrame(rows), split="val")
 
 
 def test_plot_writes_png(tmp_path):
