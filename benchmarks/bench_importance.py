@@ -4,7 +4,7 @@ Model: the built-in ``vgg_small`` (7 conv layers, 32x32 inputs) at its default w
 (352 conv neurons) and at VGG16's widths 64-128-256-512 (1,408 conv neurons); the
 epoch-t' model is the epoch-t model with perturbed weights (timing does not depend on
 what the weights are). Data: random images, ``--classes`` classes x ``--per-class``
-images (default 2 x 16 = 32 images), every conv neuron scored.
+images (default 12 x 128 = 1,536 images: the paper samples 128 per class), every conv neuron scored.
 
 * this engine: :func:`conceptevo.importance.evolution_importance` (one forward of
   each model and one backward per batch of ``--batch-size`` images).
@@ -84,10 +84,10 @@ def authors_loop(ad_t, ad_t2, x, y, rows) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--classes", type=int, default=2)
-    ap.add_argument("--per-class", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--loop-images", type=int, default=4, help="images the loops are timed on (0 = all)")
+    ap.add_argument("--classes", type=int, default=12)
+    ap.add_argument("--per-class", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--loop-images", type=int, default=8, help="images the loops are timed on (0 = all)")
     ap.add_argument("--widths", nargs="+", default=["16,32,64,128", "64,128,256,512"],
                     help="vgg_small channel widths, one table row pair each")
     ap.add_argument("--repeats", type=int, default=5)
@@ -104,7 +104,7 @@ def main() -> None:
     for width in args.widths:
         channels = tuple(int(c) for c in width.split(","))
         torch.manual_seed(0)
-        m_t = build_model("vgg_small", num_classes=10, channels=channels).to(args.device).eval()
+        m_t = build_model("vgg_small", num_classes=max(10, args.classes), channels=channels).to(args.device).eval()
         m_t2 = copy.deepcopy(m_t)
         with torch.no_grad():
             for p in m_t2.parameters():

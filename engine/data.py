@@ -609,7 +609,7 @@ def _save_cache(path: Path, data: dict[str, Any]) -> None:
 def _load_cache(path: Path) -> dict[str, Any] | None:
     try:
         with np.load(path, allow_pickle=False) as z:
-            files = set(z.files)
+            files = list(z.files)  # saved order: families keep the generator's order
             data = {
                 "images": z["images"],
                 "labels": z["labels"],

@@ -361,7 +361,7 @@ def diagnose(
         raise EmbeddingError(f"reference run {reference!r} is not in the embeddings (runs: {runs})")
     space = space or ("vector" if "vector" in emb.columns else "xy")
     logs = _logs(logs)
-    table = epoch_table(emb, logs, method=method)
+    table = epoch_table(emb, logs, method=method, min_gain=min_gain)
     speed = milestone_speed(emb, logs, milestones, tolerance, min_gain, space)
 
     div = {r: g.sort_values("epoch") for r, g in table.groupby("model")}

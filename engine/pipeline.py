@@ -67,6 +67,7 @@ class PipelineConfig:
     sgns_epochs: int | None = None
     evolution_epochs: list[int] | None = None  # [t, t'] of the base run; default: paper's milestones
     importance_classes: int | list[int] = 3
+    importance_gradient_at: str = "t"     # "t" (Eq. 3) or "t_prime" (see conceptevo.importance)
     importance_images: int = 128          # images per class for the importance tables
     reversion_classes: int | list[int] | None = None  # None: every class (the paper: 100 random)
     reversion_sample_size: int = 32
@@ -329,7 +330,7 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
     ckpt_inputs = [base_spec.checkpoints[t], base_spec.checkpoints[t2]]
     with _Timer(seconds, "importance"):
         params = {"t": t, "t_prime": t2, "classes": classes, "layers": cfg.layers, "seed": cfg.seed,
-                  "images": cfg.importance_images, "dataset": _dataset_id(train_set)}
+                  "images": cfg.importance_images, "gradient_at": cfg.importance_gradient_at, "dataset": _dataset_id(train_set)}
         key = store.stage_key(params, ckpt_inputs)
         if store.is_done("importance", key):
             imp = store.load_table("importance")
@@ -337,7 +338,8 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
             t0 = time.perf_counter()
             imp = importance.evolution_importance(model_t, model_t2, train_set, classes=classes,
                                                   layers=cfg.layers, batch_size=cfg.batch_size, device=device,
-                                                  max_images_per_class=cfg.importance_images, seed=cfg.seed)
+                                                  max_images_per_class=cfg.importance_images, seed=cfg.seed,
+                                                  gradient_at=cfg.importance_gradient_at)
             imp.insert(0, "model", base_run)
             imp.insert(1, "t", t)
             imp.insert(2, "t_prime", t2)
@@ -352,6 +354,7 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
     with _Timer(seconds, "reversion"):
         params = {"t": t, "t_prime": t2, "classes": rev_classes, "layers": cfg.layers, "seed": cfg.seed,
                   "sample_size": cfg.reversion_sample_size, "repeats": cfg.reversion_repeats,
+                  "gradient_at": cfg.importance_gradient_at,
                   "dataset": _dataset_id(train_set), "test": _dataset_id(test_set)}
         key = store.stage_key(params, ckpt_inputs)
         if store.is_done("reversion", key):
@@ -361,7 +364,7 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
             rev = reversion.reversion_check(model_t, model_t2, train_set, test_set, classes=rev_classes,
                                             layers=cfg.layers, sample_size=cfg.reversion_sample_size,
                                             repeats=cfg.reversion_repeats, batch_size=cfg.batch_size,
-                                            device=device, seed=cfg.seed)
+                                            device=device, seed=cfg.seed, gradient_at=cfg.importance_gradient_at)
             rev_summary, rev_long = rev.summary, rev.long
             store.save_table("reversion", rev_summary)
             store.save_table("reversion_long", rev_long)
@@ -372,10 +375,12 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
                             outputs=["reversion.parquet", "reversion_long.parquet", "figures/reversion.png"])
         console.print(reversion.ordering_check(rev_summary).to_string(index=False))
         per_class = reversion.class_ordering(rev_long)
-        console.print(f"per class (train top-1): the most important bin drops accuracy most in "
-                      f"{int(per_class['top_bin_drops_most'].sum())} of {len(per_class)} classes, the full "
-                      f"order holds in {int(per_class['monotone'].sum())}; "
-                      f"{int(per_class['no_effect'].sum())} classes change by less than 1% whatever is reverted")
+        sensitive = per_class[~per_class["no_effect"]]
+        rev_note = (f"{len(per_class)} classes: {int(per_class['no_effect'].sum())} change by less than 1% "
+                    f"whatever is reverted; of the other {len(sensitive)}, the most important bin drops accuracy "
+                    f"most in {int(sensitive['top_bin_drops_most'].sum())}, the full order holds in "
+                    f"{int(sensitive['monotone'].sum())}")
+        console.print(f"per class (train top-1): {rev_note}")
 
     # 9. diagnostics
     emb = space.embeddings()
@@ -395,7 +400,7 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
     if report:
         with _Timer(seconds, "report"):
             report_path = _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summary, diag, align,
-                                        base_run, (t, t2), patches, report_mod)
+                                        base_run, (t, t2), patches, report_mod, rev_note)
     total = time.perf_counter() - t_all
     seconds["total"] = total
     store.update_manifest(pipeline_seconds={k: round(v, 2) for k, v in seconds.items()})
@@ -403,7 +408,7 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
 
 
 def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summary, diag, align, base_run, tt, patches,
-                  report_mod) -> Path:
+                  report_mod, rev_note: str) -> Path:
     """Assemble ReportData: points + tags, patches, neighbours, accuracy, diagnostics, evolutions."""
     points = emb[["model", "epoch", "layer", "channel", "x", "y"]].copy()
     valid = np.asarray(space.valid)
@@ -444,10 +449,14 @@ def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summa
         top["class"] = [f"{c}: {class_names[c]}" for c in top["class"]]
     rev_plot = rev_summary.rename(columns={"mean_delta": "delta", "std_over_samples": "std"})
     rev_plot["metric"] = rev_plot["split"].astype(str) + " " + rev_plot["metric"].astype(str)
-    verdict_text = {run: v.get("messages", []) for run, v in diag.verdicts.items()}
+    # the report shows each run's name beside its messages
+    verdict_text = {run: [m.removeprefix(f"{run}: ") for m in v.get("messages", [])]
+                    for run, v in diag.verdicts.items()}
+    rmse = (space.info.get("image_embedding") or {}).get("rmse")
     facts = {"base": f"{base_run} epoch {max(runs[base_run].checkpoints)}", "neurons": len(points),
              "checkpoints": len(stims), "k": cfg.k, "evolution": f"{base_run}: epoch {tt[0]} -> {tt[1]}",
-             "fit RMSE": (space.info.get("image_embedding") or {}).get("rmse")}
+             "image-embedding fit RMSE": None if rmse is None else f"{rmse:.3g}",
+             "reversion, per class (train top-1)": rev_note}
     if align is not None:
         facts["alignment lift (mean)"] = round(float(align.table["lift"].mean()), 2)
     rd = report_mod.ReportData(points=points, patches=pats, neighbours=neighbours, accuracy=accuracy,

@@ -184,6 +184,7 @@ def reversion_check(
     device: str | torch.device | None = None,
     seed: int = 0,
     progress: bool = False,
+    gradient_at: str = "t",
 ) -> ReversionResult:
     """Fig. 7: accuracy change when reverting each importance bin (and a random set).
 
@@ -202,6 +203,8 @@ def reversion_check(
         topk: k of the top-k accuracy reported in the ``top5`` columns (paper: 5; capped
             at the number of logits).
         seed: seeds the image samples and the random baselines.
+        gradient_at: which model's gradient ranks the neurons (see
+            :func:`~conceptevo.importance.evolution_importance`; ``"t"`` is the paper's Eq. 3).
 
     Returns:
         :class:`ReversionResult` with the long table, the summary and the importance tables.
@@ -246,6 +249,7 @@ def reversion_check(
             for split, (_, lab) in splits.items()
         }
         imp = evolution_importance(ad_t, ad_t2, train_data, classes=cls, indices=picked["train"],
+                                   gradient_at=gradient_at,
                                    batch_size=batch_size)
         imp_tables.append(imp.assign(sample=rep))
 

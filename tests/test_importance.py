@@ -112,6 +112,27 @@ def test_batched_equals_plain_loop(rng):
             np.testing.assert_allclose(got, want, atol=1e-15)
 
 
+def test_gradient_at_t_prime_equals_the_swapped_plain_loop(rng):
+    """gradient_at="t_prime": grad h^{t'}(Z^{t'}) . (Z^{t'} - Z^t), i.e. minus the loop with the models swapped."""
+    seed = int(rng.integers(2**31))
+    m_t, data = tiny_net(seed), make_data(counts=(4, 1, 3, 2), seed=seed + 2)
+    m_t2 = evolved(m_t, seed + 1)
+    fast, fs = evolution_importance(m_t, m_t2, data, layers=LAYERS, batch_size=3, return_scores=True,
+                                    gradient_at="t_prime")
+    _, swapped = importance_loop(m_t2, m_t, data, layers=LAYERS, return_scores=True)
+    _, paper = importance_loop(m_t, m_t2, data, layers=LAYERS, return_scores=True)
+    for name in LAYERS:
+        np.testing.assert_allclose(fs.scores[name], -swapped.scores[name], rtol=1e-9, atol=1e-12)
+        if name != "10":  # the logit layer: its gradient is one-hot in either model
+            assert not np.allclose(fs.scores[name], paper.scores[name])  # a different ranking signal
+        for c in range(4):
+            want = (fs.scores[name][fs.labels == c] > 0).mean(0)
+            got = fast[(fast["layer"] == name) & (fast["class"] == c)].sort_values("channel")["score"]
+            np.testing.assert_allclose(got, want, atol=1e-15)
+    with pytest.raises(ValueError, match="gradient_at"):
+        evolution_importance(m_t, m_t2, data, layers=LAYERS, gradient_at="t2")
+
+
 def test_scores_match_finite_difference_of_eq3(rng):
     """Eq. 3 by its limit definition: (h(Z + e dZ) - h(Z - e dZ)) / 2e through the epoch-t model."""
     seed = int(rng.integers(2**31))
