@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import glob
 import logging
 import os
 import shutil
@@ -306,8 +307,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Distributed stimulus extraction (run under torchrun; see the module docstring).",
     )
     p.add_argument("--model", required=True, help="built-in model name (vgg_small, torchvision:vgg16, ...)")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint files of that model")
+    p.add_argument("--num-classes", type=int, default=None, help="logits of the model (default: the data's classes)")
+    p.add_argument("--checkpoints", nargs="+", required=True,
+                   help="checkpoint files of that model (quoted glob patterns are expanded, sorted)")
     p.add_argument("--names", nargs="+", default=None, help="one name per checkpoint (default: from the paths)")
     p.add_argument("--data", required=True,
                    help="'builtin[:train|test]' or an image folder <dir>/<class>/<files>")
@@ -353,8 +355,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     amp: bool | str = {"off": False, "on": True}.get(args.amp, args.amp)
     run = Path(args.run_dir)
     dataset = _load_data(args.data, args.image_size, args.seed, run / "data")
+    num_classes = args.num_classes or len(dataset.class_names)
+    checkpoints = []
+    for pattern in args.checkpoints:  # the shell expands unquoted globs; quoted ones are expanded here
+        found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not found:
+            raise ConceptEvoError(f"--checkpoints {pattern!r} matches no file")
+        checkpoints += found
     results = distributed_extract(
-        lambda: build_model(args.model, num_classes=args.num_classes), args.checkpoints, dataset,
+        lambda: build_model(args.model, num_classes=num_classes), checkpoints, dataset,
         layers=layers, k=args.k, k_i=args.k_i, batch_size=args.batch_size, device=args.device,
         store=RunStore(run), prefix=args.prefix, names=args.names, resume=not args.no_resume,
         save_every=args.save_every, amp=amp, backend=args.backend, progress=not args.quiet,

@@ -159,7 +159,8 @@ def test_error_on_one_rank_is_raised_on_every_rank(tmp_path, problem):
 
 
 def test_torchrun_module_entry_point(tmp_path):
-    """`torchrun --standalone --nproc_per_node=2 -m conceptevo.distributed` on an image folder equals one process."""
+    """`torchrun --standalone --nproc_per_node=2 -m conceptevo.distributed` on an image folder equals one process
+    (checkpoints given as a quoted glob, the model's classes taken from the folder)."""
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun is not installed next to this Python")
@@ -177,10 +178,10 @@ def test_torchrun_module_entry_point(tmp_path):
     for e in range(2):
         torch.manual_seed(int(rng.integers(1 << 30)))
         ckpts.append(str(tmp_path / f"epoch_{e}.pt"))
-        torch.save(build_model("vgg_small").state_dict(), ckpts[-1])
+        torch.save(build_model("vgg_small", num_classes=2).state_dict(), ckpts[-1])  # the folder's 2 classes
     env = {**os.environ, "OMP_NUM_THREADS": str(_THREADS)}
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "conceptevo.distributed",
-           "--model", "vgg_small", "--checkpoints", *ckpts, "--data", str(tmp_path / "imgs"), "--image-size", "16",
+           "--model", "vgg_small", "--checkpoints", str(tmp_path / "epoch_*.pt"), "--data", str(tmp_path / "imgs"), "--image-size", "16",
            "--run-dir", str(tmp_path / "run"), "--batch-size", "3", "--k", "3", "--k-i", "2", "--quiet"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -188,7 +189,7 @@ def test_torchrun_module_entry_point(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(_THREADS)
     try:
-        want = extract_stimuli(lambda: build_model("vgg_small"), ckpts, image_folder(tmp_path / "imgs", size=16),
+        want = extract_stimuli(lambda: build_model("vgg_small", num_classes=2), ckpts, image_folder(tmp_path / "imgs", size=16),
                                k=3, k_i=2, batch_size=3, progress=False)
     finally:
         torch.set_num_threads(threads)
