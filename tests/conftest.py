@@ -15,3 +15,12 @@ def rng():
     seed = int(np.random.SeedSequence().entropy % (2**32))
     print(f"rng seed: {seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one thread avoids oversubscription on a shared CPU (restored after the module)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,14 +15,7 @@ from conceptevo.importance import evolution_importance, importance_loop
 
 LAYERS = ["0", "3", "8", "10"]  # two convs, two Linear layers (the last one is the logits)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids oversubscription on a shared CPU (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models (see conftest)
 
 
 def tiny_net(seed: int, inplace: bool = False, classes: int = 4) -> nn.Module:

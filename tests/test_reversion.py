@@ -24,14 +24,7 @@ from conceptevo.reversion import (
 
 LAYERS = ["0", "2", "6"]  # conv (5 ch), conv (3 ch: one of 4 bins is empty), Linear (6 units)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids oversubscription on a shared CPU (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models (see conftest)
 
 
 def net(seed: int, classes: int = 4) -> nn.Module:
