@@ -44,8 +44,9 @@ further decade costs ~15% more iterations. At VGG16 scale (4,224 neurons, k = 10
 20,000 images) this takes ~350 iterations, about one CPU-second on this 2-core
 machine, where the authors' gradient descent (learning rate 0.002, up to 10,000
 iterations) takes far longer; see ``benchmarks/bench_image_embedding.py``. A dense
-Cholesky of the 4,224 x 4,224 Gram matrix was slower (3-4 CPU-seconds) and grows
-cubically, so it is not the default. ``method="direct"`` (dense
+Cholesky of the 4,224 x 4,224 Gram matrix took 3-4 CPU-seconds on a loaded machine and as
+long as CG (0.66 s) on a quiet one; it grows cubically with the base neurons, so it is not
+the default. ``method="direct"`` (dense
 Cholesky of the smaller Gram matrix) and ``method="lsqr"`` (SciPy LSQR per column)
 are exact alternatives kept for checking and small problems. The torch path
 (``backend="torch"`` or a CUDA ``device``) runs the same CG with ``torch.sparse``

@@ -65,6 +65,7 @@ class PipelineConfig:
     dim: int = 30
     repeats: int = 10                     # E of Step 1.2
     sgns_epochs: int | None = None
+    sgns_threads: int | None = 1          # 1: bit-reproducible; more threads (Hogwild) are faster, not exact
     evolution_epochs: list[int] | None = None  # [t, t'] of the base run; default: paper's milestones
     importance_classes: int | list[int] = 3
     importance_gradient_at: str = "t"     # "t" (Eq. 3) or "t_prime" (see conceptevo.importance)
@@ -299,7 +300,7 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
         else:
             t0 = time.perf_counter()
             space = UnifiedSpace.fit(stims[(base_run, base_epoch)], dim=cfg.dim, repeats=cfg.repeats,
-                                     epochs=cfg.sgns_epochs, seed=cfg.seed, threads=cfg.threads,
+                                     epochs=cfg.sgns_epochs, seed=cfg.seed, threads=cfg.sgns_threads,
                                      solver_backend=cfg.backends.get("solve", "auto"),
                                      model=base_run, epoch=base_epoch)
             for (name, epoch), s in sorted(stims.items()):
@@ -419,7 +420,7 @@ def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summa
         for fam, codes in train_set.tags.items():
             dom, _purity = dominant_concepts(ns, np.asarray(codes))
             names = np.asarray(list(train_set.tag_names[fam]) + ["-"], dtype=object)
-            points[f"concept: {fam}"] = names[np.where(dom >= 0, dom, len(names) - 1)]
+            points[fam] = names[np.where(dom >= 0, dom, len(names) - 1)]
     points = points[valid].reset_index(drop=True)
 
     # example patches for every plotted neuron and the evolution rows
