@@ -168,7 +168,7 @@ def main() -> None:
 
     t_loop1, ref = median_time(loop_one, max(1, args.repeats // 2))
     assert np.allclose(ref, proj[:n], atol=1e-5)
-    rows.append((f"projection: sparse product vs loop", f"{args.checkpoints} checkpoints x {n:,} neurons",
+    rows.append(("projection: sparse product vs loop", f"{args.checkpoints} checkpoints x {n:,} neurons",
                  t_proj, t_loop1 * args.checkpoints, "loop timed on 1 checkpoint, x checkpoints"))
 
     table = Table(title=f"Image embedding + projection — {device_name()}")

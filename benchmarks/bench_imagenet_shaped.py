@@ -261,7 +261,7 @@ def main(argv=None) -> int:
             f"1,280,000 images {_fmt_time(setup + per_image * 1_280_000)}; running state {state_bytes(n_img) / 2**20:.1f} MiB now, "
             f"{state_bytes(128_000) / 2**20:.0f} MiB / {state_bytes(1_280_000) / 2**30:.2f} GiB at 128k / 1.28M "
             f"images (responsive rows: images x layers x k_i)")
-        del models, states, plans
+        models, states, plans = [], [], {}  # free this model's copies before the next
         gc.collect()
     print(header)
     for r in rows:

@@ -38,15 +38,17 @@ Verdicts (thresholds are parameters of :func:`diagnose`):
 * ``diversity_collapses`` (too-high learning rate): the effective spread at the last
   saved epoch, ``exp(H_last - H_peak)``, is below ``collapse_fraction`` of the run's
   own peak (over epochs >= ``peak_from_epoch``, default 1: the untrained network of
-  epoch 0 spreads its random filters' neurons widely, which is not learned diversity) -- or ``exp(H_last - H_ref_last)`` below it relative to the reference run's
-  last epoch -- *while* training accuracy falls: ``max(train_top1) - train_top1(last)
+  epoch 0 spreads its random filters' neurons widely, which is not learned diversity)
+  -- or ``exp(H_last - H_ref_last)`` below it relative to the reference run's last
+  epoch -- *while* training accuracy falls: ``max(train_top1) - train_top1(last)
   >= accuracy_drop``. With ``collapse_fraction=0.75`` the drop is >= ln(4/3) = 0.29
   nats (the paper's ConvNeXt: 1.64 -> 1.34; VGG16: 2.03 -> -1.52).
 * ``slow_evolution`` (overfitting): training accuracy climbs (total gain over the
   milestone intervals >= ``min_gain``, and the run ends near its best accuracy: a run
-  whose accuracy fell by ``accuracy_drop`` or more gets no speed verdict) but the movement per unit of accuracy gain is
-  below ``slow_ratio`` times the reference run's over the same milestone intervals
-  (paper VGG16: 1.11 vs 1.34 and 0.98 vs 1.30, ratios 0.83 and 0.75).
+  whose accuracy fell by ``accuracy_drop`` or more gets no speed verdict) but the
+  movement per unit of accuracy gain is below ``slow_ratio`` times the reference run's
+  over the same milestone intervals (paper VGG16: 1.11 vs 1.34 and 0.98 vs 1.30, ratios
+  0.83 and 0.75).
 
 Inputs: a DataFrame of embeddings with columns ``model, epoch, layer, channel, x, y``
 and optionally ``vector`` (one array per row), as the unified space exports, where

@@ -331,7 +331,8 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
     ckpt_inputs = [base_spec.checkpoints[t], base_spec.checkpoints[t2]]
     with _Timer(seconds, "importance"):
         params = {"t": t, "t_prime": t2, "classes": classes, "layers": cfg.layers, "seed": cfg.seed,
-                  "images": cfg.importance_images, "gradient_at": cfg.importance_gradient_at, "dataset": _dataset_id(train_set)}
+                  "images": cfg.importance_images, "gradient_at": cfg.importance_gradient_at,
+                  "dataset": _dataset_id(train_set)}
         key = store.stage_key(params, ckpt_inputs)
         if store.is_done("importance", key):
             imp = store.load_table("importance")

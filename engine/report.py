@@ -1102,7 +1102,7 @@ def synthetic_report_data(
     :func:`conceptevo.patches.report_patches`, coordinates drift with the epoch.
     ``epochs`` is shared by every run, or a mapping run -> its own saved epochs.
     """
-    run_epochs = {r: list(epochs[r]) for r in runs} if isinstance(epochs, Mapping) else {r: list(epochs) for r in runs}
+    run_epochs = {r: list(epochs[r] if isinstance(epochs, Mapping) else epochs) for r in runs}
     from .patches import ArrayImages, ReceptiveField, report_patches
 
     rng = np.random.default_rng(seed)
