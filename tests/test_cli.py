@@ -37,3 +37,58 @@ def test_stimuli_with_missing_checkpoint_names_it(tmp_path):
                               "--dataset", str(tmp_path / "nodata")])
     assert res.exit_code == 2
     assert "nodata" in res.output or "epoch_003.pt" in res.output
+
+
+@pytest.mark.slow
+def test_run_config_on_an_image_folder_end_to_end(tmp_path):
+    """The user path: `conceptevo run config.toml` over an image folder and a checkpoint glob of a
+    model the user trained (no training folder, no tags) writes the space, analysis and report."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+    import torch
+    from PIL import Image
+
+    from conceptevo.data import builtin_dataset, image_folder
+    from conceptevo.models import build_model
+
+    src = builtin_dataset("train", seed=2, num_images=240)
+    labels = src.labels.numpy()
+    classes = [0, 2, 4]
+    for c in classes:  # three classes, 20 PNGs each, one subfolder per class
+        (tmp_path / "imgs" / src.class_names[c]).mkdir(parents=True)
+        for j, i in enumerate(np.flatnonzero(labels == c)[:20]):
+            Image.fromarray(src.raw(int(i))).save(tmp_path / "imgs" / src.class_names[c] / f"{j}.png")
+    folder = image_folder(tmp_path / "imgs", size=32)
+    (tmp_path / "ckpt").mkdir()
+    torch.manual_seed(0)
+    model = build_model("vgg_small", num_classes=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    x = torch.stack([folder[i][0] for i in range(len(folder))])
+    y = torch.as_tensor([folder[i][1] for i in range(len(folder))])
+    for epoch in range(3):  # the user's own training loop, saving plain state dicts
+        torch.save(model.state_dict(), tmp_path / "ckpt" / f"model_ep{epoch}.pt")
+        model.train()
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        'out = "out"\ndataset = "imgs"\nimage_size = 32\nmodel = "vgg_small"\nbase = "mine/epoch_2"\n'
+        'k = 4\nk_i = 2\nbatch_size = 32\nrepeats = 3\nimportance_classes = 2\nimportance_images = 8\n'
+        'reversion_sample_size = 6\nreversion_repeats = 2\npatches_per_neuron = 2\nneighbours = 3\n'
+        '[runs]\nmine = "ckpt/model_ep*.pt"\n'
+    )
+    res = runner.invoke(app, ["run", str(cfg)])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out"
+    neurons = pd.read_parquet(out / "neurons.parquet")
+    assert set(neurons["model"]) == {"mine"} and set(neurons["epoch"]) == {0, 1, 2}
+    imp = pd.read_parquet(out / "importance.parquet")
+    assert set(imp["class"]) == {0, 1} and imp["score"].between(0, 1).all()
+    assert (out / "report.html").stat().st_size > 100_000 and (out / "reversion.parquet").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"space", "importance", "reversion"} <= set(manifest["stages"])
+    assert not (out / "alignment.parquet").exists()  # no concept tags on user data
