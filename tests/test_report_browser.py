@@ -82,13 +82,9 @@ POINT_PIXEL = """(k) => { const gd = document.getElementById('map');
           point: t.customdata[0], curve: gd.data.indexOf(t)}; }"""
 
 
-def test_report_in_chromium(browser, artifacts, tmp_path, rng):
-    # runs save different epochs, as the built-in regimes do
-    run_epochs = {"well_trained": (0, 2, 5, 9), "high_lr": (0, 2, 5), "overfit": (0, 2, 5, 9, 14)}
-    data = synthetic_report_data(runs=tuple(run_epochs), epochs=run_epochs,
-                                 layers=(("features.0", 12), ("features.3", 16), ("features.7", 20)),
-                                 num_images=120, k=5, seed=int(rng.integers(2**31)))
-    html = build_report(tmp_path / "report.html", data)
+def open_report(browser, html: Path, timeout_ms: int):
+    """Open a report from disk; the returned list collects console errors, page errors and any
+    request that leaves the file (the report must need no network)."""
     errors: list[str] = []
     page = browser.new_page(viewport={"width": 1500, "height": 1000})
     page.on("console", lambda m: errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
@@ -96,7 +92,18 @@ def test_report_in_chromium(browser, artifacts, tmp_path, rng):
     page.on("request", lambda r: errors.append(f"network request: {r.url}")
             if not r.url.startswith(("file:", "data:", "blob:", "about:")) else None)
     page.goto(html.resolve().as_uri())
-    page.wait_for_selector('body[data-map-ready="1"]', timeout=60_000)
+    page.wait_for_selector('body[data-map-ready="1"]', timeout=timeout_ms)
+    return page, errors
+
+
+def test_report_in_chromium(browser, artifacts, tmp_path, rng):
+    # runs save different epochs, as the built-in regimes do
+    run_epochs = {"well_trained": (0, 2, 5, 9), "high_lr": (0, 2, 5), "overfit": (0, 2, 5, 9, 14)}
+    data = synthetic_report_data(runs=tuple(run_epochs), epochs=run_epochs,
+                                 layers=(("features.0", 12), ("features.3", 16), ("features.7", 20)),
+                                 num_images=120, k=5, seed=int(rng.integers(2**31)))
+    html = build_report(tmp_path / "report.html", data)
+    page, errors = open_report(browser, html, timeout_ms=60_000)
 
     payload = page.evaluate("window.conceptevoReport.data.points")
     epochs, n_models = payload["epochs"], len(payload["models"])
@@ -230,14 +237,7 @@ def test_demo_report_in_chromium(browser, artifacts):
     report = _demo_report()
     if report is None:
         pytest.skip("no demo report yet: run `conceptevo demo` (or set CONCEPTEVO_DEMO_REPORT)")
-    errors: list[str] = []
-    page = browser.new_page(viewport={"width": 1500, "height": 1000})
-    page.on("console", lambda m: errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
-    page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
-    page.on("request", lambda r: errors.append(f"network request: {r.url}")
-            if not r.url.startswith(("file:", "data:", "blob:", "about:")) else None)
-    page.goto(report.resolve().as_uri())
-    page.wait_for_selector('body[data-map-ready="1"]', timeout=120_000)
+    page, errors = open_report(browser, report, timeout_ms=120_000)
     payload = page.evaluate("window.conceptevoReport.data.points")
     panels = {axis for axis, ids, _ in page.evaluate(PLOTTED) if ids}
     assert len(panels) == len(payload["models"])  # every run's panel shows points at the last epoch
