@@ -33,7 +33,16 @@ Dead neurons (NaN vector / position: no valid stimulus) are left out of both
 measurements; ``n_dead`` counts them per epoch (a burst of dead neurons is itself a
 sign of a collapsing run).
 
-Verdicts (thresholds are parameters of :func:`diagnose`):
+**Which diversity decides.** The paper's measure reads a UMAP map, and a UMAP fit moves with
+the last bits of its input: on another CPU the same run can give another map, and the
+verdict could flip. So the verdicts read, by default (``measure="knn"``), the
+Kozachenko-Leonenko k-NN entropy of the unified d-dim embedding itself (:func:`knn_entropy`,
+per dimension, so ``exp(H)`` is still an effective spread), which involves no layout; the
+paper's 2-D measure stays in every table (``diversity``) and can decide instead
+(``measure="map"``). Both come with a standard error by half-sampling over neurons.
+
+Verdicts (thresholds are parameters of :func:`diagnose`; each comes from the paper's own
+numbers, none is fitted to a run of this engine):
 
 * ``diversity_collapses`` (too-high learning rate): the effective spread at the last
   saved epoch, ``exp(H_last - H_peak)``, is below ``collapse_fraction`` of the run's
@@ -41,14 +50,26 @@ Verdicts (thresholds are parameters of :func:`diagnose`):
   epoch 0 spreads its random filters' neurons widely, which is not learned diversity)
   -- or ``exp(H_last - H_ref_last)`` below it relative to the reference run's last
   epoch -- *while* training accuracy falls: ``max(train_top1) - train_top1(last)
-  >= accuracy_drop``. With ``collapse_fraction=0.75`` the drop is >= ln(4/3) = 0.29
-  nats (the paper's ConvNeXt: 1.64 -> 1.34; VGG16: 2.03 -> -1.52).
+  >= accuracy_drop``. ``collapse_fraction=0.75`` is the mildest collapse the paper
+  reports (ConvNeXt under a too-high learning rate: 1.64 -> 1.34 nats, a spread of 0.74;
+  its VGG16 falls much further, 2.03 -> -1.52); ``accuracy_drop=0.05`` asks for a fall
+  well beyond the epoch-to-epoch noise of a training-accuracy sample of 1,000 images.
 * ``slow_evolution`` (overfitting): training accuracy climbs (total gain over the
   milestone intervals >= ``min_gain``, and the run ends near its best accuracy: a run
   whose accuracy fell by ``accuracy_drop`` or more gets no speed verdict) but the
   movement per unit of accuracy gain is below ``slow_ratio`` times the reference run's
-  over the same milestone intervals (paper VGG16: 1.11 vs 1.34 and 0.98 vs 1.30, ratios
-  0.83 and 0.75).
+  over the same milestone intervals. ``slow_ratio=0.85``: the paper's overfitted VGG16
+  moves 1.11 vs 1.34 and 0.98 vs 1.30 (ratios 0.83 and 0.75), so 0.85 sits just above the
+  paper's milder case.
+
+**Margins.** Each verdict reports how far its statistic lies from its threshold, on the
+verdict's side when positive: ``collapse_margin = ln(collapse_fraction) - (H_last - H_peak)``
+(nats per dimension; the larger of the own-peak and the reference comparisons) and
+``speed_margin = slow_ratio - speed_ratio``, each with a standard error
+(``*_margin_se``: half-sampling over neurons for the entropies, a bootstrap over neurons
+for the movement ratio). ``benchmarks/bench_fidelity.py`` measures the margins over
+several seeds; a verdict whose margin is many standard errors and many seeds' spread away
+from zero cannot be flipped by a different floating-point path.
 
 Inputs: a DataFrame of embeddings with columns ``model, epoch, layer, channel, x, y``
 and optionally ``vector`` (one array per row), as the unified space exports, where
@@ -71,6 +92,8 @@ from .errors import DataError, EmbeddingError
 __all__ = [
     "Diagnosis",
     "entropy_1d",
+    "knn_entropy",
+    "entropy_floor",
     "concept_diversity",
     "neuron_movement",
     "milestone_speed",
@@ -101,6 +124,69 @@ def entropy_1d(values, method: str = "ebrahimi", window_length: int | None = Non
     return float(h)
 
 
+def knn_entropy(points, k: int = 3, floor: float = 0.0) -> float:
+    """Kozachenko-Leonenko k-NN differential entropy of a d-dim sample, **per dimension** (nats).
+
+    ``H = psi(n) - psi(k) + ln V_d + (d / n) sum_i ln eps_i`` with ``eps_i`` the Euclidean
+    distance from point i to its k-th nearest neighbour and ``V_d`` the volume of the unit
+    d-ball (Kozachenko & Leonenko 1987; Kraskov, Stoegbauer & Grassberger 2004, eq. 20);
+    returned divided by ``d`` so that, like the paper's per-axis measure, ``exp(H)`` is an
+    effective spread per dimension and ``H(aX) = H(X) + ln a`` exactly. Distances below
+    ``floor`` are raised to it (coinciding neurons: pass one floor for every run and epoch
+    of a space so that they stay comparable); with ``floor=0`` coinciding points give
+    ``-inf``. Fewer than ``k + 2`` points give NaN.
+    """
+    from scipy.spatial import cKDTree
+    from scipy.special import digamma, gammaln
+
+    x = np.asarray(points, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    if not np.all(np.isfinite(x)):
+        raise EmbeddingError("k-NN entropy of a sample with NaN or infinite values")
+    n, d = x.shape
+    if n < k + 2 or d == 0:
+        return float("nan")
+    dist, _ = cKDTree(x).query(x, k=k + 1)  # column 0 is the point itself
+    eps = np.maximum(dist[:, k], floor)
+    with np.errstate(divide="ignore"):
+        log_eps = np.log(eps)
+    log_vd = (d / 2) * math.log(math.pi) - gammaln(d / 2 + 1)
+    h = digamma(n) - digamma(k) + log_vd + d * float(np.mean(log_eps))
+    return float(h / d)
+
+
+def _knn_entropy_with_error(x: np.ndarray, k: int, floor: float, rng: np.random.Generator,
+                            repeats: int = 16) -> tuple[float, float]:
+    """The k-NN entropy and its standard error by half-sampling over neurons.
+
+    Half-samples without replacement (with replacement, duplicates would fake zero
+    distances); the spread of a half-sample estimate is scaled by 1/sqrt(2) to the full
+    sample (m-out-of-n bootstrap, variance ~ 1/m).
+    """
+    h = knn_entropy(x, k, floor)
+    n = len(x)
+    if not np.isfinite(h) or n < 2 * (k + 2):
+        return h, float("nan")
+    halves = [knn_entropy(x[rng.choice(n, n // 2, replace=False)], k, floor) for _ in range(repeats)]
+    halves = np.asarray([v for v in halves if np.isfinite(v)])
+    return h, float(np.std(halves, ddof=1) / math.sqrt(2)) if halves.size > 2 else float("nan")
+
+
+def entropy_floor(emb: pd.DataFrame, fraction: float = 1e-3) -> float:
+    """One distance floor for :func:`knn_entropy` over a whole space: ``fraction`` of the
+    median nearest-neighbour distance of the alive rows (deterministic: every row)."""
+    from scipy.spatial import cKDTree
+
+    pts = _points(emb, "vector")
+    pts = pts[~np.isnan(pts).any(axis=1)]
+    if len(pts) < 2:
+        return 0.0
+    dist, _ = cKDTree(pts).query(pts, k=2)
+    positive = dist[:, 1][dist[:, 1] > 0]
+    return float(fraction * np.median(positive)) if positive.size else 0.0
+
+
 def _check_columns(emb: pd.DataFrame, cols: Sequence[str]) -> None:
     missing = [c for c in cols if c not in emb.columns]
     if missing:
@@ -108,15 +194,30 @@ def _check_columns(emb: pd.DataFrame, cols: Sequence[str]) -> None:
 
 
 def concept_diversity(
-    emb: pd.DataFrame, coords: Sequence[str] = ("x", "y"), method: str = "ebrahimi"
+    emb: pd.DataFrame, coords: Sequence[str] = ("x", "y"), method: str = "ebrahimi", *,
+    knn: bool | None = None, knn_k: int = 3, floor: float | None = None, seed: int = 0,
+    errors: bool = True,
 ) -> pd.DataFrame:
-    """Diversity per (model, epoch): mean over ``coords`` of the per-dimension entropy.
+    """Diversity per (model, epoch), by two measures.
 
-    Dead neurons (NaN coordinates, as the unified space marks neurons without a valid
-    stimulus) are left out and counted in ``n_dead``; infinite values are an error.
-    Returns columns ``model, epoch, diversity, entropy_<coord>..., n_neurons, n_dead``.
+    * ``diversity``: the paper's -- mean over ``coords`` of the per-axis entropy of the 2-D map;
+    * ``diversity_knn`` (with a ``vector`` column, or ``knn=True``): the k-NN entropy per
+      dimension of the unified d-dim embedding (:func:`knn_entropy`), which does not depend
+      on a UMAP fit; one distance ``floor`` (default :func:`entropy_floor`) for all rows.
+
+    With ``errors``, ``*_se`` columns hold each value's standard error by half-sampling over
+    neurons (seeded by ``seed``). Dead neurons (NaN coordinates, as the unified space marks
+    neurons without a valid stimulus) are left out and counted in ``n_dead``; infinite values
+    are an error. Returns columns ``model, epoch, diversity, entropy_<coord>..., n_neurons,
+    n_dead`` (+ ``diversity_se, diversity_knn, diversity_knn_se``).
     """
     _check_columns(emb, ["model", "epoch", *coords])
+    if knn is None:
+        knn = "vector" in emb.columns
+    if knn:
+        _check_columns(emb, ["vector"])
+        if floor is None:
+            floor = entropy_floor(emb)
     rows = []
     for (model, epoch), g in emb.groupby(["model", "epoch"], sort=True):
         pts = g[list(coords)].to_numpy(np.float64)
@@ -124,8 +225,29 @@ def concept_diversity(
             raise EmbeddingError(f"model {model!r} epoch {epoch}: infinite {list(coords)} values")
         alive = ~np.isnan(pts).any(axis=1)
         ent = {f"entropy_{c}": entropy_1d(pts[alive, j], method=method) for j, c in enumerate(coords)}
-        rows.append({"model": model, "epoch": epoch, "diversity": float(np.mean(list(ent.values()))), **ent,
-                     "n_neurons": int(alive.sum()), "n_dead": int((~alive).sum())})
+        row = {"model": model, "epoch": epoch, "diversity": float(np.mean(list(ent.values()))), **ent,
+               "n_neurons": int(alive.sum()), "n_dead": int((~alive).sum())}
+        # one stream per (model, epoch), fixed by the seed: independent of the table's order
+        rng = np.random.default_rng([int(seed), int(epoch), *map(ord, str(model))])
+        if errors:
+            a = pts[alive]
+            n = len(a)
+            if n >= 10:
+                halves = [np.mean([entropy_1d(a[rng.choice(n, n // 2, replace=False), j], method=method)
+                                   for j in range(len(coords))]) for _ in range(16)]
+                halves = np.asarray([h for h in halves if np.isfinite(h)])
+                row["diversity_se"] = float(np.std(halves, ddof=1) / math.sqrt(2)) if halves.size > 2 else np.nan
+            else:
+                row["diversity_se"] = np.nan
+        if knn:
+            vec = _points(g, "vector")
+            vec = vec[~np.isnan(vec).any(axis=1)]
+            if errors:
+                h, se = _knn_entropy_with_error(vec, knn_k, floor, rng)
+                row["diversity_knn"], row["diversity_knn_se"] = h, se
+            else:
+                row["diversity_knn"] = knn_entropy(vec, knn_k, floor)
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -167,15 +289,20 @@ def _point_sets(emb: pd.DataFrame, space: str) -> dict[tuple, tuple[np.ndarray, 
     return out
 
 
-def _displacement(sets: dict, model, e0, e1) -> tuple[float, float, int]:
-    """Mean and median distance of the neurons present at both epochs, and their count."""
+def _distances(sets: dict, model, e0, e1) -> np.ndarray:
+    """Distance moved by each neuron present at both epochs."""
     c0, p0 = sets[(model, e0)]
     c1, p1 = sets[(model, e1)]
     _, a, b = np.intersect1d(c0, c1, assume_unique=True, return_indices=True)
-    if a.size == 0:
+    return np.linalg.norm(p1[b] - p0[a], axis=1)
+
+
+def _displacement(sets: dict, model, e0, e1) -> tuple[float, float, int]:
+    """Mean and median distance of the neurons present at both epochs, and their count."""
+    d = _distances(sets, model, e0, e1)
+    if d.size == 0:
         return float("nan"), float("nan"), 0
-    d = np.linalg.norm(p1[b] - p0[a], axis=1)
-    return float(d.mean()), float(np.median(d)), int(a.size)
+    return float(d.mean()), float(np.median(d)), int(d.size)
 
 
 def neuron_movement(emb: pd.DataFrame, space: str = "vector") -> pd.DataFrame:
@@ -275,7 +402,8 @@ def milestone_speed(
 
 
 def epoch_table(
-    emb: pd.DataFrame, logs: Mapping | None = None, method: str = "ebrahimi", min_gain: float = 0.01
+    emb: pd.DataFrame, logs: Mapping | None = None, method: str = "ebrahimi", min_gain: float = 0.01,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Per-run, per-saved-epoch table.
 
@@ -285,7 +413,7 @@ def epoch_table(
     ``train_gain`` (since the previous saved epoch) and ``movement_per_gain`` (NaN where
     the gain is below ``min_gain``).
     """
-    table = concept_diversity(emb, method=method)
+    table = concept_diversity(emb, method=method, seed=seed)
     spaces = [("movement", "vector")] if "vector" in emb.columns else []
     spaces.append(("movement_2d", "xy"))
     for col, space in spaces:
@@ -331,6 +459,10 @@ def diagnose(
     space: str | None = None,
     method: str = "ebrahimi",
     peak_from_epoch: int = 1,
+    measure: str = "auto",
+    seed: int = 0,
+    bootstrap: int = 200,
+    diverged: Mapping[str, Mapping[int, str]] | None = None,
 ) -> Diagnosis:
     """Per-run verdicts against the ``reference`` run (the well-trained one).
 
@@ -346,33 +478,53 @@ def diagnose(
         min_gain: least training-accuracy gain for an interval (and for "climbs").
         milestones, tolerance: see :func:`milestone_speed`.
         space: ``"vector"`` (default when a ``vector`` column exists) or ``"xy"``.
-        method: entropy estimator (see :func:`entropy_1d`).
+        method: entropy estimator of the 2-D measure (see :func:`entropy_1d`).
         peak_from_epoch: first epoch that may be a run's diversity peak (earlier epochs, the
             initialisation, are still in the table); all epochs when a run has none later.
+        measure: the diversity the collapse verdict reads: ``"knn"`` (k-NN entropy of the
+            unified d-dim embedding, no UMAP involved), ``"map"`` (the paper's per-axis entropy
+            of the 2-D map) or ``"auto"`` (knn when a ``vector`` column exists).
+        seed, bootstrap: the half-sampling / bootstrap over neurons behind every margin's
+            standard error.
+        diverged: run -> {epoch: what diverged}, checkpoints that could not be placed in the
+            space (NaN/inf weights or activations); reported as findings, and a run with
+            one gets ``diverged = True``.
 
     Returns:
         :class:`Diagnosis` with ``verdicts[run]`` holding ``diversity_collapses`` and
         ``slow_evolution`` (True/False, or None when the log needed is missing), the
-        numbers behind them, and ``messages`` (plain language).
+        numbers behind them, each verdict's ``*_margin`` (distance of the statistic from its
+        threshold, positive on the verdict's side) with its standard error ``*_margin_se``,
+        and ``messages`` (plain language).
     """
     if not 0 < collapse_fraction <= 1:
         raise ValueError(f"collapse_fraction must be in (0, 1], got {collapse_fraction}")
+    if measure not in ("auto", "knn", "map"):
+        raise ValueError(f"measure must be 'auto', 'knn' or 'map', got {measure!r}")
     _check_columns(emb, ["model", "epoch", *KEY, "x", "y"])
     runs = sorted(emb["model"].unique())
     if reference not in runs:
         raise EmbeddingError(f"reference run {reference!r} is not in the embeddings (runs: {runs})")
     space = space or ("vector" if "vector" in emb.columns else "xy")
+    if measure == "auto":
+        measure = "knn" if "vector" in emb.columns else "map"
+    col = "diversity_knn" if measure == "knn" else "diversity"
     logs = _logs(logs)
-    table = epoch_table(emb, logs, method=method, min_gain=min_gain)
+    table = epoch_table(emb, logs, method=method, min_gain=min_gain, seed=seed)
     speed = milestone_speed(emb, logs, milestones, tolerance, min_gain, space)
+    sets = _point_sets(emb, space)
+    rng = np.random.default_rng([int(seed), 0x5EED])
 
     div = {r: g.sort_values("epoch") for r, g in table.groupby("model")}
-    ref_last = float(div[reference]["diversity"].iloc[-1])
+    ref_last = float(div[reference][col].iloc[-1])
+    ref_last_se = float(div[reference][col + "_se"].iloc[-1]) if col + "_se" in table else float("nan")
     sp = {r: g for r, g in speed.groupby("model")}
     verdicts: dict[str, dict] = {}
+    diverged = {r: dict(v) for r, v in (diverged or {}).items()}
     for run in runs:
         d = div[run]
-        h = d["diversity"].to_numpy()
+        h = d[col].to_numpy()
+        h_se = d[col + "_se"].to_numpy() if col + "_se" in d else np.full(len(d), np.nan)
         eligible = d["epoch"].to_numpy() >= peak_from_epoch
         if not eligible.any():
             eligible[:] = True
@@ -384,9 +536,22 @@ def diagnose(
         if run != reference and np.isfinite(ref_last):
             spread_ref = math.exp(h_last - ref_last) if h_last > -math.inf else 0.0
         low = spread_peak < collapse_fraction or (spread_ref is not None and spread_ref < collapse_fraction)
-        v: dict = {"reference": reference, "diversity_peak": h_peak, "diversity_peak_epoch": d["epoch"].iloc[peak_i],
+        # margin in nats per dimension: how far below ln(collapse_fraction) the log-spread sits
+        thr = math.log(collapse_fraction)
+        margins = [(thr - (h_last - h_peak), math.hypot(h_se[-1], h_se[peak_i]))]
+        if spread_ref is not None:
+            margins.append((thr - (h_last - ref_last), math.hypot(h_se[-1], ref_last_se)))
+        c_margin, c_se = max(margins, key=lambda m: m[0] if np.isfinite(m[0]) else math.inf)
+        v: dict = {"reference": reference, "measure": measure, "diversity_peak": h_peak,
+                   "diversity_peak_epoch": d["epoch"].iloc[peak_i], "diversity_first": float(h[0]),
                    "diversity_last": h_last, "last_epoch": d["epoch"].iloc[-1],
-                   "spread_vs_peak": spread_peak, "spread_vs_reference": spread_ref, "space": space, "messages": []}
+                   "spread_vs_peak": spread_peak, "spread_vs_reference": spread_ref,
+                   "collapse_margin": float(c_margin), "collapse_margin_se": float(c_se),
+                   "space": space, "diverged": run in diverged,
+                   "diverged_epochs": sorted(int(e) for e in diverged.get(run, {})), "messages": []}
+        for e, what in sorted(diverged.get(run, {}).items()):
+            v["messages"].append(f"{run}: the checkpoint of epoch {e} diverged ({what}); it is left out of the "
+                                 f"space. Diverged weights are the extreme of a too-high learning rate.")
 
         acc = d["train_top1"].to_numpy() if "train_top1" in d else np.full(len(d), np.nan)
         if run not in logs or not np.isfinite(acc).any():
@@ -401,15 +566,18 @@ def diagnose(
         v["train_top1_best"], v["train_top1_last"] = best, last_acc
         v["accuracy_fall"] = best - last_acc
         v["diversity_collapses"] = bool(low and best - last_acc >= accuracy_drop)
+        pm = f"margin {c_margin:+.2f} ± {c_se:.2f} nats" if np.isfinite(c_se) else f"margin {c_margin:+.2f} nats"
+        what = "k-NN entropy of the unified space" if measure == "knn" else "entropy of the 2-D map"
         if v["diversity_collapses"]:
             rel = f"{spread_peak:.0%} of its peak"
             if spread_ref is not None:
                 rel += f", {spread_ref:.0%} of the reference run {reference!r}"
             v["messages"].append(
-                f"{run}: diversity collapses -- concept diversity fell from {_fmt(h_peak)} (epoch "
-                f"{v['diversity_peak_epoch']}) to {_fmt(h_last)} (epoch {v['last_epoch']}), a spread of {rel}, "
-                f"while training accuracy fell from {best:.2f} to {last_acc:.2f}. This is the signature of a "
-                f"too-high learning rate; lost concepts rarely come back, so consider stopping and lowering it."
+                f"{run}: diversity collapses -- concept diversity ({what}) fell from {_fmt(h_peak)} (epoch "
+                f"{v['diversity_peak_epoch']}) to {_fmt(h_last)} (epoch {v['last_epoch']}), a spread of {rel} "
+                f"({pm} past the {collapse_fraction:.0%} threshold), while training accuracy fell from "
+                f"{best:.2f} to {last_acc:.2f}. This is the signature of a too-high learning rate; lost "
+                f"concepts rarely come back, so consider stopping and lowering it."
             )
         elif low:
             v["messages"].append(
@@ -418,7 +586,7 @@ def diagnose(
             )
         else:
             v["messages"].append(f"{run}: concept diversity holds ({_fmt(h_last)} at the last epoch, "
-                                 f"peak {_fmt(h_peak)}).")
+                                 f"peak {_fmt(h_peak)}; {pm} from a collapse).")
 
         # Evolution speed against the reference over the same milestone intervals.
         mine, ref = sp.get(run), sp.get(reference)
@@ -440,25 +608,56 @@ def diagnose(
             pair = pd.DataFrame({"movement_per_gain": [mine["movement"].sum() / mine["gain"].sum()],
                                  "movement_per_gain_ref": [ref["movement"].sum() / ref["gain"].sum()],
                                  "gain": [mine["gain"].sum()]})
+            boot_pairs = None
+        else:
+            boot_pairs = pair
         ratios = pair["movement_per_gain"] / pair["movement_per_gain_ref"]
         ratio = float(ratios.mean())
         climb = float(pair["gain"].sum())
         v["speed_ratio"], v["movement_per_gain"] = ratio, float(pair["movement_per_gain"].mean())
         v["movement_per_gain_reference"] = float(pair["movement_per_gain_ref"].mean())
+        v["speed_ratio_se"] = _ratio_se(boot_pairs, run, reference, sets, rng, bootstrap)
+        v["speed_margin"], v["speed_margin_se"] = slow_ratio - ratio, v["speed_ratio_se"]
         v["slow_evolution"] = bool(climb >= min_gain and ratio < slow_ratio)
+        pm = (f"margin {slow_ratio - ratio:+.2f} ± {v['speed_ratio_se']:.2f}" if np.isfinite(v["speed_ratio_se"])
+              else f"margin {slow_ratio - ratio:+.2f}")
         if v["slow_evolution"]:
             v["messages"].append(
                 f"{run}: concepts move slowly while training accuracy climbs -- "
                 f"{v['movement_per_gain']:.2f} units of movement per +1.0 training accuracy against "
-                f"{v['movement_per_gain_reference']:.2f} in {reference!r} (ratio {ratio:.2f}). This is the "
-                f"signature of overfitting; consider more regularisation (dropout, weight decay, data)."
+                f"{v['movement_per_gain_reference']:.2f} in {reference!r} (ratio {ratio:.2f}, {pm} below "
+                f"{slow_ratio:g}). This is the signature of overfitting; consider more regularisation "
+                f"(dropout, weight decay, data)."
             )
         else:
             v["messages"].append(f"{run}: concepts evolve at a normal pace for the accuracy gained "
-                                 f"(ratio {ratio:.2f} to {reference!r}).")
+                                 f"(ratio {ratio:.2f} to {reference!r}; {pm} from the slow threshold {slow_ratio:g}).")
         verdicts[run] = v
+    for run in diverged:  # runs whose every checkpoint diverged are not in the embeddings
+        if run not in verdicts:
+            verdicts[run] = {"reference": reference, "diverged": True,
+                             "diverged_epochs": sorted(int(e) for e in diverged[run]),
+                             "diversity_collapses": None, "slow_evolution": None,
+                             "messages": [f"{run}: every checkpoint diverged ({'; '.join(diverged[run].values())})."]}
     params = {"reference": reference, "collapse_fraction": collapse_fraction, "accuracy_drop": accuracy_drop,
               "slow_ratio": slow_ratio, "min_gain": min_gain, "milestones": list(milestones),
-              "tolerance": tolerance, "space": space, "entropy_method": method,
-              "peak_from_epoch": peak_from_epoch}
+              "tolerance": tolerance, "space": space, "entropy_method": method, "measure": measure,
+              "peak_from_epoch": peak_from_epoch, "seed": seed, "bootstrap": bootstrap}
     return Diagnosis(table=table, speed=speed, verdicts=verdicts, params=params)
+
+
+def _ratio_se(pair: pd.DataFrame | None, run: str, reference: str, sets: dict, rng: np.random.Generator,
+              repeats: int) -> float:
+    """Standard error of the mean movement-per-gain ratio, by bootstrap over neurons."""
+    if pair is None or pair.empty or repeats < 2:
+        return float("nan")
+    draws = np.zeros((repeats, len(pair)))
+    for j, r in enumerate(pair.itertuples(index=False)):
+        mine = _distances(sets, run, r.epoch_from, r.epoch_to)
+        ref = _distances(sets, reference, r.epoch_from_ref, r.epoch_to_ref)
+        if mine.size == 0 or ref.size == 0:
+            return float("nan")
+        m = mine[rng.integers(0, mine.size, (repeats, mine.size))].mean(axis=1) / r.gain
+        f = ref[rng.integers(0, ref.size, (repeats, ref.size))].mean(axis=1) / r.gain_ref
+        draws[:, j] = m / f
+    return float(np.std(draws.mean(axis=1), ddof=1))

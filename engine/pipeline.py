@@ -243,6 +243,58 @@ def _load_model(spec: RunSpec, epoch: int, device: torch.device) -> torch.nn.Mod
     return model.to(device).eval()
 
 
+def _with_pass_accuracy(runs: Mapping[str, RunSpec], diverged: Mapping[str, Mapping[int, str]],
+                        pass_acc: list[dict[str, Any]], test_set, cfg: PipelineConfig, device: torch.device,
+                        store: RunStore) -> dict[str, RunSpec]:
+    """Runs without a training log get one from the stimulus pass (train top-1/top-5 on the pass's
+    images and labels, test top-1/top-5 when a test set is given); diverged epochs are dropped
+    from every run's checkpoints. Writes ``checkpoint_accuracy.parquet``."""
+    from dataclasses import replace
+
+    table = pd.DataFrame(pass_acc, columns=["run", "epoch", "train_top1", "train_top5"])
+    out: dict[str, RunSpec] = {}
+    for name, spec in runs.items():
+        ckpts = {e: p for e, p in spec.checkpoints.items() if e not in diverged.get(name, {})}
+        log = spec.log
+        if log is None and ckpts:
+            log = table[table["run"] == name].drop(columns="run").reset_index(drop=True)
+            if test_set is not None and len(log):
+                test = checkpoint_accuracy(spec.factory, {e: ckpts[e] for e in log["epoch"]}, test_set,
+                                           cfg.batch_size, device)
+                log = log.merge(test.rename(columns={"top1": "test_top1", "top5": "test_top5"}), on="epoch",
+                                how="left")
+            log["source"] = "stimulus pass"
+            console.print(f"{name}: no training log; accuracy per checkpoint from the stimulus pass "
+                          f"(top-1 {', '.join(f'{a:.2f}' for a in log['train_top1'])})")
+        out[name] = replace(spec, checkpoints=ckpts, log=log)
+    store.save_table("checkpoint_accuracy", table)
+    return out
+
+
+@torch.no_grad()
+def checkpoint_accuracy(factory: Callable[[], torch.nn.Module], checkpoints: Mapping[int, Path], dataset,
+                        batch_size: int = 128, device: torch.device | str = "cpu") -> pd.DataFrame:
+    """Top-1 / top-5 of every checkpoint on a labelled dataset (eval mode): ``epoch, top1, top5``."""
+    from .adapter import load_state_dict_file
+    from .data import as_image_set, indexed_loader
+
+    ds = as_image_set(dataset)
+    rows = []
+    for epoch, path in checkpoints.items():
+        model = factory()
+        model.load_state_dict(load_state_dict_file(path))
+        model = model.to(device).eval()
+        n = c1 = c5 = 0
+        for _ids, x, y in indexed_loader(ds, batch_size):
+            logits = model(x.to(device)).float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
+            n += len(y)
+            c1 += int((top[:, 0] == y).sum())
+            c5 += int((top == y[:, None]).any(dim=1).sum())
+        rows.append({"epoch": int(epoch), "top1": c1 / max(n, 1), "top5": c5 / max(n, 1)})
+    return pd.DataFrame(rows, columns=["epoch", "top1", "top5"])
+
+
 def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Mapping[str, RunSpec] | None = None,
                  report: bool = True) -> RunResult:
     """Run stimuli -> space -> alignment -> importance -> reversion -> diagnostics -> report."""
@@ -274,8 +326,12 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
     base_run, base_epoch = _base_of(cfg, runs)
     input_shape = tuple(train_set[0][0].shape)
 
-    # 1. stimuli: one streaming pass per run (all its checkpoints at once)
+    # 1. stimuli: one streaming pass per run (all its checkpoints at once). The pass also runs each
+    # model's head for its accuracy (runs without a training log get diagnostics from it), and a
+    # checkpoint that diverged (NaN/inf weights or activations) is recorded as a finding, not a crash.
     stims: dict[tuple[str, int], Any] = {}
+    diverged: dict[str, dict[int, str]] = {}
+    pass_acc: list[dict[str, Any]] = []
     with _Timer(seconds, "stimuli"):
         for name, spec in runs.items():
             epochs = sorted(spec.checkpoints)
@@ -283,9 +339,26 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
                 spec.factory, [spec.checkpoints[e] for e in epochs], train_set, layers=cfg.layers, k=cfg.k,
                 k_i=cfg.k_i, batch_size=cfg.batch_size, device=device, store=store, prefix=f"stimuli/{name}",
                 names=[f"epoch_{e:03d}" for e in epochs], amp=cfg.amp, backend=cfg.backends.get("topk", "auto"),
-                input_shape=input_shape,
+                input_shape=input_shape, accuracy=True, on_diverged="record",
             )
-            stims.update({(name, e): s for e, s in zip(epochs, out)})
+            for e, s in zip(epochs, out):
+                if s.diverged:
+                    diverged.setdefault(name, {})[e] = s.diverged
+                    console.print(f"[yellow]{name} epoch {e}: diverged ({s.diverged}); left out of the space")
+                    continue
+                stims[(name, e)] = s
+                if s.accuracy:
+                    pass_acc.append({"run": name, "epoch": e, "train_top1": s.accuracy["top1"],
+                                     "train_top5": s.accuracy["top5"]})
+        if not stims:
+            raise ConceptEvoError("every checkpoint diverged (NaN/inf weights or activations): "
+                                  + "; ".join(f"{r} epoch {e}: {why}" for r, d in diverged.items()
+                                              for e, why in d.items()))
+        if base_epoch in diverged.get(base_run, {}):
+            raise ConceptEvoError(f"the base checkpoint {base_run}/epoch_{base_epoch} diverged "
+                                  f"({diverged[base_run][base_epoch]}); choose another base in the config")
+        store.update_manifest(diverged={r: {str(e): why for e, why in d.items()} for r, d in diverged.items()})
+        runs = _with_pass_accuracy(runs, diverged, pass_acc, test_set, cfg, device, store)
 
     # 2-6. unified space, projection of every checkpoint, one 2-D layout
     with _Timer(seconds, "unified space"):
@@ -324,6 +397,9 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
 
     base_spec = runs[base_run]
     t, t2 = _pick_evolution_epochs(base_spec, cfg.evolution_epochs)
+    if t in diverged.get(base_run, {}) or t2 in diverged.get(base_run, {}):
+        raise ConceptEvoError(f"evolution epochs {t} -> {t2} of {base_run!r}: a diverged checkpoint cannot be "
+                              f"analysed; set evolution_epochs to two healthy epochs")
     classes = (list(range(min(cfg.importance_classes, num_classes))) if isinstance(cfg.importance_classes, int)
                else list(cfg.importance_classes))
     model_t, model_t2 = _load_model(base_spec, t, device), _load_model(base_spec, t2, device)
@@ -390,7 +466,7 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
     emb["x"], emb["y"] = layout[:, 0], layout[:, 1]
     logs = {n: s.log for n, s in runs.items() if s.log is not None}
     with _Timer(seconds, "diagnostics"):
-        diag = diagnostics.diagnose(emb, logs, reference=base_run)
+        diag = diagnostics.diagnose(emb, logs, reference=base_run, diverged=diverged, seed=cfg.seed)
         store.save_table("diagnostics", diag.table)
         store.save_table("evolution_speed", diag.speed)
         store.save_json("verdicts", diag.verdicts)
@@ -483,17 +559,19 @@ def _jsonable(d: dict) -> dict:
 
 # ------------------------------------------------------------------------------------- demo
 def run_demo(out: str | Path = "conceptevo-runs/demo", *, quick: bool = False, seed: int = 0,
-             threads: int | None = None) -> RunResult:
+             threads: int | None = None, report: bool = True) -> RunResult:
     """The whole method on the built-in data: data, three training runs, every stage, the report.
 
     ``quick`` shrinks the data and training (for smoke tests); the full demo is sized
-    to finish in about ten minutes on a 2-core CPU.
+    to finish in about ten minutes on a 2-core CPU. ``seed`` changes the data, the
+    initialisation and the order (``benchmarks/bench_fidelity.py`` runs several). At the end
+    the demo prints which of its claims (:mod:`conceptevo.fidelity`) held in this run.
     """
-    from . import data, train
+    from . import data, fidelity, train
 
     t0 = time.perf_counter()
     out = Path(out)
-    n_train, n_test = (1200, 300) if quick else (None, None)
+    n_train, n_test = (1600, 320) if quick else (None, None)
     console.rule("[bold]training the three built-in runs")
     # training on 1 thread: small batches on 2 busy cores run faster without OpenMP contention
     runs_dirs = train.train_regimes(out / "training", seed=seed, data_root=out / "data",
@@ -506,11 +584,19 @@ def run_demo(out: str | Path = "conceptevo-runs/demo", *, quick: bool = False, s
                          reversion_classes=2 if quick else None,  # full demo: every class, as Fig. 7
                          reversion_sample_size=16 if quick else 64, threads=threads,
                          importance_images=32 if quick else 128)
-    result = run_pipeline(cfg, train_set=train_set, test_set=test_set)
+    result = run_pipeline(cfg, train_set=train_set, test_set=test_set, report=report)
     total = time.perf_counter() - t0
     result.seconds["demo total"] = total
-    RunStore(out).update_manifest(demo_seconds=round(total, 1))
+    claims = fidelity.evaluate_claims(out)
+    store = RunStore(out)
+    store.save_json("claims", claims.to_dict(orient="records"))
+    store.update_manifest(demo_seconds=round(total, 1))
+    console.rule("[bold]the demo's claims in this run (README: how often each holds over seeds)")
+    for r in claims.itertuples():
+        mark = {True: "[green]holds[/]", False: "[red]does not hold[/]"}.get(r.holds, "[yellow]n/a[/]")
+        console.print(f"({r.claim}) {mark}: {r.text} -- {r.value}")
     console.rule("[bold green]done")
-    console.print(f"report: {result.report}  ({result.report.stat().st_size / 2**20:.1f} MiB)")
+    if result.report is not None:
+        console.print(f"report: {result.report}  ({result.report.stat().st_size / 2**20:.1f} MiB)")
     console.print(f"total time: {total:.0f} s")
     return result

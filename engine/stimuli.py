@@ -156,6 +156,10 @@ class Stimuli:
     layers: dict[str, LayerStimuli]
     num_images: int
     name: str = ""
+    #: why the checkpoint diverged (NaN/inf weights or activations; ``layers`` is then empty), else None
+    diverged: str | None = None
+    #: top-1 / top-5 of the checkpoint on the pass's images and labels (``accuracy=True``), else None
+    accuracy: dict[str, float] | None = None
 
     @property
     def layer_names(self) -> list[str]:
@@ -227,6 +231,8 @@ class Stimuli:
             "k": self.k,
             "k_i": self.k_i,
             "layers": [{"name": n, "file": _layer_file(n), "channels": s.channels} for n, s in self.layers.items()],
+            "diverged": self.diverged,
+            "accuracy": self.accuracy,
         }
         store.save_json(f"{key}/stimuli", meta)
         written.append(f"{key}/stimuli.json")
@@ -244,7 +250,8 @@ class Stimuli:
         for entry in meta["layers"]:
             arrays = {f: store.load_array(f"{key}/{entry['file']}.{f}.npy", mmap=mmap) for f in FIELDS}
             layers[entry["name"]] = LayerStimuli(**arrays)
-        return cls(layers=layers, num_images=int(meta["num_images"]), name=meta.get("name", ""))
+        return cls(layers=layers, num_images=int(meta["num_images"]), name=meta.get("name", ""),
+                   diverged=meta.get("diverged"), accuracy=meta.get("accuracy"))
 
 
 def _layer_file(layer: str) -> str:
@@ -469,9 +476,19 @@ class Extraction:
         swap_weights: bool = False,
         input_shape: Sequence[int] | None = None,
         dataset_key: str | None = None,
+        accuracy: bool = False,
+        on_diverged: str = "raise",
     ) -> None:
         from .data import as_image_set
 
+        if on_diverged not in ("raise", "record"):
+            raise ConceptEvoError(f"on_diverged must be 'raise' or 'record', got {on_diverged!r}")
+        self.accuracy = bool(accuracy)
+        self.on_diverged = on_diverged
+        #: spec name -> why it diverged, filled by run_shard (on_diverged="record")
+        self.diverged: dict[str, str] = {}
+        #: spec name -> [images, top-1 hits, top-5 hits] of the last run_shard (accuracy=True)
+        self.hits: dict[str, list[int]] = {}
         self.k = _check_positive("k", k, 1)
         self.k_i = _check_positive("k_i", k_i, 0)
         self.batch_size = _check_positive("batch_size", batch_size, 1)
@@ -530,6 +547,7 @@ class Extraction:
             "architecture": self.architecture,
             "dataset": self.dataset_key,
             "num_images": self.num_images,
+            **({"accuracy": True} if self.accuracy else {}),
         }
 
     def checkpoint_key(self, spec: CheckpointSpec) -> str:
@@ -607,25 +625,53 @@ class Extraction:
             saver = _ProgressSaver(store, progress_dir, self.checkpoint_key, specs, self.layer_names, start, stop,
                                    self.params())
         processed, batches = start, 0
+        # Diverged checkpoints (on_diverged="record"): found from the weights before the pass, or
+        # from NaN activations / logits during it; they are then skipped for the rest of the pass.
+        dead: dict[int, str] = {}
+        hits = [[0, 0, 0] for _ in specs]
+        if self.on_diverged == "record":
+            for j in range(len(specs)):
+                bad = _nonfinite_tensors(weights[j] if weights else models[j].state_dict())
+                if bad:
+                    dead[j] = f"non-finite weights in {', '.join(bad[:3])}" + (
+                        f" and {len(bad) - 3} more tensors" if len(bad) > 3 else "")
         if saver is not None:
             restored = saver.restore(states) if resume else None
             if restored is None:
                 saver.clear()
             else:
-                processed, batches = restored
+                processed, batches, extra = restored
+                for j, key in enumerate(saver.keys):
+                    if key in extra.get("diverged", {}):
+                        dead.setdefault(j, extra["diverged"][key])
+                    if key in extra.get("hits", {}):
+                        hits[j] = [int(v) for v in extra["hits"][key]]
                 log.info("resuming %s at image %d of [%d, %d)", desc, processed, start, stop)
 
         if processed < stop:
             batches = self._stream(specs, weights, models, states, processed, stop, batches, saver,
-                                   save_every, progress, on_batch, start, desc)
+                                   save_every, progress, on_batch, start, desc, dead, hits)
         else:
             log.info("%s: shard [%d, %d) already complete", desc, start, stop)
         if saver is not None and save_at_end and saver.saved < stop:
-            saver.save(states, stop, batches)
+            saver.save(states, stop, batches, self._extra(saver, dead, hits))
+        if self.on_diverged == "record":
+            for j in range(len(specs)):  # +inf activations pass the kernels: caught in the kept maxima
+                if j not in dead:
+                    inf_layers = [n for n in self.layer_names if bool(torch.isinf(states[j][n].values).any())]
+                    if inf_layers:
+                        dead[j] = f"infinite activations in layer {inf_layers[0]!r}"
+        self.diverged = {specs[j].name: why for j, why in sorted(dead.items())}
+        self.hits = {spec.name: hits[j] for j, spec in enumerate(specs)}
         return states
 
+    @staticmethod
+    def _extra(saver: _ProgressSaver, dead: dict[int, str], hits: list[list[int]]) -> dict[str, Any]:
+        return {"diverged": {saver.keys[j]: why for j, why in dead.items()},
+                "hits": {key: h for key, h in zip(saver.keys, hits)}}
+
     def _stream(self, specs, weights, models, states, processed, stop, batches, saver, save_every, progress,
-                on_batch, start, desc) -> int:
+                on_batch, start, desc, dead: dict[int, str], hits: list[list[int]]) -> int:
         """The loop over batches; returns the number of batches done in the shard so far."""
         from . import kernels
         from .data import indexed_loader
@@ -633,6 +679,7 @@ class Extraction:
         n_layers = len(self.layer_names)
         current = {"j": 0, "ids": None, "fired": set()}
         backend = self.backend
+        want_logits = self.accuracy
 
         def hook(layer: str, out: torch.Tensor) -> None:
             fired = current["fired"]
@@ -646,8 +693,11 @@ class Extraction:
             try:
                 kernels.update(states[j][layer], out, current["ids"], backend=backend)
             except ActivationError as exc:
-                raise _activation_error(exc, specs[j].name, layer, out, current["ids"]) from None
-            if len(fired) == n_layers:
+                if self.on_diverged != "record":
+                    raise _activation_error(exc, specs[j].name, layer, out, current["ids"]) from None
+                dead[j] = f"NaN activations in layer {layer!r}, {_first_bad_ids(out, current['ids'])}"
+                raise _StopForward from None
+            if len(fired) == n_layers and not want_logits:
                 raise _StopForward
 
         swap = self.swap_weights
@@ -662,7 +712,7 @@ class Extraction:
             with contextlib.ExitStack() as stack, torch.inference_mode(), _kernel_threads(backend):
                 for m in models:
                     stack.enter_context(_layer_hooks(m, self.layer_names, hook))
-                for ids, x, _y in loader:
+                for ids, x, y in loader:
                     if int(ids[0]) != processed or int(ids[-1]) != processed + len(ids) - 1:
                         raise DataError(f"the loader returned ids {int(ids[0])}..{int(ids[-1])}, expected "
                                         f"{processed}..{processed + len(ids) - 1} (ids must be the dataset index)")
@@ -670,16 +720,23 @@ class Extraction:
                     # Host ids: the kernels validate them on the host and move them once themselves.
                     current["ids"] = ids
                     for j in range(len(specs)):
+                        if j in dead:
+                            continue
                         current["j"] = j
                         current["fired"] = set()
                         if swap:
                             models[0].load_state_dict(weights[j], strict=True)
                         model = models[0] if swap else models[j]
+                        out = None
                         try:
                             with autocast():
-                                model(x)
+                                out = model(x)
                         except _StopForward:
                             pass
+                        if j in dead:
+                            continue
+                        if want_logits and out is not None:
+                            self._count_hits(out, y, hits[j], dead, j)
                         if len(current["fired"]) != n_layers:
                             missing = [n for n in self.layer_names if n not in current["fired"]]
                             raise LayerError(f"layer(s) {missing} did not run in the forward pass of "
@@ -687,7 +744,7 @@ class Extraction:
                     processed += len(ids)
                     batches += 1
                     if saver is not None and batches % save_every == 0:
-                        saver.save(states, processed, batches)
+                        saver.save(states, processed, batches, self._extra(saver, dead, hits))
                     if bar is not None:
                         bar.update(len(ids))
                     if on_batch is not None:
@@ -697,9 +754,38 @@ class Extraction:
                 bar.close()
         return batches
 
+    def _count_hits(self, out: Any, y: torch.Tensor, hit: list[int], dead: dict[int, str], j: int) -> None:
+        """Add a batch's top-1 / top-5 hits of a checkpoint's logits to ``hit`` ([images, top1, top5])."""
+        logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != y.shape[0]:
+            raise ConceptEvoError(
+                f"accuracy=True needs a model whose output is (batch, classes) logits; got "
+                f"{type(out).__name__} {tuple(getattr(logits, 'shape', ()))}")
+        y = y.to(logits.device)
+        if int(y.max()) >= logits.shape[1]:
+            raise ConceptEvoError(f"labels up to {int(y.max())} but the model has {logits.shape[1]} outputs")
+        if not bool(torch.isfinite(logits).all()):
+            if self.on_diverged == "record":
+                dead[j] = "non-finite logits"
+                return
+            raise ActivationError("non-finite logits (diverged weights?)")
+        top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+        hit[0] += int(y.shape[0])
+        hit[1] += int((top[:, 0] == y).sum())
+        hit[2] += int((top == y[:, None]).any(dim=1).sum())
+
     # --------------------------------------------------------------- results
+    def accuracy_of(self, spec: CheckpointSpec) -> dict[str, float] | None:
+        """Top-1 / top-5 of a checkpoint over the images of the last pass (``accuracy=True``)."""
+        h = self.hits.get(spec.name)
+        if not self.accuracy or not h or h[0] == 0:
+            return None
+        return {"top1": h[1] / h[0], "top5": h[2] / h[0], "images": h[0]}
+
     def to_stimuli(self, spec: CheckpointSpec, layer_states: dict[str, Any]) -> Stimuli:
-        """Host copies of a checkpoint's states as a :class:`Stimuli`."""
+        """Host copies of a checkpoint's states as a :class:`Stimuli` (empty when it diverged)."""
+        if spec.name in self.diverged:
+            return Stimuli(layers={}, num_images=self.num_images, name=spec.name, diverged=self.diverged[spec.name])
         layers = {}
         for n in self.layer_names:
             st = layer_states[n]
@@ -711,7 +797,7 @@ class Extraction:
                 responsive=st.resp_ids.cpu().numpy().copy(),
                 responsive_values=st.resp_values.cpu().numpy().copy(),
             )
-        return Stimuli(layers=layers, num_images=self.num_images, name=spec.name)
+        return Stimuli(layers=layers, num_images=self.num_images, name=spec.name, accuracy=self.accuracy_of(spec))
 
     def record(self, store: RunStore, prefix: str, spec: CheckpointSpec, stim: Stimuli, seconds: float,
                shared_with: int, extra: dict | None = None) -> None:
@@ -750,6 +836,19 @@ def _layer_hooks(model: nn.Module, layer_names: list[str], fn: Callable[[str, to
     finally:
         for h in handles:
             h.remove()
+
+
+def _nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or inf."""
+    return [name for name, t in state.items()
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _first_bad_ids(out: torch.Tensor, ids: torch.Tensor, shown: int = 5) -> str:
+    with torch.inference_mode():
+        bad = (~torch.isfinite(out.detach().reshape(out.shape[0], -1))).any(dim=1).cpu()
+    bad_ids = ids.cpu()[bad].tolist()
+    return f"first bad image ids {bad_ids[:shown]}" + (f" ({len(bad_ids)} in the batch)" if len(bad_ids) > shown else "")
 
 
 def _activation_error(exc: ActivationError, checkpoint: str, layer: str, out: torch.Tensor,
@@ -826,8 +925,8 @@ class _ProgressSaver:
         self._mm.clear()
         shutil.rmtree(self.store.path(self.root), ignore_errors=True)
 
-    def restore(self, states: list[dict[str, Any]]) -> tuple[int, int] | None:
-        """Fill ``states`` from the last complete save; (next id, batches) or None when nothing fits."""
+    def restore(self, states: list[dict[str, Any]]) -> tuple[int, int, dict[str, Any]] | None:
+        """Fill ``states`` from the last complete save; (next id, batches, extra) or None when nothing fits."""
         if not self.store.exists(self._doc() + ".json"):
             return None
         try:
@@ -859,7 +958,7 @@ class _ProgressSaver:
             log.warning("progress under %s is incomplete (%s); starting over", self.store.path(self.root), exc)
             return None
         self.slot, self.saved = slot, processed
-        return processed, int(doc.get("batches", 0))
+        return processed, int(doc.get("batches", 0)), dict(doc.get("extra") or {})
 
     @staticmethod
     def k_i(layer_states: dict[str, Any]) -> int:
@@ -881,7 +980,8 @@ class _ProgressSaver:
             self._mm[(key, what)] = mm
         return mm
 
-    def save(self, states: list[dict[str, Any]], processed: int, batches: int) -> None:
+    def save(self, states: list[dict[str, Any]], processed: int, batches: int,
+             extra: dict[str, Any] | None = None) -> None:
         """Snapshot: new responsive rows, then the top-k arrays into the other slot, then progress.json."""
         lo, hi = self.saved - self.start, processed - self.start
         slot = 1 - self.slot
@@ -902,7 +1002,7 @@ class _ProgressSaver:
         self.store.save_json(self._doc(), {
             "common": self.common, "checkpoints": self.keys, "layers": self.layers,
             "start": self.start, "stop": self.stop, "processed": int(processed),
-            "batches": int(batches), "slot": slot, "saved_at": time.time(),
+            "batches": int(batches), "slot": slot, "saved_at": time.time(), "extra": extra or {},
         })
         self.slot, self.saved = slot, processed
 
@@ -931,6 +1031,8 @@ def extract_stimuli(
     recompute: bool = False,
     dataset_key: str | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    accuracy: bool = False,
+    on_diverged: str = "raise",
 ) -> list[Stimuli]:
     """Stimuli of every checkpoint (same architecture) in ONE streaming pass over ``dataset``.
 
@@ -958,6 +1060,13 @@ def extract_stimuli(
         recompute: ignore cached results.
         dataset_key: identity of the dataset for the cache key (default: a content fingerprint).
         on_batch: ``on_batch(batches_done, next_image_id)`` after every batch (progress hooks, tests).
+        accuracy: also run each model's head and record its top-1 / top-5 on the dataset's labels
+            (``Stimuli.accuracy``): accuracy for checkpoints that come without a training log, for
+            the cost of the layers after the last chosen one.
+        on_diverged: ``"raise"`` (an ActivationError naming the checkpoint, layer and images) or
+            ``"record"``: a checkpoint with NaN/inf weights, NaN activations, infinite kept maxima or
+            non-finite logits comes back as an empty ``Stimuli`` whose ``diverged`` says why (layer
+            and first bad image ids); the other checkpoints carry on.
 
     Returns:
         One :class:`Stimuli` per checkpoint, in the order given.
@@ -973,7 +1082,8 @@ def extract_stimuli(
     prefix = prefix.strip("/")
     plan = Extraction(model_factory, checkpoints, dataset, layers=layers, k=k, k_i=k_i, batch_size=batch_size,
                       device=device, names=names, amp=amp, backend=backend, num_workers=num_workers,
-                      swap_weights=swap_weights, input_shape=input_shape, dataset_key=dataset_key)
+                      swap_weights=swap_weights, input_shape=input_shape, dataset_key=dataset_key,
+                      accuracy=accuracy, on_diverged=on_diverged)
     results: list[Stimuli | None] = [None] * len(plan.checkpoints)
     pending: list[int] = []
     for i, spec in enumerate(plan.checkpoints):
@@ -994,7 +1104,8 @@ def extract_stimuli(
         results[i] = plan.to_stimuli(spec, st)
     if store is not None:
         for spec, stim in zip(specs, (results[i] for i in pending)):
-            plan.record(store, prefix, spec, stim, seconds, len(specs))
+            plan.record(store, prefix, spec, stim, seconds, len(specs),
+                        extra={"diverged": stim.diverged} if stim.diverged else None)
         shutil.rmtree(store.path(progress_dir), ignore_errors=True)
         with contextlib.suppress(OSError):  # drop the folder when no other pass keeps progress there
             store.path(f"{prefix}/{_PROGRESS_DIR}").rmdir()

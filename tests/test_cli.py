@@ -74,6 +74,10 @@ def test_run_config_on_an_image_folder_end_to_end(tmp_path):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
+    # a diverged checkpoint (what a too-high learning rate writes): a finding, not a crash
+    diverged = {k: v.clone() for k, v in model.state_dict().items()}
+    diverged["features.conv2_1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(diverged, tmp_path / "ckpt" / "model_ep3.pt")
     cfg = tmp_path / "config.toml"
     cfg.write_text(
         'out = "out"\ndataset = "imgs"\nimage_size = 32\nmodel = "vgg_small"\nbase = "mine/epoch_2"\n'
@@ -92,3 +96,17 @@ def test_run_config_on_an_image_folder_end_to_end(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"space", "importance", "reversion"} <= set(manifest["stages"])
     assert not (out / "alignment.parquet").exists()  # no concept tags on user data
+    # the NaN checkpoint is recorded as diverged, at its epoch, with the tensor at fault
+    verdicts = json.loads((out / "verdicts.json").read_text())["mine"]
+    assert verdicts["diverged"] is True and verdicts["diverged_epochs"] == [3]
+    assert "features.conv2_1.weight" in manifest["diverged"]["mine"]["3"]
+    assert "diverged" in (out / "report.html").read_text(encoding="utf-8")
+    # no training log: accuracy comes from the stimulus pass, so the run still gets verdicts
+    assert verdicts["diversity_collapses"] in (True, False) and "no training-accuracy log" not in str(verdicts)
+    acc = pd.read_parquet(out / "checkpoint_accuracy.parquet").set_index("epoch")
+    for epoch in range(3):  # equals a plain evaluation of the checkpoint on the folder
+        net = build_model("vgg_small", num_classes=3)
+        net.load_state_dict(torch.load(tmp_path / "ckpt" / f"model_ep{epoch}.pt", weights_only=True))
+        with torch.no_grad():
+            expect = float((net.eval()(x).argmax(1) == y).float().mean())
+        assert acc.loc[epoch, "train_top1"] == pytest.approx(expect)

@@ -48,20 +48,20 @@ def test_same_seed_same_bytes_different_seed_differs():
 
 
 def test_builtin_dataset_shapes_sizes_and_cache(tmp_path):
-    ds = builtin_dataset("test", seed=1, num_images=36)
-    assert isinstance(ds, ImageSet) and len(ds) == 36
-    assert ds.images.dtype == torch.uint8 and tuple(ds.images.shape) == (36, 3, 32, 32)
+    ds = builtin_dataset("test", seed=1, num_images=64)
+    assert isinstance(ds, ImageSet) and len(ds) == 64
+    assert ds.images.dtype == torch.uint8 and tuple(ds.images.shape) == (64, 3, 32, 32)
     assert ds.class_names == CLASS_NAMES and ds.num_classes == len(CLASS_RULES) >= 10
     assert set(ds.tags) == set(CONCEPTS) | {"class"}
     for fam, codes in ds.tags.items():
-        assert codes.shape == (36,) and codes.min() >= 0 and codes.max() < len(ds.tag_names[fam])
-    # balanced classes: every class appears 36 / 12 = 3 times
-    assert np.bincount(ds.tags["class"], minlength=len(CLASS_NAMES)).tolist() == [3] * len(CLASS_NAMES)
+        assert codes.shape == (64,) and codes.min() >= 0 and codes.max() < len(ds.tag_names[fam])
+    # balanced classes: every class appears 64 / 32 = 2 times
+    assert np.bincount(ds.tags["class"], minlength=len(CLASS_NAMES)).tolist() == [2] * len(CLASS_NAMES)
 
-    cached = builtin_dataset("test", seed=1, num_images=36, root=tmp_path)
+    cached = builtin_dataset("test", seed=1, num_images=64, root=tmp_path)
     files = list(tmp_path.glob("builtin_test_*.npz"))
     assert len(files) == 1
-    again = builtin_dataset("test", seed=1, num_images=36, root=tmp_path)  # from the cache
+    again = builtin_dataset("test", seed=1, num_images=64, root=tmp_path)  # from the cache
     assert torch.equal(cached.images, ds.images) and torch.equal(again.images, ds.images)
     assert torch.equal(again.labels, ds.labels)
     for fam in ds.tags:
@@ -69,7 +69,7 @@ def test_builtin_dataset_shapes_sizes_and_cache(tmp_path):
     # a damaged cache is regenerated with a warning, not fatal
     files[0].write_bytes(b"not a zip file")
     with pytest.warns(UserWarning, match="cache"):
-        fixed = builtin_dataset("test", seed=1, num_images=36, root=tmp_path)
+        fixed = builtin_dataset("test", seed=1, num_images=64, root=tmp_path)
     assert torch.equal(fixed.images, ds.images)
     # other image size
     big = builtin_dataset("train", seed=1, num_images=12, image_size=48)
@@ -112,6 +112,35 @@ def test_no_single_concept_identifies_a_class_and_no_family_is_redundant():
         rest = [tuple(x for i, x in enumerate(r) if i != j) for r in rules]
         assert len(set(rest)) < len(rest), FAMILIES[j]
     assert len(set(rules)) == len(rules)
+
+
+def test_graded_difficulty_and_fine_grained_pairs():
+    """Colour alone groups the classes by 8, colour + shape by 2 (the fine-grained pairs), and
+    the two classes of a pair differ in exactly one family: the stripe orientation or the part."""
+    from conceptevo.data import FINE_PAIRS
+
+    rules = [CLASS_RULES[c] for c in CLASS_NAMES]
+    assert len(rules) == 32 == len(set(rules))
+    by_colour = {}
+    by_colour_shape = {}
+    for i, (shape, colour, _t, _p) in enumerate(rules):
+        by_colour.setdefault(colour, []).append(i)
+        by_colour_shape.setdefault((colour, shape), []).append(i)
+    assert sorted(map(len, by_colour.values())) == [8] * 4
+    assert sorted(map(len, by_colour_shape.values())) == [2] * 16
+    assert sorted(tuple(v) for v in by_colour_shape.values()) == sorted((a, b) for a, b, _ in FINE_PAIRS)
+    kinds = {"texture": 0, "part": 0}
+    for a, b, fam in FINE_PAIRS:
+        diff = [FAMILIES[j] for j in range(4) if rules[a][j] != rules[b][j]]
+        assert diff == [fam], (CLASS_NAMES[a], CLASS_NAMES[b])
+        if fam == "texture":
+            assert {rules[a][2], rules[b][2]} == {"h_stripes", "v_stripes"}
+        kinds[fam] += 1
+    assert kinds == {"texture": 8, "part": 8}
+    # every colour, shape and texture value in 8 classes, the marker in 8
+    for j, fam in enumerate(FAMILIES):
+        counts = np.bincount([CONCEPTS[fam].index(r[j]) for r in rules])
+        assert counts.tolist() == ([8] * len(CONCEPTS[fam]) if fam != "part" else [24, 8])
 
 
 def _masks(n: int, seed: int):

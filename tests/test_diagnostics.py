@@ -11,6 +11,7 @@ from conceptevo.diagnostics import (
     concept_diversity,
     diagnose,
     entropy_1d,
+    knn_entropy,
     epoch_table,
     load_log,
     milestone_speed,
@@ -154,6 +155,11 @@ RUNS = {
 }
 
 
+def diagnose_map(*args, **kw):
+    """The constructed runs encode their diversity in the 2-D map: the paper's measure."""
+    return diagnose(*args, measure="map", **kw)
+
+
 @pytest.fixture(scope="module")
 def runs():
     embs, logs = [], {}
@@ -168,7 +174,7 @@ def runs():
 
 def test_verdicts_on_constructed_runs(runs):
     emb, logs = runs
-    dx = diagnose(emb, logs, reference="well")
+    dx = diagnose_map(emb, logs, reference="well")
     v = dx.verdicts
     assert v["high_lr"]["diversity_collapses"] is True
     assert "too-high learning rate" in " ".join(v["high_lr"]["messages"])
@@ -179,11 +185,11 @@ def test_verdicts_on_constructed_runs(runs):
     # the initialisation is not the peak: spread 1.6 / 1.7 of epoch 3, not 1.6 / 3 of epoch 0
     assert v["wide_init_dips"]["diversity_peak_epoch"] == 3
     assert v["wide_init_dips"]["spread_vs_peak"] == pytest.approx(1.6 / 1.7, rel=1e-9)
-    assert diagnose(emb, logs, "well", peak_from_epoch=0).verdicts["wide_init_dips"]["diversity_collapses"] is True
+    assert diagnose_map(emb, logs, "well", peak_from_epoch=0).verdicts["wide_init_dips"]["diversity_collapses"] is True
     # a run that ends far below its best gets no speed verdict, however little it moved
     assert v["falls_and_stalls"]["slow_evolution"] is False
     assert "no evolution-speed verdict" in " ".join(v["falls_and_stalls"]["messages"])
-    assert diagnose(emb, logs, "well", accuracy_drop=0.99).verdicts["falls_and_stalls"]["slow_evolution"] is True
+    assert diagnose_map(emb, logs, "well", accuracy_drop=0.99).verdicts["falls_and_stalls"]["slow_evolution"] is True
     assert "not a collapse" in " ".join(v["shrinks_but_learns"]["messages"])
     assert v["overfit"]["slow_evolution"] is True
     assert "overfitting" in " ".join(v["overfit"]["messages"])
@@ -204,16 +210,16 @@ def test_verdicts_on_constructed_runs(runs):
 def test_thresholds_are_parameters(runs):
     emb, logs = runs
     # The own-peak half of the collapse rule alone (the reference is the run itself).
-    v = diagnose(emb, logs, "high_lr").verdicts["high_lr"]
+    v = diagnose_map(emb, logs, "high_lr").verdicts["high_lr"]
     assert v["diversity_collapses"] is True and v["spread_vs_reference"] is None
     # The accuracy half of the collapse rule: demand a larger fall and high_lr no longer triggers.
-    assert diagnose(emb, logs, "well", accuracy_drop=0.99).verdicts["high_lr"]["diversity_collapses"] is False
+    assert diagnose_map(emb, logs, "well", accuracy_drop=0.99).verdicts["high_lr"]["diversity_collapses"] is False
     # A looser speed threshold flags nothing; a stricter one flags the healthy run too.
-    assert diagnose(emb, logs, "well", slow_ratio=0.3).verdicts["overfit"]["slow_evolution"] is False
-    ratio = diagnose(emb, logs, "well").verdicts["healthy"]["speed_ratio"]
-    assert diagnose(emb, logs, "well", slow_ratio=ratio + 0.01).verdicts["healthy"]["slow_evolution"] is True
+    assert diagnose_map(emb, logs, "well", slow_ratio=0.3).verdicts["overfit"]["slow_evolution"] is False
+    ratio = diagnose_map(emb, logs, "well").verdicts["healthy"]["speed_ratio"]
+    assert diagnose_map(emb, logs, "well", slow_ratio=ratio + 0.01).verdicts["healthy"]["slow_evolution"] is True
     # Against the slow run as reference, the well-trained run is fast, not slow.
-    v = diagnose(emb, logs, "overfit").verdicts["well"]
+    v = diagnose_map(emb, logs, "overfit").verdicts["well"]
     assert v["slow_evolution"] is False and v["speed_ratio"] > 1.5
 
 
@@ -235,3 +241,76 @@ def test_logs_from_files_and_errors(tmp_path, runs):
         neuron_movement(dup)
     with pytest.raises(EmbeddingError, match="lacks column"):
         concept_diversity(emb.drop(columns="y"))
+
+
+# ------------------------------------------------------------- k-NN entropy, margins
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_knn_entropy_of_gaussians_and_uniforms(d):
+    rng = np.random.default_rng(10 + d)
+    s = 1.7
+    x = rng.normal(0.0, s, (6000, d))
+    # differential entropy of N(0, s^2 I_d), per dimension: 0.5 ln(2 pi e s^2)
+    assert knn_entropy(x, k=3) == pytest.approx(0.5 * math.log(2 * math.pi * math.e * s * s), abs=0.05)
+    u = rng.uniform(0.0, 2.0, (6000, d))  # uniform on [0, 2]^d: ln 2 per dimension
+    assert knn_entropy(u, k=3) == pytest.approx(math.log(2.0), abs=0.06)
+
+
+def test_knn_entropy_scale_floor_and_degenerate_cases():
+    rng = np.random.default_rng(4)
+    x = rng.standard_t(3, (500, 5))
+    h = knn_entropy(x)
+    assert knn_entropy(2.5 * x + 3.0) == pytest.approx(h + math.log(2.5), abs=1e-9)  # per dimension
+    dup = np.vstack([x, x[:50]])  # coinciding neurons: -inf without a floor, finite with one
+    assert knn_entropy(dup, k=1) == -math.inf
+    assert np.isfinite(knn_entropy(dup, k=1, floor=1e-3))
+    assert math.isnan(knn_entropy(x[:4], k=3))
+    with pytest.raises(EmbeddingError):
+        knn_entropy(np.array([[0.0, np.nan]] * 10))
+
+
+def _vector_runs(scales: dict[str, list[float]], accs: dict[str, list[float]], n=300, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    frames, logs = [], {}
+    base = rng.normal(size=(n, d))  # shared: spreads compare exactly across runs
+    for name, sc in scales.items():
+        for e, s in enumerate(sc):
+            v = s * base + 0.01 * e  # a shift changes no entropy
+            frames.append(pd.DataFrame({"model": name, "epoch": e, "layer": "l", "channel": np.arange(n),
+                                        "x": rng.normal(size=n), "y": rng.normal(size=n), "vector": list(v)}))
+        logs[name] = pd.DataFrame({"epoch": range(len(sc)), "train_top1": accs[name]})
+    return pd.concat(frames, ignore_index=True), logs
+
+
+def test_knn_measure_drives_the_collapse_verdict_with_a_margin():
+    emb, logs = _vector_runs({"well": [1, 1.1, 1.2, 1.3], "high_lr": [1, 1.2, 0.6, 0.3]},
+                             {"well": [0.1, 0.4, 0.6, 0.8], "high_lr": [0.1, 0.4, 0.3, 0.05]})
+    dx = diagnose(emb, logs, reference="well")  # auto: the vector column -> knn
+    v = dx.verdicts
+    assert v["high_lr"]["measure"] == "knn"
+    assert v["high_lr"]["diversity_collapses"] is True and v["well"]["diversity_collapses"] is False
+    # scale equivariance: spread = 0.3 / 1.2 of its own peak exactly (same base points)
+    assert v["high_lr"]["spread_vs_peak"] == pytest.approx(0.3 / 1.2, rel=1e-6)
+    # the margin is ln(0.75) - ln(spread) against whichever comparison is further past the threshold
+    assert v["high_lr"]["collapse_margin"] == pytest.approx(
+        max(math.log(0.75) - math.log(0.3 / 1.2), math.log(0.75) - math.log(0.3 / 1.3)), rel=1e-6)
+    assert v["well"]["collapse_margin"] < 0  # on the no-collapse side
+    assert 0 < v["high_lr"]["collapse_margin_se"] < 1
+    # the paper's measure is still there, in the table and on request
+    assert {"diversity", "diversity_knn", "diversity_knn_se"} <= set(dx.table.columns)
+    assert diagnose(emb, logs, "well", measure="map").verdicts["high_lr"]["measure"] == "map"
+    with pytest.raises(ValueError, match="measure"):
+        diagnose(emb, logs, "well", measure="umap")
+
+
+def test_speed_margin_standard_error_matches_a_plain_bootstrap(runs):
+    emb, logs = runs
+    v = diagnose_map(emb, logs, "well", seed=3, bootstrap=400).verdicts["overfit"]
+    assert v["speed_margin"] == pytest.approx(0.85 - v["speed_ratio"])
+    # constructed runs move every neuron by the same distance: no spread, zero error
+    assert v["speed_ratio_se"] == pytest.approx(0.0, abs=1e-9)
+    # with noisy movement the error is positive and close to a plain bootstrap computed here
+    rng = np.random.default_rng(0)
+    noisy = emb.copy()
+    noisy["vector"] = [np.asarray(x) + rng.normal(0, 0.3, len(x)) for x in noisy["vector"]]
+    v = diagnose_map(noisy, logs, "well", seed=3, bootstrap=400).verdicts["overfit"]
+    assert 0.005 < v["speed_ratio_se"] < 0.5

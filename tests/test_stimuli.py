@@ -405,3 +405,61 @@ def test_amp_bf16_matches_reference_of_bf16_activations(rng):
         order = np.lexsort((np.arange(15), -maxima[:, ch]))[:4]
         np.testing.assert_array_equal(got.layers["0"].ids[ch], order)
         np.testing.assert_array_equal(got.layers["0"].values[ch], maxima[order, ch])
+
+
+# ------------------------------------------------------------ diverged checkpoints, accuracy
+def test_diverged_checkpoints_are_recorded_and_the_rest_carries_on(rng, tmp_path):
+    ds = real_images(rng, 37)
+    good, nan_weights, nan_later = real_state(1), real_state(2), real_state(3)
+    nan_weights["3.weight"][0, 0, 0, 0] = float("nan")          # diverged weights
+    nan_later["0.bias"][:] = float("inf")                         # inf - inf -> NaN after the first conv
+    bad_img = 11
+    ds.x[bad_img, 0, 0, 0] = 1e38                                 # one image overflows a finite net too
+    huge = real_state(4)
+    huge["0.weight"].mul_(1e37)
+    store = RunStore(tmp_path / "run")
+    out = extract_stimuli(make_net, [good, nan_weights, nan_later, huge], ds, k=3, k_i=2, batch_size=8,
+                          store=store, names=["good", "nan_w", "inf_bias", "huge"], on_diverged="record", **KW)
+    # the healthy checkpoint equals a pass on its own
+    alone = extract_stimuli(make_net, [good], ds, k=3, k_i=2, batch_size=8, **KW)[0]
+    assert out[0].diverged is None
+    assert_same(out[0], alone)
+    assert "non-finite weights in 3.weight" in out[1].diverged and out[1].layers == {}
+    assert "non-finite weights in 0.bias" in out[2].diverged
+    assert out[3].diverged is not None and out[3].layers == {}
+    # the record survives a reload from the store (no recomputation needed)
+    again = extract_stimuli(make_net, [good, nan_weights, nan_later, huge], ds, k=3, k_i=2, batch_size=8,
+                            store=store, names=["good", "nan_w", "inf_bias", "huge"], on_diverged="record", **KW)
+    assert [s.diverged for s in again] == [s.diverged for s in out]
+    # by default a NaN still stops the pass with an error naming the checkpoint
+    with pytest.raises(ActivationError, match="nan_w|NaN"):
+        extract_stimuli(make_net, [nan_later], ds, k=3, batch_size=8, names=["nan_w"], **KW)
+
+
+def test_nan_activation_names_the_layer_and_first_bad_images(rng):
+    ds = real_images(rng, 30)
+    ds.x[7, 1, 2, 3] = float("nan")
+    ds.x[19, 0, 0, 0] = float("nan")
+    out = extract_stimuli(make_net, [real_state(1)], ds, k=3, batch_size=64, names=["c"], on_diverged="record",
+                          **KW)
+    assert out[0].diverged.startswith("NaN activations in layer '0'") and "[7, 19]" in out[0].diverged
+
+
+def test_accuracy_from_the_pass_equals_a_plain_evaluation(rng):
+    ds = real_images(rng, 53)
+    ds.targets = rng.integers(0, 6, 53).tolist()
+    states = [real_state(s) for s in (1, 2)]
+    out = extract_stimuli(make_net, states, ds, k=3, k_i=1, batch_size=8, accuracy=True, **KW)
+    plain = extract_stimuli(make_net, states, ds, k=3, k_i=1, batch_size=8, **KW)
+    y = torch.tensor(ds.targets)
+    for st, stim, ref in zip(states, out, plain):
+        net = make_net()
+        net.load_state_dict(st)
+        with torch.no_grad():
+            logits = net(torch.stack([ds[i][0] for i in range(len(ds))]))
+        top5 = logits.topk(5, dim=1).indices
+        assert stim.accuracy["images"] == 53
+        assert stim.accuracy["top1"] == pytest.approx(float((top5[:, 0] == y).float().mean()))
+        assert stim.accuracy["top5"] == pytest.approx(float((top5 == y[:, None]).any(1).float().mean()))
+        assert_same(stim, ref)  # running the head changes no stimulus
+        assert ref.accuracy is None
