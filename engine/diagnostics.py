@@ -639,6 +639,13 @@ def diagnose(
                              "diverged_epochs": sorted(int(e) for e in diverged[run]),
                              "diversity_collapses": None, "slow_evolution": None,
                              "messages": [f"{run}: every checkpoint diverged ({'; '.join(diverged[run].values())})."]}
+    # the per-epoch table shows diverged checkpoints too, as rows without a diversity
+    table["diverged"] = False
+    extra = [{"model": r, "epoch": int(e), "diverged": True, "diverged_reason": why}
+             for r, d in diverged.items() for e, why in d.items()]
+    if extra:
+        table = (pd.concat([table, pd.DataFrame(extra)], ignore_index=True)
+                 .sort_values(["model", "epoch"]).reset_index(drop=True))
     params = {"reference": reference, "collapse_fraction": collapse_fraction, "accuracy_drop": accuracy_drop,
               "slow_ratio": slow_ratio, "min_gain": min_gain, "milestones": list(milestones),
               "tolerance": tolerance, "space": space, "entropy_method": method, "measure": measure,

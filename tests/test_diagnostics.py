@@ -314,3 +314,18 @@ def test_speed_margin_standard_error_matches_a_plain_bootstrap(runs):
     noisy["vector"] = [np.asarray(x) + rng.normal(0, 0.3, len(x)) for x in noisy["vector"]]
     v = diagnose_map(noisy, logs, "well", seed=3, bootstrap=400).verdicts["overfit"]
     assert 0.005 < v["speed_ratio_se"] < 0.5
+
+
+def test_diverged_checkpoints_are_findings_in_verdicts_and_table(runs):
+    emb, logs = runs
+    dx = diagnose_map(emb, logs, "well", diverged={"high_lr": {7: "non-finite weights in conv.weight"},
+                                                   "gone": {3: "NaN activations in layer 'c'"}})
+    v = dx.verdicts
+    assert v["high_lr"]["diverged"] is True and v["high_lr"]["diverged_epochs"] == [7]
+    assert "epoch 7 diverged (non-finite weights in conv.weight)" in " ".join(v["high_lr"]["messages"])
+    assert v["high_lr"]["diversity_collapses"] is True  # the other verdicts are still given
+    assert v["gone"]["diverged"] is True and v["gone"]["diversity_collapses"] is None  # no checkpoint left
+    assert v["well"]["diverged"] is False
+    row = dx.table[(dx.table["model"] == "high_lr") & (dx.table["epoch"] == 7)]
+    assert len(row) == 1 and bool(row["diverged"].iloc[0]) and np.isnan(row["diversity"].iloc[0])
+    assert not dx.table.loc[dx.table["model"] == "well", "diverged"].any()
