@@ -402,16 +402,19 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
     if report:
         with _Timer(seconds, "report"):
             report_path = _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summary, diag, align,
-                                        base_run, (t, t2), patches, report_mod, rev_note)
+                                        (base_run, base_epoch), (t, t2), patches, report_mod, rev_note)
     total = time.perf_counter() - t_all
     seconds["total"] = total
     store.update_manifest(pipeline_seconds={k: round(v, 2) for k, v in seconds.items()})
     return RunResult(cfg.out, report_path, seconds, diag.verdicts)
 
 
-def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summary, diag, align, base_run, tt, patches,
+def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summary, diag, align, base, tt, patches,
                   report_mod, rev_note: str) -> Path:
-    """Assemble ReportData: points + tags, patches, neighbours, accuracy, diagnostics, evolutions."""
+    """Assemble ReportData: points + tags, patches, neighbours, accuracy, diagnostics, evolutions.
+
+    ``base`` is the (run, epoch) the space was fitted on (the configured ``base``)."""
+    base_run, base_epoch = base
     points = emb[["model", "epoch", "layer", "channel", "x", "y"]].copy()
     valid = np.asarray(space.valid)
     if getattr(train_set, "tags", None):  # colour by the dominant concept of each neuron's stimuli
@@ -455,7 +458,7 @@ def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summa
     verdict_text = {run: [m.removeprefix(f"{run}: ") for m in v.get("messages", [])]
                     for run, v in diag.verdicts.items()}
     rmse = (space.info.get("image_embedding") or {}).get("rmse")
-    facts = {"base": f"{base_run} epoch {max(runs[base_run].checkpoints)}", "neurons": len(points),
+    facts = {"base": f"{base_run} epoch {base_epoch}", "neurons": len(points),
              "checkpoints": len(stims), "k": cfg.k, "evolution": f"{base_run}: epoch {tt[0]} -> {tt[1]}",
              "image-embedding fit RMSE": None if rmse is None else f"{rmse:.3g}",
              "reversion, per class (train top-1)": rev_note}
