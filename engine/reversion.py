@@ -46,6 +46,7 @@ from .importance import (
     evolution_importance,
     resolve_pair,
 )
+from .store import atomic_write
 
 __all__ = [
     "ReversionResult",
@@ -388,7 +389,9 @@ def plot_reversion(summary: pd.DataFrame, path: str | Path, title: str | None = 
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fmt = path.suffix[1:].lower() or "png"
+    try:  # atomic, like every other artifact: a crash mid-write leaves the previous figure
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=fmt))
+    finally:
+        plt.close(fig)
     return path

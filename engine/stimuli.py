@@ -257,9 +257,10 @@ def _layer_file(layer: str) -> str:
 class CheckpointSpec:
     """One resolved checkpoint: its name, a description for errors, its weights (or file).
 
-    The fingerprint (file: path, size, mtime; state dict: a content hash) is computed on first
-    use only -- hashing a large in-memory state dict costs about a second per GB, and a run
-    without a store never needs it.
+    The fingerprint is a content hash (file: BLAKE2b of its bytes, see
+    :func:`conceptevo.store.content_hash`, cached in ``hash_cache`` -- the run folder --
+    by path, size, mtime and inode; state dict: a hash of its tensors), computed on first
+    use only -- hashing costs about a second per GB, and a run without a store never needs it.
     """
 
     name: str
@@ -267,11 +268,12 @@ class CheckpointSpec:
     state: dict[str, torch.Tensor] | None
     path: Path | None = None
     _fingerprint: str | None = None
+    hash_cache: Path | None = None
 
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = (_file_fingerprint(self.path) if self.path is not None
+            self._fingerprint = (_file_fingerprint(self.path, self.hash_cache) if self.path is not None
                                  else "state:" + _digest_state(self.state or {}))
         return self._fingerprint
 
@@ -289,9 +291,11 @@ def _digest_state(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:24]
 
 
-def _file_fingerprint(path: Path) -> str:
-    st = path.stat()
-    return f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+def _file_fingerprint(path: Path, cache_dir: Path | None = None) -> str:
+    """Content identity of a checkpoint file (its bytes; where it lives does not matter)."""
+    from .store import content_hash
+
+    return f"file:{path.stat().st_size}:{content_hash(path, cache_dir)}"
 
 
 def _default_names(sources: Sequence[Any]) -> list[str]:
@@ -976,6 +980,8 @@ def extract_stimuli(
                       swap_weights=swap_weights, input_shape=input_shape, dataset_key=dataset_key)
     results: list[Stimuli | None] = [None] * len(plan.checkpoints)
     pending: list[int] = []
+    for spec in plan.checkpoints if store is not None else ():
+        spec.hash_cache = store.root  # checkpoint content hashes are computed once per run folder
     for i, spec in enumerate(plan.checkpoints):
         if store is not None and not recompute and store.is_done(f"{prefix}/{spec.name}", plan.checkpoint_key(spec)):
             results[i] = Stimuli.load(store, f"{prefix}/{spec.name}")
