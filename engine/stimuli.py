@@ -80,6 +80,7 @@ from .errors import ActivationError, CheckpointError, ConceptEvoError, DataError
 from .store import RunStore, atomic_write
 
 __all__ = [
+    "dataset_fingerprint",
     "LayerStimuli",
     "Stimuli",
     "extract_stimuli",
@@ -372,23 +373,48 @@ def _architecture_signature(adapter: ModelAdapter) -> str:
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:24]
 
 
-def _dataset_fingerprint(ds: Any, samples: int = 16) -> str:
-    """Cheap identity of an image set: size, source, labels, and up to ``samples`` evenly spaced images."""
+def dataset_fingerprint(ds: Any, samples: int = 16) -> str:
+    """Identity of an image set for cache keys.
+
+    Always: type, size, source, class names, every label, and ``samples`` evenly spaced
+    decoded images (they capture the resize and normalisation). Then, by kind:
+
+    * in-memory sets (``ds.images`` a tensor): a hash of every image byte;
+    * folder sets (``ds.paths``): every file's path, size and modification time (no
+      file is read: a stat per file);
+    * other datasets (wrapped ``Dataset`` objects): only the above (reading every item
+      would cost a full pass; pass ``dataset_key`` to :func:`extract_stimuli` to name one).
+    """
     n = len(ds)
-    h = hashlib.sha256()
-    h.update(f"{type(ds).__qualname__}|{n}|{getattr(ds, 'source', '')}|".encode())
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{type(ds).__qualname__}|{n}|{getattr(ds, 'source', '')}|{getattr(ds, 'class_names', None)}|".encode())
     labels = getattr(ds, "labels", None)
     if isinstance(labels, torch.Tensor):
         h.update(labels.detach().cpu().contiguous().numpy().tobytes())
+    images = getattr(ds, "images", None)
     paths = getattr(ds, "paths", None)
-    if paths:
-        h.update("\n".join(str(p) for p in paths).encode())
+    if isinstance(images, torch.Tensor):
+        t = images.detach().cpu().contiguous()
+        h.update(f"tensor|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # every byte, no copy
+    elif paths:
+        h.update(b"files|")
+        for p in paths:
+            try:
+                st = os.stat(p)
+                h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{p}|missing\n".encode())
     for i in sorted({int(j) for j in np.linspace(0, n - 1, num=min(samples, n))}) if n else []:
         x = ds[i][0]
         x = torch.as_tensor(x).detach().cpu().contiguous()
         h.update(f"{i}|{x.dtype}|{tuple(x.shape)}|".encode())
         h.update(x.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:24]
+    return h.hexdigest()
+
+
+_dataset_fingerprint = dataset_fingerprint
 
 
 # ============================================================================== helpers
