@@ -13,5 +13,6 @@ from .errors import (  # noqa: F401
     ConceptEvoError,
     DataError,
     EmbeddingError,
+    InputError,
     LayerError,
 )

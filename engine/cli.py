@@ -64,17 +64,26 @@ def demo(
         _fail(exc)
 
 
+SKIP_BAD_CLI_ADVICE = "(pass --skip-bad to leave them out)"
+
+
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="TOML config: dataset, model, runs (checkpoint globs), base, ...")],
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave unreadable image files out (as skip_bad = "
+                                           "true in the config); they are listed in the manifest and report.")] = False,
 ) -> None:
     """The whole pipeline on your data and checkpoints, from a small TOML config (see README)."""
     from .errors import ConceptEvoError
-    from .pipeline import load_config, run_pipeline
+    from .pipeline import SKIP_BAD_ADVICE, load_config, run_pipeline
 
     try:
-        result = run_pipeline(load_config(config))
+        cfg = load_config(config)
+        cfg.skip_bad = cfg.skip_bad or skip_bad
+        result = run_pipeline(cfg)
     except ConceptEvoError as exc:
+        if SKIP_BAD_ADVICE in str(exc):  # the command line's own wording of the advice
+            exc = type(exc)(str(exc).replace(SKIP_BAD_ADVICE, SKIP_BAD_CLI_ADVICE))
         _fail(exc)
     console.print(f"report: {result.report}")
 
@@ -148,15 +157,19 @@ def stimuli(
     backend: Annotated[str, typer.Option(help="Top-k kernel: auto, cpu, triton, reference.")] = "auto",
     amp: Annotated[bool, typer.Option(help="Mixed precision inference (see docs: ranking may change).")] = False,
     distributed: Annotated[bool, typer.Option(help="Run under torchrun: shard the data over ranks.")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave unreadable image files out.")] = False,
 ) -> None:
     """One streaming stimulus pass over a dataset for many checkpoints; resumes after a crash."""
     from . import data as data_mod
-    from .errors import ConceptEvoError
+    from .errors import ConceptEvoError, DataError
     from .pipeline import _device, _epoch_of, _model_factory
 
     try:
-        ds = (data_mod.builtin_dataset("train", root=out / "data") if dataset == "builtin"
-              else data_mod.image_folder(dataset, size=image_size))
+        try:
+            ds = (data_mod.builtin_dataset("train", root=out / "data") if dataset == "builtin"
+                  else data_mod.image_folder(dataset, size=image_size, skip_bad=skip_bad))
+        except DataError as exc:
+            raise DataError(str(exc).replace("(pass skip_bad=True to leave them out)", SKIP_BAD_CLI_ADVICE)) from None
         factory = _model_factory(model, num_classes or len(ds.class_names))
         names = [f"epoch_{_epoch_of(p):03d}" for p in checkpoints]
         if distributed:

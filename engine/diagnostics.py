@@ -87,7 +87,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .errors import DataError, EmbeddingError
+from .errors import DataError, EmbeddingError, InputError
 
 __all__ = [
     "Diagnosis",
@@ -262,7 +262,7 @@ def _points(g: pd.DataFrame, space: str) -> np.ndarray:
     elif space == "xy":
         pts = g[["x", "y"]].to_numpy(np.float64)
     else:
-        raise ValueError(f"space must be 'vector' or 'xy', not {space!r}")
+        raise InputError(f"space must be 'vector' or 'xy', not {space!r}")
     if np.isinf(pts).any():
         raise EmbeddingError(f"infinite {space} embedding values")
     return pts
@@ -498,9 +498,9 @@ def diagnose(
         and ``messages`` (plain language).
     """
     if not 0 < collapse_fraction <= 1:
-        raise ValueError(f"collapse_fraction must be in (0, 1], got {collapse_fraction}")
+        raise InputError(f"collapse_fraction must be in (0, 1], got {collapse_fraction}")
     if measure not in ("auto", "knn", "map"):
-        raise ValueError(f"measure must be 'auto', 'knn' or 'map', got {measure!r}")
+        raise InputError(f"measure must be 'auto', 'knn' or 'map', got {measure!r}")
     _check_columns(emb, ["model", "epoch", *KEY, "x", "y"])
     runs = sorted(emb["model"].unique())
     if reference not in runs:

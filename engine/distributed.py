@@ -240,6 +240,8 @@ def _run(model_factory, checkpoints, dataset, dev, store, prefix, resume, save_e
     root = 0 if group is None else dist.get_global_rank(group, 0)  # collectives name global ranks
     plan = _agreed(lambda: Extraction(model_factory, checkpoints, dataset, device=dev, **kwargs),
                    "setting up the stimulus pass", group, world)
+    for spec in plan.checkpoints if store is not None else ():
+        spec.hash_cache = store.root  # checkpoint content hashes are computed once per run folder
     # Rank 0 decides what is cached (its store holds the results), everyone follows.
     done = None
     if rank == 0:

@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from .adapter import LayerSpec, ModelAdapter
-from .errors import ActivationError, DataError, LayerError
+from .errors import ActivationError, DataError, InputError, LayerError
 
 __all__ = [
     "Sensitivities",
@@ -141,7 +141,7 @@ def class_indices(
             raise DataError(f"class {c} has no images in the dataset (labels present: {present.tolist()[:20]})")
         if max_images_per_class is not None:
             if max_images_per_class < 1:
-                raise ValueError(f"max_images_per_class must be >= 1, got {max_images_per_class}")
+                raise InputError(f"max_images_per_class must be >= 1, got {max_images_per_class}")
             if idx.size > max_images_per_class:
                 idx = np.sort(rng.choice(idx, size=max_images_per_class, replace=False))
         out[int(c)] = idx.astype(np.int64)
@@ -172,7 +172,7 @@ def resolve_pair(
         if not isinstance(m, nn.Module):
             raise TypeError(f"{which} must be an nn.Module or a ModelAdapter, not {type(m).__name__}")
         if input_shape is None:
-            raise ValueError(f"input_shape is needed to wrap {which} ({type(m).__name__}) in a ModelAdapter")
+            raise InputError(f"input_shape is needed to wrap {which} ({type(m).__name__}) in a ModelAdapter")
         return ModelAdapter(m, layers=layers, input_shape=input_shape)
 
     # ModelAdapter's shape probe ends with model.train(mode), which flattens a mixed
@@ -395,9 +395,9 @@ def evolution_importance(
         The table described in the module docstring (and the scores if asked).
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if gradient_at not in ("t", "t_prime"):
-        raise ValueError(f"gradient_at must be 't' or 't_prime', got {gradient_at!r}")
+        raise InputError(f"gradient_at must be 't' or 't_prime', got {gradient_at!r}")
     data, ad_t, ad_t2, labels_all, idx, cls = _prepare(
         model_t, model_t2, data, classes, layers, max_images_per_class, seed, indices, device
     )

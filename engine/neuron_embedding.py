@@ -30,7 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import EmbeddingError
+from .errors import EmbeddingError, InputError
 
 __all__ = [
     "EmbeddingResult",
@@ -71,29 +71,29 @@ class EmbeddingResult:
 # --------------------------------------------------------------------------- checks
 def _int(name: str, value: object, lo: int, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise InputError(f"{name} must be an integer, got {value!r}")
     value = int(value)
     if value < lo or (hi is not None and value > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name} must be {rng}, got {value}")
+        raise InputError(f"{name} must be {rng}, got {value}")
     return value
 
 
 def _real(name: str, value: object, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise InputError(f"{name} must be a finite number, got {value!r}")
     value = float(value)
     if (positive and value <= 0) or value < 0:
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
+        raise InputError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
     return value
 
 
 def _check_pairs(pairs: np.ndarray, num_neurons: int) -> np.ndarray:
     arr = np.asarray(pairs)
     if arr.ndim != 2 or arr.shape[1] != 2:
-        raise ValueError(f"pairs must have shape (P, 2), got {arr.shape}")
+        raise InputError(f"pairs must have shape (P, 2), got {arr.shape}")
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"pairs must hold integer neuron ids, got dtype {arr.dtype}")
+        raise InputError(f"pairs must hold integer neuron ids, got dtype {arr.dtype}")
     if arr.shape[0] == 0:
         raise EmbeddingError(
             "no co-activated pairs to train on (pairs is empty): no image is shared by two base-model "
@@ -102,7 +102,7 @@ def _check_pairs(pairs: np.ndarray, num_neurons: int) -> np.ndarray:
     bad = (arr < 0) | (arr >= num_neurons)
     if bad.any():
         i, j = (int(v) for v in np.argwhere(bad)[0])
-        raise ValueError(
+        raise InputError(
             f"pairs[{i}, {j}] = {int(arr[i, j])} is not a neuron id in [0, num_neurons={num_neurons})"
         )
     return np.ascontiguousarray(arr, dtype=np.int32)
@@ -113,10 +113,10 @@ def _check_init(init: np.ndarray | None, num_neurons: int, dim: int) -> np.ndarr
         return None
     arr = np.asarray(init)
     if arr.shape != (num_neurons, dim):
-        raise ValueError(f"init must have shape (num_neurons, dim) = ({num_neurons}, {dim}), got {arr.shape}")
+        raise InputError(f"init must have shape (num_neurons, dim) = ({num_neurons}, {dim}), got {arr.shape}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.all(np.isfinite(arr)):
-        raise ValueError("init holds NaN or infinite values (after conversion to float32)")
+        raise InputError("init holds NaN or infinite values (after conversion to float32)")
     return arr
 
 
@@ -133,12 +133,12 @@ def alias_table(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or w.size == 0:
-        raise ValueError(f"negative-sampling weights must be a non-empty 1-D array, got shape {w.shape}")
+        raise InputError(f"negative-sampling weights must be a non-empty 1-D array, got shape {w.shape}")
     if not np.all(np.isfinite(w)) or (w < 0).any():
-        raise ValueError("negative-sampling weights must be finite and >= 0")
+        raise InputError("negative-sampling weights must be finite and >= 0")
     total = float(w.sum())
     if total <= 0:
-        raise ValueError("negative-sampling weights are all zero")
+        raise InputError("negative-sampling weights are all zero")
     n = w.size
     one = 1 << 32
     target = n * one
@@ -179,10 +179,10 @@ def negative_table(
         if neg_dist == "unigram075":
             counts = np.bincount(np.asarray(pairs).ravel(), minlength=num_neurons).astype(np.float64)
             return alias_table(counts**0.75)
-        raise ValueError(f"neg_dist must be 'uniform', 'unigram075' or an array of weights, got {neg_dist!r}")
+        raise InputError(f"neg_dist must be 'uniform', 'unigram075' or an array of weights, got {neg_dist!r}")
     w = np.asarray(neg_dist)
     if w.shape != (num_neurons,):
-        raise ValueError(f"neg_dist weights must have shape (num_neurons,) = ({num_neurons},), got {w.shape}")
+        raise InputError(f"neg_dist weights must have shape (num_neurons,) = ({num_neurons},), got {w.shape}")
     return alias_table(w)
 
 

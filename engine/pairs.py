@@ -30,17 +30,17 @@ from numbers import Integral
 
 import numpy as np
 
-from .errors import EmbeddingError
+from .errors import EmbeddingError, InputError
 
 __all__ = ["build_pairs", "build_pairs_reference", "validate_stimuli"]
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+        raise InputError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     value = int(value)
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise InputError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 
@@ -54,21 +54,21 @@ def validate_stimuli(neuron_stimuli: np.ndarray, num_images: int) -> np.ndarray:
     num_images = _check_int("num_images", num_images, 0)
     arr = np.asarray(neuron_stimuli)
     if arr.ndim != 2:
-        raise ValueError(
+        raise InputError(
             f"neuron_stimuli must be a 2-D (neurons, k) array of image ids, got shape {arr.shape}"
         )
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(
+        raise InputError(
             f"neuron_stimuli must hold integer image ids (-1 = empty slot), got dtype {arr.dtype}"
         )
     if arr.shape[0] >= 2**31:
-        raise ValueError(f"neuron_stimuli has {arr.shape[0]} neurons; neuron ids must fit in int32")
+        raise InputError(f"neuron_stimuli has {arr.shape[0]} neurons; neuron ids must fit in int32")
     arr = np.ascontiguousarray(arr, dtype=np.int64)
     if arr.size:
         bad = (arr < -1) | (arr >= num_images)
         if bad.any():
             row, col = (int(v) for v in np.argwhere(bad)[0])
-            raise ValueError(
+            raise InputError(
                 f"neuron_stimuli[{row}, {col}] = {int(arr[row, col])} is not an image id in "
                 f"[0, num_images={num_images}) nor -1 (empty slot)"
             )
@@ -76,7 +76,7 @@ def validate_stimuli(neuron_stimuli: np.ndarray, num_images: int) -> np.ndarray:
         dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
         if dup.any():
             row, col = (int(v) for v in np.argwhere(dup)[0])
-            raise ValueError(
+            raise InputError(
                 f"neuron_stimuli row {row} lists image {int(srt[row, col])} more than once; "
                 "a neuron's stimuli must be distinct images"
             )

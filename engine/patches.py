@@ -57,7 +57,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .errors import DataError, LayerError
+from .errors import DataError, InputError, LayerError
 from .store import atomic_write
 
 __all__ = [
@@ -705,7 +705,7 @@ def encode_data_uri(arr: np.ndarray, fmt: str = "webp") -> str:
         )
         return "data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
     if fmt not in ("webp", "png"):
-        raise ValueError(f"image format must be 'webp' or 'png', got {fmt!r}")
+        raise InputError(f"image format must be 'webp' or 'png', got {fmt!r}")
     return "data:image/png;base64," + encode_png(arr)
 
 

@@ -77,6 +77,7 @@ class PipelineConfig:
     neighbours: int = 6
     backends: dict[str, str] = field(default_factory=dict)  # topk / solve / faiss / umap -> auto|cpu|gpu
     threads: int | None = None
+    skip_bad: bool = False                # leave unreadable image files out (listed in manifest and report)
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -313,14 +314,20 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
     chosen = {kind: backends.select(kind, cfg.backends.get(kind, "auto")) for kind in backends.KINDS}
     store.update_manifest(config=_jsonable(asdict(cfg)), backends=chosen, device=str(device))
 
+    skipped: dict[str, list[str]] = {}
     if train_set is None:
         if cfg.dataset == "builtin":
             train_set = data.builtin_dataset("train", seed=cfg.seed, root=cfg.out / "data")
             test_set = test_set or data.builtin_dataset("test", seed=cfg.seed, root=cfg.out / "data")
         else:
-            train_set = data.image_folder(cfg.dataset, size=cfg.image_size)
+            train_set, skipped["dataset"] = _image_folder(cfg.dataset, cfg.image_size, cfg.skip_bad)
             if cfg.test_dataset:
-                test_set = data.image_folder(cfg.test_dataset, size=cfg.image_size)
+                test_set, skipped["test_dataset"] = _image_folder(cfg.test_dataset, cfg.image_size, cfg.skip_bad)
+    skipped_files = [{"dataset": which, "path": p} for which, paths in skipped.items() for p in paths]
+    store.update_manifest(skipped_files=skipped_files)  # a list: replaces an earlier run's
+    if skipped_files:
+        console.print(f"[yellow]left out {len(skipped_files)} unreadable image file(s)[/] "
+                      "(skip_bad; listed in manifest.json under skipped_files)")
     num_classes = cfg.num_classes or len(train_set.class_names)
     runs = dict(runs) if runs is not None else resolve_runs(cfg, num_classes)
     base_run, base_epoch = _base_of(cfg, runs)
@@ -362,9 +369,7 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
 
     # 2-6. unified space, projection of every checkpoint, one 2-D layout
     with _Timer(seconds, "unified space"):
-        params = {"base": [base_run, base_epoch], "dim": cfg.dim, "repeats": cfg.repeats, "seed": cfg.seed,
-                  "epochs": cfg.sgns_epochs, "checkpoints": sorted(map(list, stims)), "k": cfg.k,
-                  "solve": chosen["solve"], "umap": chosen["umap"]}
+        params = space_params(cfg, (base_run, base_epoch), stims, chosen)
         stim_keys = [store.stage_record(f"stimuli/{n}/epoch_{e:03d}") or {} for n, e in sorted(stims)]
         key = store.stage_key(params, [r.get("key", "") for r in stim_keys])
         if store.is_done("space", key):
@@ -381,8 +386,12 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
             space.layout_2d(seed=cfg.seed, backend=cfg.backends.get("umap", "auto"))
             space.save(store.path("space"))
             space.to_parquet(store.path("neurons.parquet"))
+            fit = space.info.get("image_embedding") or {}
             store.mark_done("space", key, time.perf_counter() - t0, params=params, backends=dict(space.backends),
-                            seeds={"space": cfg.seed}, outputs=["space", "neurons.parquet"])
+                            seeds={"space": cfg.seed}, outputs=["space", "neurons.parquet"],
+                            fit={"in_sample_rmse": fit.get("rmse"), "in_sample_rel_rmse": fit.get("rel_rmse"),
+                                 "holdout": {k: v for k, v in (space.info.get("holdout") or {}).items()
+                                             if k != "neurons"} or None})
         console.print(f"{len(space)} neurons from {len(space.checkpoints)} checkpoints; "
                       f"image-embedding fit: {space.info.get('image_embedding', {})}")
 
@@ -409,7 +418,7 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
         params = {"t": t, "t_prime": t2, "classes": classes, "layers": cfg.layers, "seed": cfg.seed,
                   "images": cfg.importance_images, "gradient_at": cfg.importance_gradient_at,
                   "dataset": _dataset_id(train_set)}
-        key = store.stage_key(params, ckpt_inputs)
+        key = store.stage_key(params, ckpt_inputs, cache_dir=store.root)
         if store.is_done("importance", key):
             imp = store.load_table("importance")
         else:
@@ -434,7 +443,7 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
                   "sample_size": cfg.reversion_sample_size, "repeats": cfg.reversion_repeats,
                   "gradient_at": cfg.importance_gradient_at,
                   "dataset": _dataset_id(train_set), "test": _dataset_id(test_set)}
-        key = store.stage_key(params, ckpt_inputs)
+        key = store.stage_key(params, ckpt_inputs, cache_dir=store.root)
         if store.is_done("reversion", key):
             rev_summary, rev_long = store.load_table("reversion"), store.load_table("reversion_long")
         else:
@@ -478,16 +487,19 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
     if report:
         with _Timer(seconds, "report"):
             report_path = _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summary, diag, align,
-                                        base_run, (t, t2), patches, report_mod, rev_note)
+                                        (base_run, base_epoch), (t, t2), patches, report_mod, rev_note)
     total = time.perf_counter() - t_all
     seconds["total"] = total
     store.update_manifest(pipeline_seconds={k: round(v, 2) for k, v in seconds.items()})
     return RunResult(cfg.out, report_path, seconds, diag.verdicts)
 
 
-def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summary, diag, align, base_run, tt, patches,
+def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summary, diag, align, base, tt, patches,
                   report_mod, rev_note: str) -> Path:
-    """Assemble ReportData: points + tags, patches, neighbours, accuracy, diagnostics, evolutions."""
+    """Assemble ReportData: points + tags, patches, neighbours, accuracy, diagnostics, evolutions.
+
+    ``base`` is the (run, epoch) the space was fitted on (the configured ``base``)."""
+    base_run, base_epoch = base
     points = emb[["model", "epoch", "layer", "channel", "x", "y"]].copy()
     valid = np.asarray(space.valid)
     if getattr(train_set, "tags", None):  # colour by the dominant concept of each neuron's stimuli
@@ -530,11 +542,22 @@ def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summa
     # the report shows each run's name beside its messages
     verdict_text = {run: [m.removeprefix(f"{run}: ") for m in v.get("messages", [])]
                     for run, v in diag.verdicts.items()}
-    rmse = (space.info.get("image_embedding") or {}).get("rmse")
-    facts = {"base": f"{base_run} epoch {max(runs[base_run].checkpoints)}", "neurons": len(points),
+    fit = space.info.get("image_embedding") or {}
+    held = space.info.get("holdout") or {}
+    facts = {"base": f"{base_run} epoch {base_epoch}", "neurons": len(points),
              "checkpoints": len(stims), "k": cfg.k, "evolution": f"{base_run}: epoch {tt[0]} -> {tt[1]}",
-             "image-embedding fit RMSE": None if rmse is None else f"{rmse:.3g}",
+             "image-embedding fit RMSE (in-sample: the base neurons fitted)":
+                 None if fit.get("rmse") is None else f"{fit['rmse']:.3g} (relative {fit.get('rel_rmse', 0):.3g})",
+             "image-embedding held-out RMSE": (
+                 f"{held['rmse']:.3g} (relative {held['rel_rmse']:.3g}; {held['n_neurons']} base neurons "
+                 "left out of the fit, then projected)") if held else "not measured",
              "reversion, per class (train top-1)": rev_note}
+    skipped = store.manifest.get("skipped_files") or []
+    if skipped:
+        files = [r["path"] for r in skipped]
+        facts["unreadable images left out (skip_bad)"] = (
+            f"{len(files)}: " + ", ".join(Path(f).name for f in files[:5]) + (" ..." if len(files) > 5 else "")
+            + " (full list: manifest.json, skipped_files)")
     if align is not None:
         facts["alignment lift (mean)"] = round(float(align.table["lift"].mean()), 2)
     rd = report_mod.ReportData(points=points, patches=pats, neighbours=neighbours, accuracy=accuracy,
@@ -545,12 +568,57 @@ def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summa
 
 
 def _dataset_id(ds) -> str | None:
-    """A cheap identity of a dataset for stage keys: size, class names, and a few labels."""
+    """Identity of a dataset for stage keys (see :func:`conceptevo.stimuli.dataset_fingerprint`)."""
     if ds is None:
         return None
-    labels = getattr(ds, "labels", None)
-    head = labels[:64].tolist() if labels is not None else []
-    return f"{len(ds)}:{getattr(ds, 'class_names', None)}:{head}"
+    from .stimuli import dataset_fingerprint
+
+    return dataset_fingerprint(ds)
+
+
+SKIP_BAD_ADVICE = "(set skip_bad = true in the config to leave them out)"
+
+
+def _image_folder(path: str, size: int, skip_bad: bool):
+    """An image folder and the files left out as unreadable (only with ``skip_bad``)."""
+    from . import data
+    from .errors import DataError
+
+    try:
+        return data.image_folder(path, size=size), []
+    except DataError as exc:
+        bad = getattr(exc, "paths", None)
+        if not bad:
+            raise
+        if not skip_bad:
+            msg = str(exc).replace("(pass skip_bad=True to leave them out)", SKIP_BAD_ADVICE)
+            err = DataError(msg if SKIP_BAD_ADVICE in msg else f"{msg}\n{SKIP_BAD_ADVICE}")
+            err.paths = bad  # type: ignore[attr-defined]
+            raise err from None
+    import warnings
+
+    with warnings.catch_warnings():  # the files are listed in the manifest and the report instead
+        warnings.simplefilter("ignore")
+        return data.image_folder(path, size=size, skip_bad=True), [str(p) for p in bad]
+
+
+def space_params(cfg: PipelineConfig, base: tuple[str, int], stims: Mapping[tuple[str, int], Any],
+                 chosen: Mapping[str, str]) -> dict[str, Any]:
+    """Everything that changes the unified space, for its stage key (with the stimuli's keys).
+
+    The fit's own defaults that the config does not set (learning rate, negatives, ridge,
+    the held-out fraction) are read from :meth:`UnifiedSpace.fit`, so changing them in the
+    code also invalidates cached spaces.
+    """
+    import inspect
+
+    from .space import UnifiedSpace
+
+    defaults = {name: p.default for name, p in inspect.signature(UnifiedSpace.fit).parameters.items()
+                if name in ("lr", "negatives", "ridge", "holdout")}
+    return {"base": [base[0], int(base[1])], "dim": cfg.dim, "repeats": cfg.repeats, "seed": cfg.seed,
+            "epochs": cfg.sgns_epochs, "threads": cfg.sgns_threads, **defaults,
+            "checkpoints": sorted(map(list, stims)), "k": cfg.k, "solve": chosen["solve"], "umap": chosen["umap"]}
 
 
 def _jsonable(d: dict) -> dict:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .adapter import LayerSpec, ModelAdapter
-from .errors import DataError, LayerError
+from .errors import DataError, InputError, LayerError
 from .importance import (
     _as_dataset,
     _dataset_labels,
@@ -46,6 +46,7 @@ from .importance import (
     evolution_importance,
     resolve_pair,
 )
+from .store import atomic_write
 
 __all__ = [
     "ReversionResult",
@@ -65,7 +66,7 @@ RANDOM_BIN = "random"
 def bin_labels(num_bins: int = 4) -> list[str]:
     """Names of the importance bins, most important first: ``["0-25%", ..., "75-100%"]``."""
     if num_bins < 1:
-        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+        raise InputError(f"num_bins must be >= 1, got {num_bins}")
     edges = [100.0 * i / num_bins for i in range(num_bins + 1)]
     return [f"{edges[i]:g}-{edges[i + 1]:g}%" for i in range(num_bins)]
 
@@ -210,9 +211,9 @@ def reversion_check(
         :class:`ReversionResult` with the long table, the summary and the importance tables.
     """
     if sample_size < 1 or repeats < 1:
-        raise ValueError(f"sample_size and repeats must be >= 1 (got {sample_size}, {repeats})")
+        raise InputError(f"sample_size and repeats must be >= 1 (got {sample_size}, {repeats})")
     if not 0.0 <= random_fraction <= 1.0:
-        raise ValueError(f"random_fraction must be in [0, 1], got {random_fraction}")
+        raise InputError(f"random_fraction must be in [0, 1], got {random_fraction}")
     names_bins = bin_labels(num_bins)
     train_data = _as_dataset(train_data)
     ad_t, ad_t2 = resolve_pair(model_t, model_t2, layers, input_shape=_infer_input_shape(train_data))
@@ -344,7 +345,7 @@ def class_ordering(long: pd.DataFrame, split: str = "train", metric: str = "top1
     """
     sub = long[long["split"] == split]
     if sub.empty:
-        raise ValueError(f"no rows for split {split!r}")
+        raise InputError(f"no rows for split {split!r}")
     table = sub.groupby(["class", "bin"], sort=False)[f"delta_{metric}"].mean().unstack("bin")
     bins = [b for b in sub["bin"].drop_duplicates() if b != RANDOM_BIN]
     cols = bins + ([RANDOM_BIN] if RANDOM_BIN in table.columns else [])
@@ -368,7 +369,7 @@ def plot_reversion(summary: pd.DataFrame, path: str | Path, title: str | None = 
 
     panels = list(summary.groupby(["split", "metric"], sort=False))
     if not panels:
-        raise ValueError("the summary is empty; nothing to plot")
+        raise InputError("the summary is empty; nothing to plot")
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
     for ax, ((split, metric), g) in zip(axes[0], panels):
         bins = g[g["bin"] != RANDOM_BIN]
@@ -388,7 +389,9 @@ def plot_reversion(summary: pd.DataFrame, path: str | Path, title: str | None = 
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fmt = path.suffix[1:].lower() or "png"
+    try:  # atomic, like every other artifact: a crash mid-write leaves the previous figure
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=fmt))
+    finally:
+        plt.close(fig)
     return path

@@ -48,7 +48,7 @@ import numpy as np
 from . import image_embedding
 from .errors import BackendError, EmbeddingError
 
-__all__ = ["UnifiedSpace", "stimuli_arrays"]
+__all__ = ["UnifiedSpace", "stimuli_arrays", "holdout_error"]
 
 _FORMAT = 1
 _KEY_COLUMNS = ["model", "epoch", "layer", "channel", "neuron"]
@@ -112,6 +112,56 @@ def stimuli_arrays(
             resp[name] = np.asarray(r)
     flat_resp = image_embedding.responsive_to_flat(resp, offsets) if resp else None
     return np.concatenate(blocks), np.concatenate(names), np.concatenate(chans), n_img, flat_resp
+
+
+def holdout_error(
+    neuron_stimuli: np.ndarray,
+    neuron_vectors: np.ndarray,
+    num_images: int,
+    *,
+    fraction: float = 0.1,
+    seed: int = 0,
+    ridge: float = image_embedding.DEFAULT_RIDGE,
+    responsive: np.ndarray | None = None,
+    backend: str = "auto",
+    fitted_vectors: np.ndarray | None = None,
+) -> dict[str, Any] | None:
+    """Held-out error of the image embedding (Step 2.1) as seen by the projection (Step 2.2).
+
+    A random ``fraction`` of the base neurons that have stimuli (at least one) is left out:
+    their equations are dropped from the least-squares fit, and they do not place the
+    images no base neuron chose. They are then projected with the resulting image vectors,
+    exactly as a neuron of another checkpoint would be, and compared with their learned
+    vectors. Returns ``rmse`` (over the held-out neurons, all dimensions), ``rel_rmse``
+    (rmse / rms of their learned vectors: 0 = they land on their vectors, about 1 = no
+    better than the origin), ``n_neurons``, ``fraction``, ``seed``, ``neurons`` (the
+    held-out base rows) and, when
+    ``fitted_vectors`` (the image vectors of the full fit) are given,
+    ``in_sample_rmse`` of the same neurons under the full fit, for comparison. ``None``
+    when fewer than 10 base neurons have stimuli (too few to leave any out).
+    """
+    if not (0.0 < float(fraction) < 1.0):
+        raise EmbeddingError(f"holdout must be a fraction in (0, 1) (or 0 to skip it), got {fraction!r}")
+    stim = np.asarray(neuron_stimuli, dtype=np.int64)
+    v = np.asarray(neuron_vectors)
+    alive = np.flatnonzero((stim >= 0).any(axis=1))
+    if alive.size < 10:
+        return None
+    n_out = max(1, int(round(fraction * alive.size)))
+    held = np.sort(np.random.default_rng([int(seed), 0x401D]).choice(alive, size=n_out, replace=False))
+    kept = stim.copy()
+    kept[held] = -1  # no equation; and, without stimuli, no vote for unconstrained images
+    u_h, _ = image_embedding.fit(kept, v, num_images, ridge=ridge, responsive=responsive, backend=backend)
+    pred = image_embedding.project(stim[held], u_h).astype(np.float64)
+    target = v[held].astype(np.float64)
+    rmse = float(np.sqrt(np.mean((pred - target) ** 2)))
+    scale = float(np.sqrt(np.mean(target**2)))
+    out: dict[str, Any] = {"rmse": rmse, "rel_rmse": rmse / scale if scale > 0 else 0.0, "n_neurons": int(n_out),
+                           "fraction": float(fraction), "seed": int(seed), "neurons": held.tolist()}
+    if fitted_vectors is not None:
+        full = image_embedding.project(stim[held], fitted_vectors).astype(np.float64)
+        out["in_sample_rmse"] = float(np.sqrt(np.mean((full - target) ** 2)))
+    return out
 
 
 def _as_str_array(values: Iterable[Any]) -> np.ndarray:
@@ -225,6 +275,7 @@ class UnifiedSpace:
         solver_backend: str = "auto",
         model: str = "base",
         epoch: int = 0,
+        holdout: float = 0.1,
         **train_kw: Any,
     ) -> UnifiedSpace:
         """Steps 1.2-2.1 on the base checkpoint's stimuli.
@@ -237,6 +288,13 @@ class UnifiedSpace:
         :func:`conceptevo.image_embedding.fit`. The base is registered as ``(model, epoch)``
         with its learned vectors. Raises :class:`EmbeddingError` when the base's stimuli
         share no image (no co-activated pairs).
+
+        Fit quality, in ``space.info``: ``image_embedding.rmse`` is the *in-sample* residual
+        (the base neurons the image vectors were fitted to); ``holdout`` is the held-out
+        error: a random ``holdout`` fraction of the base neurons (seeded by ``seed``) is left
+        out of a second image-embedding fit, then projected with its image vectors like any
+        other neuron, and ``holdout.rmse`` / ``holdout.rel_rmse`` measure how far they land
+        from their learned vectors (see :func:`holdout_error`). ``holdout=0`` skips it.
         """
         from . import neuron_embedding, pairs  # imported here: sibling stages
 
@@ -263,15 +321,21 @@ class UnifiedSpace:
         u, fit_info = image_embedding.fit(stim, vectors, n_img, ridge=ridge, responsive=responsive,
                                           backend=solver_backend)
         timings["image_embedding"] = fit_info.seconds
+        t = time.perf_counter()
+        held = (holdout_error(stim, vectors, n_img, fraction=holdout, seed=seed, ridge=ridge,
+                              responsive=responsive, backend=solver_backend, fitted_vectors=u)
+                if holdout else None)
+        timings["holdout"] = time.perf_counter() - t
         info = {
             "pairs": int(d_pairs.shape[0]),
             "neuron_embedding": {"final_loss": float(losses[-1]) if losses.size else None,
                                  "losses": losses.tolist()},
-            "image_embedding": fit_info.to_dict(),
+            "image_embedding": {**fit_info.to_dict(), "rmse_is": "in-sample: the base neurons the fit used"},
+            "holdout": held,
             "seconds": timings,
         }
         params = {"dim": dim, "repeats": repeats, "lr": lr, "negatives": negatives, "epochs": epochs,
-                  "seed": seed, "threads": threads, "ridge": ridge,
+                  "seed": seed, "threads": threads, "ridge": ridge, "holdout": holdout,
                   **{k: _jsonable(v) for k, v in train_kw.items()}}
         space = cls(u, base_vectors=vectors, base_key=(model, epoch), info=info, params=params)
         space.backends["solve"] = fit_info.backend
@@ -486,7 +550,8 @@ class UnifiedSpace:
                 "dead": int((~valid[off[i]:off[i + 1]]).sum())} for i, c in enumerate(self._ckpts)]
         return {"dim": self.dim, "num_images": self.num_images, "rows": len(self),
                 "dead": int((~valid).sum()), "checkpoints": per, "base": self.base_key,
-                "backends": dict(self.backends), "image_embedding": self.info.get("image_embedding")}
+                "backends": dict(self.backends), "image_embedding": self.info.get("image_embedding"),
+                "holdout": self.info.get("holdout")}
 
     # ------------------------------------------------------------------ 2-D map
     def layout_2d(self, method: str = "umap", *, seed: int | None = 0, backend: str = "auto",

@@ -80,6 +80,7 @@ from .errors import ActivationError, CheckpointError, ConceptEvoError, DataError
 from .store import RunStore, atomic_write
 
 __all__ = [
+    "dataset_fingerprint",
     "LayerStimuli",
     "Stimuli",
     "extract_stimuli",
@@ -264,9 +265,10 @@ def _layer_file(layer: str) -> str:
 class CheckpointSpec:
     """One resolved checkpoint: its name, a description for errors, its weights (or file).
 
-    The fingerprint (file: path, size, mtime; state dict: a content hash) is computed on first
-    use only -- hashing a large in-memory state dict costs about a second per GB, and a run
-    without a store never needs it.
+    The fingerprint is a content hash (file: BLAKE2b of its bytes, see
+    :func:`conceptevo.store.content_hash`, cached in ``hash_cache`` -- the run folder --
+    by path, size, mtime and inode; state dict: a hash of its tensors), computed on first
+    use only -- hashing costs about a second per GB, and a run without a store never needs it.
     """
 
     name: str
@@ -274,11 +276,12 @@ class CheckpointSpec:
     state: dict[str, torch.Tensor] | None
     path: Path | None = None
     _fingerprint: str | None = None
+    hash_cache: Path | None = None
 
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = (_file_fingerprint(self.path) if self.path is not None
+            self._fingerprint = (_file_fingerprint(self.path, self.hash_cache) if self.path is not None
                                  else "state:" + _digest_state(self.state or {}))
         return self._fingerprint
 
@@ -296,9 +299,11 @@ def _digest_state(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:24]
 
 
-def _file_fingerprint(path: Path) -> str:
-    st = path.stat()
-    return f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+def _file_fingerprint(path: Path, cache_dir: Path | None = None) -> str:
+    """Content identity of a checkpoint file (its bytes; where it lives does not matter)."""
+    from .store import content_hash
+
+    return f"file:{path.stat().st_size}:{content_hash(path, cache_dir)}"
 
 
 def _default_names(sources: Sequence[Any]) -> list[str]:
@@ -375,23 +380,48 @@ def _architecture_signature(adapter: ModelAdapter) -> str:
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:24]
 
 
-def _dataset_fingerprint(ds: Any, samples: int = 16) -> str:
-    """Cheap identity of an image set: size, source, labels, and up to ``samples`` evenly spaced images."""
+def dataset_fingerprint(ds: Any, samples: int = 16) -> str:
+    """Identity of an image set for cache keys.
+
+    Always: type, size, source, class names, every label, and ``samples`` evenly spaced
+    decoded images (they capture the resize and normalisation). Then, by kind:
+
+    * in-memory sets (``ds.images`` a tensor): a hash of every image byte;
+    * folder sets (``ds.paths``): every file's path, size and modification time (no
+      file is read: a stat per file);
+    * other datasets (wrapped ``Dataset`` objects): only the above (reading every item
+      would cost a full pass; pass ``dataset_key`` to :func:`extract_stimuli` to name one).
+    """
     n = len(ds)
-    h = hashlib.sha256()
-    h.update(f"{type(ds).__qualname__}|{n}|{getattr(ds, 'source', '')}|".encode())
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{type(ds).__qualname__}|{n}|{getattr(ds, 'source', '')}|{getattr(ds, 'class_names', None)}|".encode())
     labels = getattr(ds, "labels", None)
     if isinstance(labels, torch.Tensor):
         h.update(labels.detach().cpu().contiguous().numpy().tobytes())
+    images = getattr(ds, "images", None)
     paths = getattr(ds, "paths", None)
-    if paths:
-        h.update("\n".join(str(p) for p in paths).encode())
+    if isinstance(images, torch.Tensor):
+        t = images.detach().cpu().contiguous()
+        h.update(f"tensor|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # every byte, no copy
+    elif paths:
+        h.update(b"files|")
+        for p in paths:
+            try:
+                st = os.stat(p)
+                h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{p}|missing\n".encode())
     for i in sorted({int(j) for j in np.linspace(0, n - 1, num=min(samples, n))}) if n else []:
         x = ds[i][0]
         x = torch.as_tensor(x).detach().cpu().contiguous()
         h.update(f"{i}|{x.dtype}|{tuple(x.shape)}|".encode())
         h.update(x.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:24]
+    return h.hexdigest()
+
+
+_dataset_fingerprint = dataset_fingerprint
 
 
 # ============================================================================== helpers
@@ -1086,6 +1116,8 @@ def extract_stimuli(
                       accuracy=accuracy, on_diverged=on_diverged)
     results: list[Stimuli | None] = [None] * len(plan.checkpoints)
     pending: list[int] = []
+    for spec in plan.checkpoints if store is not None else ():
+        spec.hash_cache = store.root  # checkpoint content hashes are computed once per run folder
     for i, spec in enumerate(plan.checkpoints):
         if store is not None and not recompute and store.is_done(f"{prefix}/{spec.name}", plan.checkpoint_key(spec)):
             results[i] = Stimuli.load(store, f"{prefix}/{spec.name}")

@@ -9,10 +9,18 @@ Layout::
 
 Every write goes to a temporary file in the destination folder and is then
 ``os.replace``-d over the target, so a crash mid-write leaves the previous
-version intact and readers never see half a file.
+version intact and readers never see half a file. The file's bytes are fsync-ed
+before the rename and the folder after it, so the new name survives a power cut.
+Files are created with mode ``0o666 & ~umask`` like any ``open(path, "w")``, so a
+report can be served or shared as it is.
+
+The manifest is read-modify-written under a lock that holds between threads and
+between processes (``fcntl.flock`` on ``<root>/.manifest.lock`` where the platform
+has it), so concurrent stage records are never lost.
 
 Stage cache: a stage computes a key from its parameters and the fingerprints of
-its input files (:meth:`RunStore.stage_key`); when the manifest already records
+its input files (:meth:`RunStore.stage_key`; a file's fingerprint is a hash of its
+content, see :func:`content_hash`); when the manifest already records
 that stage with the same key (:meth:`RunStore.is_done`) the stage reloads its
 outputs instead of recomputing them.
 """
@@ -24,19 +32,28 @@ import hashlib
 import json
 import os
 import platform
+import secrets
 import sys
-import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write", "RunStore", "fingerprint", "json_default"]
+try:  # POSIX: manifest updates are serialised between processes too
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: threads only
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["atomic_write", "RunStore", "fingerprint", "content_hash", "json_default"]
 
 _MANIFEST = "manifest.json"
-_manifest_lock = threading.Lock()
+_LOCK_FILE = ".manifest.lock"
+_HASH_CACHE = ".hash_cache.json"
+_HASH_LOCK = ".hash_cache.lock"
+_manifest_lock = threading.RLock()
 
 
 def json_default(obj: Any) -> Any:
@@ -59,13 +76,23 @@ def atomic_write(path: str | Path, write_fn: Callable[[Path], None]) -> Path:
 
     The temp file lives in the same folder (``os.replace`` is atomic only within one
     file system) and keeps the suffix of the target so libraries that look at the
-    extension (``np.save`` adds ``.npy`` otherwise) write where we expect.
+    extension (``np.save`` adds ``.npy`` otherwise) write where we expect. It is
+    created with ``os.open(..., 0o666)``, so the process umask applies as for any
+    ordinary file (``tempfile.mkstemp`` would make it 0600). The bytes are fsync-ed
+    before the rename and the folder after it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp{path.suffix}"
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            break
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+    else:  # pragma: no cover
+        raise FileExistsError(f"cannot create a temporary file next to {path}")
     try:
         write_fn(tmp)
         with open(tmp, "rb+") as fh:  # make the bytes durable before the rename publishes them
@@ -75,19 +102,112 @@ def atomic_write(path: str | Path, write_fn: Callable[[Path], None]) -> Path:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+    _fsync_dir(path.parent)
     return path
 
 
-def fingerprint(path: str | Path) -> str:
-    """Cheap identity of an input file: size + modification time (ns) + name.
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
 
-    Strings that are not existing paths are fingerprinted as themselves, so a stage
-    can also list the keys of upstream stages as its inputs.
+
+@contextlib.contextmanager
+def _file_lock(lock_path: Path):
+    """Exclusive lock between threads (``_manifest_lock``) and processes (``flock``)."""
+    with _manifest_lock:
+        if fcntl is None:  # pragma: no cover
+            yield
+            return
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+_CHUNK = 1 << 22
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_hash(path: str | Path, cache_dir: str | Path | None = None) -> str:
+    """BLAKE2b-128 of a file's bytes, computed once per version of the file.
+
+    The digest is cached under the file's stat key ``(resolved path, size, mtime_ns,
+    ctime_ns, inode)``: in memory for the process, and in ``<cache_dir>/.hash_cache.json``
+    when ``cache_dir`` is given (a run folder), so a re-run does not read multi-GB
+    checkpoints again. Any rewrite changes the stat key (a new file from ``os.replace``
+    or ``torch.save`` gets a new inode; an in-place rewrite a new mtime and ctime), except
+    a same-size rewrite inside one tick of the file-system clock. So, as git does with
+    "racily clean" files, a file modified less than ``_RACY_SECONDS`` ago is hashed
+    every time and its digest is not cached.
+    """
+    p = Path(path).resolve()
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+    racy = time.time_ns() - st.st_mtime_ns < _RACY_SECONDS * 1e9
+    if racy:
+        return _hash_file(p)
+    if key in _hash_memo:
+        return _hash_memo[key]
+    cache_file = Path(cache_dir) / _HASH_CACHE if cache_dir is not None else None
+    if cache_file is not None and cache_file.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            digest = json.loads(cache_file.read_text(encoding="utf-8")).get(key)
+            if isinstance(digest, str):
+                _hash_memo[key] = digest
+                return digest
+    digest = _hash_file(p)
+    _hash_memo[key] = digest
+    if cache_file is not None:
+        with contextlib.suppress(OSError), _file_lock(cache_file.parent / _HASH_LOCK):
+            doc: dict = {}
+            with contextlib.suppress(OSError, ValueError):
+                doc = json.loads(cache_file.read_text(encoding="utf-8"))
+            if not isinstance(doc, dict):
+                doc = {}
+            doc = {k: v for k, v in doc.items() if not k.startswith(f"{p}|")}  # older versions of this file
+            doc[key] = digest
+            text = json.dumps(doc, indent=0, sort_keys=True)
+            atomic_write(cache_file, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return digest
+
+
+_hash_memo: dict[str, str] = {}
+_RACY_SECONDS = 2.0
+
+
+def fingerprint(path: str | Path, cache_dir: str | Path | None = None) -> str:
+    """Identity of an input file: a hash of its content (:func:`content_hash`).
+
+    Strings that are not existing files are fingerprinted as themselves, so a stage
+    can also list the keys of upstream stages as its inputs. A folder is identified by
+    its path (stages key folders by the files they read, not by the folder).
     """
     p = Path(path)
+    if p.is_file():
+        return f"blake2b:{content_hash(p, cache_dir)}"
     if p.exists():
-        st = p.stat()
-        return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        return f"path:{p.resolve()}"
     return f"value:{path}"
 
 
@@ -103,7 +223,9 @@ class RunStore:
 
             raise ConceptEvoError(f"run directory {self.root} does not exist")
         if create and not (self.root / _MANIFEST).exists():
-            self._write_manifest(self._new_manifest())
+            with self._lock():  # another process may be creating it right now
+                if not (self.root / _MANIFEST).exists():
+                    self._write_manifest(self._new_manifest())
 
     # ------------------------------------------------------------------ paths
     def path(self, name: str) -> Path:
@@ -111,6 +233,10 @@ class RunStore:
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise ValueError(f"store names are relative and stay inside the run: {name!r}")
         return self.root / name
+
+    def _lock(self):
+        """The manifest lock: threads of this process and other processes on this run folder."""
+        return _file_lock(self.root / _LOCK_FILE)
 
     def exists(self, name: str) -> bool:
         return self.path(name).exists()
@@ -192,7 +318,7 @@ class RunStore:
 
     def update_manifest(self, **fields: Any) -> None:
         """Merge top-level fields into the manifest (dicts are merged one level deep)."""
-        with _manifest_lock:
+        with self._lock():
             m = self.manifest
             for key, value in fields.items():
                 if isinstance(value, dict) and isinstance(m.get(key), dict):
@@ -203,9 +329,13 @@ class RunStore:
 
     # ------------------------------------------------------------ stage cache
     @staticmethod
-    def stage_key(params: dict, inputs: Iterable[str | Path] = ()) -> str:
-        """Key of a stage run: hash of its parameters and its inputs' fingerprints."""
-        doc = {"params": params, "inputs": sorted(fingerprint(p) for p in inputs)}
+    def stage_key(params: dict, inputs: Iterable[str | Path] = (), *, cache_dir: str | Path | None = None) -> str:
+        """Key of a stage run: hash of its parameters and its inputs' content fingerprints.
+
+        ``cache_dir`` (the run folder) keeps the inputs' content hashes on disk, so a
+        re-run does not read large input files again (see :func:`content_hash`).
+        """
+        doc = {"params": params, "inputs": sorted(fingerprint(p, cache_dir) for p in inputs)}
         text = json.dumps(doc, sort_keys=True, default=json_default)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -240,7 +370,7 @@ class RunStore:
             "finished_at": _now(),
             **extra,
         }
-        with _manifest_lock:
+        with self._lock():
             m = self.manifest
             m.setdefault("stages", {})[stage] = rec
             self._write_manifest(m)

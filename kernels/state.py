@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from conceptevo.errors import ConceptEvoError, DataError
+from conceptevo.errors import ConceptEvoError, DataError, InputError
 
 __all__ = ["TopKState", "new_state", "state_to_numpy", "state_from_numpy", "STATE_FIELDS"]
 
@@ -125,7 +125,7 @@ class TopKState:
 
 def _check_int(name: str, value: int, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 

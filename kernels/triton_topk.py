@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from conceptevo.errors import ActivationError, BackendError
+from conceptevo.errors import ActivationError, BackendError, InputError
 
 __all__ = ["available", "interpret_mode", "spatial_max", "launch_config"]
 
@@ -154,7 +154,7 @@ def launch_config(shape: tuple[int, int, int, int], strides: tuple[int, int, int
         block_c = max(1, min(_pow2_at_least(c), _TILE // block_hw))
     if tile_hw is not None:
         if tile_hw < 1 or tile_hw & (tile_hw - 1):
-            raise ValueError(f"tile_hw must be a power of two, got {tile_hw}")
+            raise InputError(f"tile_hw must be a power of two, got {tile_hw}")
         block_hw = tile_hw
     n_cblk = -(-c // block_c)
     if segments is None:

@@ -93,15 +93,21 @@ def test_checkpoint_refusals(tmp_path):
     with pytest.raises(CheckpointError, match="unpickle"):
         ad.load_checkpoint(whole)
     evil = tmp_path / "evil.pt"
+    marker = tmp_path / "pwned.txt"
 
     class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
+        def __reduce__(self):  # unpickling calls open(marker, "w"): the file appears if the payload runs
+            return (open, (str(marker), "w"))
 
     with open(evil, "wb") as fh:
         pickle.dump({"w": Evil()}, fh)
-    with pytest.raises(CheckpointError):
+    with open(evil, "rb") as fh:  # the payload is real: a plain unpickle runs it
+        pickle.load(fh).pop("w").close()
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(CheckpointError, match="evil.pt"):
         ad.load_checkpoint(evil)
+    assert not marker.exists(), "loading a checkpoint ran code from it"
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pt"):

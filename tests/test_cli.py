@@ -7,22 +7,97 @@ from conceptevo.cli import app
 runner = CliRunner()
 
 
+def flat(text: str) -> str:
+    """Without any whitespace: rich wraps long lines (paths) at the terminal width."""
+    return "".join(text.split())
+
+
 @pytest.mark.parametrize("cmd", [[], ["demo"], ["run"], ["data"], ["train"], ["stimuli"], ["info"], ["importance"], ["reversion"], ["diagnostics"], ["report"]])
 def test_help(cmd):
     res = runner.invoke(app, [*cmd, "--help"])
     assert res.exit_code == 0, res.output
-    assert "Usage" in res.output
+    assert f"Usage: conceptevo {' '.join(cmd)}".rstrip() in " ".join(res.output.split())
+    if cmd:  # the command's own description, not the group's
+        import conceptevo.cli as cli
+
+        fn = getattr(cli, cmd[0], None) or next(c.callback for c in app.registered_commands if c.name == cmd[0])
+        first_words = " ".join(fn.__doc__.split()[:4])
+        assert first_words in " ".join(res.output.split()), (first_words, res.output)
+    else:
+        assert all(c in res.output for c in ("demo", "run", "stimuli", "report"))
 
 
-def test_info_lists_backends():
+def test_info_lists_versions_and_every_backend_choice():
+    import torch
+
+    from conceptevo import __version__, backends
+
     res = runner.invoke(app, ["info"])
     assert res.exit_code == 0, res.output
+    assert f"conceptevo {__version__}" in res.output and torch.__version__ in res.output
+    picked = backends.report()
+    for kind in backends.KINDS:
+        assert f"{kind} -> {picked[kind]}" in " ".join(res.output.split()), kind
 
 
 def test_run_with_missing_config_names_it(tmp_path):
     res = runner.invoke(app, ["run", str(tmp_path / "nope.toml")])
     assert res.exit_code == 2
-    assert "nope.toml" in res.output
+    assert flat(f"config file not found: {tmp_path / 'nope.toml'}") in flat(res.output)
+
+
+def _folder_with_a_corrupt_image(tmp_path):
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for j in range(2):
+            Image.fromarray(np.full((8, 8, 3), 40 * j, np.uint8)).save(tmp_path / "imgs" / c / f"{j}.png")
+    bad = tmp_path / "imgs" / "dog" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    return bad
+
+
+def test_run_advises_skip_bad_in_the_words_of_each_interface(tmp_path):
+    """The config advice names the config key, the command line's names its flag; both work."""
+    import json
+
+    from conceptevo.errors import DataError
+    from conceptevo.pipeline import PipelineConfig, load_config, run_pipeline
+
+    bad = _folder_with_a_corrupt_image(tmp_path)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('out = "out"\ndataset = "imgs"\nimage_size = 8\n')  # no [runs]: stops right after the data
+    res = runner.invoke(app, ["run", str(cfg)])
+    text = flat(res.output)
+    assert res.exit_code == 2 and "broken.png" in text and "--skip-bad" in text and "skip_bad=True" not in text
+    with pytest.raises(DataError, match="set skip_bad = true in the config") as info:
+        run_pipeline(PipelineConfig(out=tmp_path / "out", dataset=str(tmp_path / "imgs"), image_size=8))
+    assert "skip_bad=True" not in str(info.value) and isinstance(info.value, ValueError)
+
+    res = runner.invoke(app, ["run", str(cfg), "--skip-bad"])  # past the data: fails on the missing runs
+    assert res.exit_code == 2 and "namesnoruns" in flat(res.output), res.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["skipped_files"] == [{"dataset": "dataset", "path": str(bad)}]
+    assert manifest["config"]["skip_bad"] is True
+
+    cfg.write_text('out = "out2"\ndataset = "imgs"\nimage_size = 8\nskip_bad = true\n')
+    assert load_config(cfg).skip_bad is True
+    res = runner.invoke(app, ["run", str(cfg)])
+    assert res.exit_code == 2 and "namesnoruns" in flat(res.output), res.output
+    manifest = json.loads((tmp_path / "out2" / "manifest.json").read_text())
+    assert [r["path"] for r in manifest["skipped_files"]] == [str(bad)]
+
+
+def test_stimuli_advises_its_skip_bad_flag(tmp_path):
+    _folder_with_a_corrupt_image(tmp_path)
+    res = runner.invoke(app, ["stimuli", str(tmp_path / "epoch_003.pt"), "--out", str(tmp_path / "o"),
+                              "--dataset", str(tmp_path / "imgs"), "--image-size", "8"])
+    text = flat(res.output)
+    assert res.exit_code == 2 and "broken.png" in text and "--skip-bad" in text and "skip_bad=True" not in text
 
 
 def test_run_with_unknown_key_names_it(tmp_path):
@@ -36,7 +111,7 @@ def test_stimuli_with_missing_checkpoint_names_it(tmp_path):
     res = runner.invoke(app, ["stimuli", str(tmp_path / "epoch_003.pt"), "--out", str(tmp_path / "o"),
                               "--dataset", str(tmp_path / "nodata")])
     assert res.exit_code == 2
-    assert "nodata" in res.output or "epoch_003.pt" in res.output
+    assert flat(f"image folder {tmp_path / 'nodata'} does not exist") in flat(res.output)
 
 
 @pytest.mark.slow

@@ -132,13 +132,21 @@ def test_projection_equals_python_loop(rng):
 
 
 def test_projection_of_base_reproduces_fit(rng):
-    # Projecting the base's own stimuli gives A U: its distance to V is exactly the reported rmse.
+    """Projecting the base's own stimuli gives A U, and the reported rmse is its distance to V: both
+    checked against the dense ridge solution computed here (not against the code's own product)."""
     n, k, num_images, d = 40, 5, 150, 6
     s = random_stimuli(rng, n, k, num_images, empty=0.0)
     v = rng.normal(size=(n, d)).astype(np.float32)
     u, info = ie.fit(s, v, num_images, backend="scipy")
-    p = ie.project(s, u)
-    assert np.sqrt(np.mean((p.astype(np.float64) - v) ** 2)) == pytest.approx(info.rmse, rel=1e-4)
+    cols, ref, ac, fitted = dense_reference(s, v, num_images, ie.DEFAULT_RIDGE)
+    assert fitted.all()
+    expected = ac @ ref  # each base neuron's least-squares approximation
+    p = ie.project(s, u).astype(np.float64)
+    np.testing.assert_allclose(p, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    dense_rmse = np.sqrt(np.mean((expected - v) ** 2))
+    assert info.rmse == pytest.approx(dense_rmse, rel=1e-4)
+    assert info.rel_rmse == pytest.approx(dense_rmse / np.sqrt(np.mean(v.astype(np.float64) ** 2)), rel=1e-4)
+    assert 0 < dense_rmse  # the ridge keeps the fit from being exact: a zero here would test nothing
 
 
 def test_unconstrained_images_get_documented_vectors(rng):

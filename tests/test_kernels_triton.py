@@ -9,7 +9,9 @@ compiled kernel in-process.
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,11 +39,29 @@ def test_interpreter_cases_in_a_fresh_process():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "cpu", str(Path(__file__))],
+        [sys.executable, "-m", "pytest", "-q", "-x", "-rA", "-p", "no:cacheprovider", "-k", "cpu", str(Path(__file__))],
         cwd=root, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
-    assert " passed" in proc.stdout and " failed" not in proc.stdout
+    # every cpu case of every device-parametrised test ran in the interpreter and passed, none skipped
+    passed_cpu = [ln for ln in proc.stdout.splitlines() if ln.startswith("PASSED ") and ln.endswith("-cpu]")
+                  or ln.startswith("PASSED ") and ln.endswith("[cpu]")]
+    expected = _interpreter_case_count()
+    assert expected >= 8 and len(passed_cpu) == expected, (expected, passed_cpu, proc.stdout[-3000:])
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert re.search(r"\b(skipped|failed|error)", summary) is None, summary
+
+
+def _interpreter_case_count() -> int:
+    """The number of ``cpu`` cases the parametrisations in this file define (tests taking ``device``)."""
+    total = 0
+    for name, fn in globals().items():
+        marks = [m for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"] if name.startswith("test_") else []
+        names = [[a.strip() for a in (m.args[0].split(",") if isinstance(m.args[0], str) else m.args[0])]
+                 for m in marks]
+        if any("device" in n for n in names):
+            total += math.prod(len(m.args[1]) for m, n in zip(marks, names) if "device" not in n)
+    return total
 
 
 def _check(x: torch.Tensor, segments: int | None = None, tile_hw: int | None = None) -> None:

@@ -1,6 +1,9 @@
-"""The README opens with the two commands, and .ci/run runs exactly the second one."""
+"""The README opens with the two commands, .ci/run runs exactly the second one, and its Python
+API example runs."""
 import re
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,3 +26,54 @@ def test_ci_runs_the_readme_test_command():
     ci_cmds = [line.replace(" -q ", " ").replace("pip install -q", "pip install") for line in ci.splitlines()]
     wanted = readme_commands()[1]
     assert any(c.strip() == wanted for c in ci_cmds), f".ci/run does not run the README's test command {wanted!r}"
+
+
+def readme_python_example() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Python API", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's Python API example, run as written; only the data and the training are shrunk
+    (a small run that saves the built-in run's epochs 0, 1, 2, 3, 5, 8, 12)."""
+    import pandas as pd
+    import torch
+
+    from conceptevo import data, train
+
+    real_dataset = data.builtin_dataset
+    small = {"num_images": 48}
+
+    def small_dataset(split="train", seed=0, root=None, **kw):
+        return real_dataset(split, seed=seed, root=root, **{**small, **kw})
+
+    def small_regimes(root, seed=0, **kw):
+        tr, te = small_dataset("train", seed), small_dataset("test", seed, num_images=16)
+        run = Path(root) / "well_trained"
+        train.train_run(run, "vgg_small", tr, te, epochs=12, lr=0.05, save_epochs=[0, 1, 2, 3, 5, 8, 12],
+                        seed=seed, model_kw={"channels": (4, 4, 8, 8), "hidden": 16}, progress=False,
+                        batch_size=48, eval_train_max=48)
+        return {"well_trained": run}
+
+    monkeypatch.setattr(data, "builtin_dataset", small_dataset)
+    monkeypatch.setattr(train, "train_regimes", small_regimes)
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is several times faster on a shared CPU
+    ns: dict = {}
+    try:
+        exec(compile(readme_python_example(), "README.md (Python API)", "exec"), ns)
+    finally:
+        torch.set_num_threads(threads)
+    us, stims = ns["us"], ns["stims"]
+    epochs = [0, 1, 2, 3, 5, 8, 12]
+    assert sorted(stims) == epochs  # the saved epochs, not 0..6
+    assert us.base_key == ("well_trained", 12)
+    assert sorted(us.checkpoints) == [("well_trained", e) for e in epochs]  # every checkpoint once, base included
+    rows = us.rows("well_trained", 12)
+    np.testing.assert_array_equal(us.vectors[rows], us.base_vectors)  # the base keeps its learned vectors
+    table = pd.read_parquet(tmp_path / "neurons.parquet")
+    assert set(table["model"]) == {"well_trained"} and sorted(set(table["epoch"])) == epochs
+    assert len(table) == len(us) == 7 * us.summary()["checkpoints"][0]["neurons"]
+    assert ns["xy"].shape == (len(us), 2)

@@ -257,3 +257,27 @@ def test_plot_writes_png(tmp_path):
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError):
         plot_reversion(summ.iloc[:0], tmp_path / "empty.png")
+
+
+def test_reversion_figure_is_written_atomically(tmp_path, monkeypatch):
+    """A crash while the figure is written leaves the previous figure and no temporary file."""
+    import matplotlib.figure
+
+    from conceptevo.reversion import RANDOM_BIN, plot_reversion
+
+    summary = pd.DataFrame({"split": "train", "metric": "top1", "bin": ["0-25%", "25-50%", RANDOM_BIN],
+                            "mean_delta": [-0.1, -0.05, -0.02], "std_over_samples": [0.01, 0.01, 0.01]})
+    out = tmp_path / "figures" / "reversion.png"
+    plot_reversion(summary, out)
+    first = out.read_bytes()
+    assert first.startswith(b"\x89PNG")
+
+    def crash(self, fname, *a, **kw):
+        open(fname, "wb").write(b"half a png")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", crash)
+    with pytest.raises(KeyboardInterrupt):
+        plot_reversion(summary, out)
+    assert out.read_bytes() == first
+    assert sorted(p.name for p in out.parent.iterdir()) == ["reversion.png"]

@@ -65,10 +65,68 @@ def test_fit_end_to_end(rng):
     assert sp.checkpoints == [("vgg", 7)]
     with pytest.raises(EmbeddingError, match="base checkpoint"):
         sp.add("vgg", 7, make_stimuli(rng, [12, 20, 9], 150), replace=True)
-    # projecting the base itself lands each neuron at its least-squares approximation
+    # projecting the base itself lands each neuron at its (ridge) least-squares approximation,
+    # computed here densely: A_c A_c^T (A_c A_c^T + ridge I)^-1 V over the neurons with stimuli
     proj = sp.project(base)
     s, *_ = stimuli_arrays(base)
-    np.testing.assert_allclose(proj, ie.project(s, sp.image_vectors))
+    alive = (s >= 0).any(axis=1)
+    expected = dense_ridge_projection(s[alive], sp.base_vectors[alive], 150, sp.params["ridge"])
+    assert np.isnan(proj[~alive]).all()
+    np.testing.assert_allclose(proj[alive], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    # the report's fit RMSE is this in-sample residual; the held-out measure is recorded beside it
+    resid = expected - sp.base_vectors[alive]
+    assert info["rmse"] == pytest.approx(np.sqrt(np.mean(resid**2)), rel=1e-3)
+    assert sp.info["holdout"]["n_neurons"] == 4 and sp.summary()["holdout"] == sp.info["holdout"]
+
+
+def dense_ridge_fit(stim, v, num_images, ridge):
+    """Oracle, dense NumPy: (U, A) with A[i, x] = 1/k_i and U = argmin ||A U - V||^2 + ridge ||U||^2
+    (U = A^T (A A^T + ridge I)^-1 V, zero for images no neuron chose)."""
+    a = np.zeros((len(stim), num_images))
+    for i, ids in enumerate(stim):
+        ids = ids[ids >= 0]
+        for x in ids:
+            a[i, x] += 1.0 / len(ids)
+    u = a.T @ np.linalg.solve(a @ a.T + ridge * np.eye(len(a)), v.astype(np.float64))
+    return u, a
+
+
+def dense_ridge_projection(stim, v, num_images, ridge):
+    u, a = dense_ridge_fit(stim, v, num_images, ridge)
+    return a @ u
+
+
+def test_holdout_error_against_a_dense_oracle(rng):
+    """Held-out neurons are left out of the fit and projected: check against a dense solve without them."""
+    from conceptevo.space import holdout_error
+
+    n_img, k, d = 30, 4, 5
+    stim = np.stack([rng.choice(n_img, k, replace=False) for _ in range(120)]).astype(np.int64)
+    v = rng.normal(size=(120, d))
+    res = holdout_error(stim, v, n_img, fraction=0.2, seed=3, ridge=1e-3)
+    held = np.asarray(res["neurons"])
+    assert res["n_neurons"] == len(held) == 24 and len(set(held)) == 24
+    kept = np.setdiff1d(np.arange(120), held)
+    # every image is chosen by some kept neuron here (120 x 4 draws over 30 images), so no placement rule is involved
+    assert set(np.unique(stim[kept])) == set(range(n_img))
+    u, _ = dense_ridge_fit(stim[kept], v[kept], n_img, 1e-3)
+    a_held = np.zeros((len(held), n_img))
+    for i, ids in enumerate(stim[held]):
+        a_held[i, ids] += 1.0 / k
+    err = a_held @ u - v[held]
+    assert res["rmse"] == pytest.approx(np.sqrt(np.mean(err**2)), rel=1e-4)
+    assert res["rel_rmse"] == pytest.approx(res["rmse"] / np.sqrt(np.mean(v[held] ** 2)), rel=1e-9)
+    # random vectors cannot be predicted from other neurons; vectors that are means of image vectors can
+    assert 0.5 < res["rel_rmse"] < 2.0
+    u_true = rng.normal(size=(n_img, d))
+    a_all = np.zeros((120, n_img))
+    for i, ids in enumerate(stim):
+        a_all[i, ids] += 1.0 / k
+    consistent = holdout_error(stim, a_all @ u_true, n_img, fraction=0.2, seed=3, ridge=1e-6)
+    assert consistent["rel_rmse"] < 1e-3
+    assert holdout_error(stim[:5], v[:5], n_img) is None  # too few neurons to leave any out
+    with pytest.raises(EmbeddingError, match="holdout"):
+        holdout_error(stim, v, n_img, fraction=1.5)
 
 
 def test_fit_no_shared_images_is_an_error(rng):
