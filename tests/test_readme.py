@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from conceptevo import train as train_module
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,6 +30,13 @@ def test_ci_runs_the_readme_test_command():
     assert any(c.strip() == wanted for c in ci_cmds), f".ci/run does not run the README's test command {wanted!r}"
 
 
+SAVED = list(train_module.REGIMES["well_trained"]["save_epochs"])
+
+
+def test_readme_names_the_saved_epochs():
+    assert f"epochs {', '.join(map(str, SAVED))}" in readme_python_example()
+
+
 def readme_python_example() -> str:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     section = text.split("## Python API", 1)[1]
@@ -36,7 +45,7 @@ def readme_python_example() -> str:
 
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     """The README's Python API example, run as written; only the data and the training are shrunk
-    (a small run that saves the built-in run's epochs 0, 1, 2, 3, 5, 8, 12)."""
+    (a small run that saves the built-in well_trained run's epochs)."""
     import pandas as pd
     import torch
 
@@ -51,7 +60,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     def small_regimes(root, seed=0, **kw):
         tr, te = small_dataset("train", seed), small_dataset("test", seed, num_images=16)
         run = Path(root) / "well_trained"
-        train.train_run(run, "vgg_small", tr, te, epochs=12, lr=0.05, save_epochs=[0, 1, 2, 3, 5, 8, 12],
+        train.train_run(run, "vgg_small", tr, te, epochs=12, lr=0.05, save_epochs=SAVED,
                         seed=seed, model_kw={"channels": (4, 4, 8, 8), "hidden": 16}, progress=False,
                         batch_size=48, eval_train_max=48)
         return {"well_trained": run}
@@ -67,13 +76,13 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     us, stims = ns["us"], ns["stims"]
-    epochs = [0, 1, 2, 3, 5, 8, 12]
-    assert sorted(stims) == epochs  # the saved epochs, not 0..6
+    epochs = SAVED
+    assert sorted(stims) == epochs  # the saved epochs, not 0..7
     assert us.base_key == ("well_trained", 12)
     assert sorted(us.checkpoints) == [("well_trained", e) for e in epochs]  # every checkpoint once, base included
     rows = us.rows("well_trained", 12)
     np.testing.assert_array_equal(us.vectors[rows], us.base_vectors)  # the base keeps its learned vectors
     table = pd.read_parquet(tmp_path / "neurons.parquet")
     assert set(table["model"]) == {"well_trained"} and sorted(set(table["epoch"])) == epochs
-    assert len(table) == len(us) == 7 * us.summary()["checkpoints"][0]["neurons"]
+    assert len(table) == len(us) == len(SAVED) * us.summary()["checkpoints"][0]["neurons"]
     assert ns["xy"].shape == (len(us), 2)
