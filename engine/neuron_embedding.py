@@ -233,7 +233,7 @@ def train(
 
     Raises:
         EmbeddingError: empty pairs, or training diverged (non-finite loss).
-        ValueError: a parameter or pair id out of range (named in the message).
+        InputError (a ValueError): a parameter or pair id out of range (named in the message).
     """
     from . import _C
 

@@ -107,7 +107,7 @@ def build_pairs(
         With ``return_images``: ``(pairs, images)`` where ``images`` is int64 ``(P,)``.
 
     Raises:
-        ValueError: malformed stimuli or parameters (names the entry at fault).
+        InputError (a ValueError): malformed stimuli or parameters (names the entry at fault).
         EmbeddingError: no image is shared by two neurons, so there is nothing to embed.
     """
     stim = validate_stimuli(neuron_stimuli, num_images)

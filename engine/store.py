@@ -231,7 +231,9 @@ class RunStore:
     def path(self, name: str) -> Path:
         """Absolute path of a store entry given its relative, '/'-separated name."""
         if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise ValueError(f"store names are relative and stay inside the run: {name!r}")
+            from .errors import InputError
+
+            raise InputError(f"store names are relative and stay inside the run: {name!r}")
         return self.root / name
 
     def _lock(self):

@@ -160,16 +160,25 @@ def test_run_config_on_an_image_folder_end_to_end(tmp_path):
         'reversion_sample_size = 6\nreversion_repeats = 2\npatches_per_neuron = 2\nneighbours = 3\n'
         '[runs]\nmine = "ckpt/model_ep*.pt"\n'
     )
-    res = runner.invoke(app, ["run", str(cfg)])
+    broken = tmp_path / "imgs" / src.class_names[2] / "zz_broken.png"  # a file the user's folder happens to hold
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    res = runner.invoke(app, ["run", str(cfg), "--skip-bad"])
     assert res.exit_code == 0, res.output
     out = tmp_path / "out"
     neurons = pd.read_parquet(out / "neurons.parquet")
     assert set(neurons["model"]) == {"mine"} and set(neurons["epoch"]) == {0, 1, 2}
+    per_ckpt = neurons.groupby("epoch").size()
+    assert (per_ckpt == sum(m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d))).all()
     imp = pd.read_parquet(out / "importance.parquet")
-    assert set(imp["class"]) == {0, 1} and imp["score"].between(0, 1).all()
+    assert set(imp["class"]) == {0, 1} and set(zip(imp["t"], imp["t_prime"])) == {(0, 2)}  # no log: middle -> last
+    counts = imp["score"] * 8  # importance_images = 8 of each class's 20: a share of 8 images
+    np.testing.assert_allclose(counts, np.round(counts), atol=1e-9)
+    html = (out / "report.html").read_text(encoding="utf-8")
     assert (out / "report.html").stat().st_size > 100_000 and (out / "reversion.parquet").exists()
+    assert "<td>base</td><td>mine epoch 2</td>" in html and "zz_broken.png" in html
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"space", "importance", "reversion"} <= set(manifest["stages"])
+    assert manifest["skipped_files"] == [{"dataset": "dataset", "path": str(broken)}]
     assert not (out / "alignment.parquet").exists()  # no concept tags on user data
     # the NaN checkpoint is recorded as diverged, at its epoch, with the tensor at fault
     verdicts = json.loads((out / "verdicts.json").read_text())["mine"]

@@ -50,6 +50,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     import torch
 
     from conceptevo import data, train
+    from conceptevo.space import UnifiedSpace
 
     real_dataset = data.builtin_dataset
     small = {"num_images": 48}
@@ -67,6 +68,10 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data, "builtin_dataset", small_dataset)
     monkeypatch.setattr(train, "train_regimes", small_regimes)
+    # UMAP's first call in a process compiles for ~15 CPU-seconds; it is tested in test_space.py.
+    # Here the example's call runs with the linear layout (same rows, same contract).
+    layout_2d = UnifiedSpace.layout_2d
+    monkeypatch.setattr(UnifiedSpace, "layout_2d", lambda self, method="umap", **kw: layout_2d(self, "pca", **kw))
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is several times faster on a shared CPU
