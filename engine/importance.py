@@ -40,7 +40,7 @@ in-place op such as ``ReLU(inplace=True)`` after a chosen layer cannot change th
 kept tensor), so the gradient with respect to an early layer is taken through the
 unmodified epoch-``t`` forward, chained through every later layer.
 
-``importance_loop`` is the plain reference: per image and per neuron it builds the
+``conceptevo._reference.importance_loop`` is the plain reference: per image and per neuron it builds the
 full one-neuron ``Delta Z`` of Eq. 2 and dots it with ``torch.autograd.grad`` of the
 logit (the authors' formulation). It is slow and exists for tests and benchmarks.
 
@@ -68,7 +68,6 @@ from .errors import ActivationError, DataError, LayerError
 __all__ = [
     "Sensitivities",
     "evolution_importance",
-    "importance_loop",
     "batch_sensitivities",
     "class_indices",
     "resolve_pair",
@@ -425,75 +424,3 @@ def evolution_importance(
         n: (np.concatenate(v) if v else np.zeros((0, ad_t.channels[n]))) for n, v in kept.items()
     }
     return df, Sensitivities(ids=idx.copy(), labels=labels_all[idx].copy(), scores=scores)
-
-
-# ------------------------------------------------------------------- plain reference
-def importance_loop(
-    model_t: nn.Module | ModelAdapter,
-    model_t2: nn.Module | ModelAdapter,
-    data,
-    classes: Sequence[int] | None = None,
-    layers: LayerSpec = None,
-    device: str | torch.device | None = None,
-    max_images_per_class: int | None = None,
-    seed: int = 0,
-    indices: Sequence[int] | np.ndarray | None = None,
-    return_scores: bool = False,
-) -> pd.DataFrame | tuple[pd.DataFrame, Sensitivities]:
-    """Plain reference of :func:`evolution_importance` (same arguments, same table).
-
-    One image at a time: forward both models, ``torch.autograd.grad`` of the image's
-    class logit w.r.t. each layer's output, then for each neuron build the full-size
-    ``Delta Z`` of Eq. 2 (zeros except that neuron's map) and take its dot product with
-    the gradient (Eq. 3). Slow by design.
-    """
-    data, ad_t, ad_t2, labels_all, idx, cls = _prepare(
-        model_t, model_t2, data, classes, layers, max_images_per_class, seed, indices, device
-    )
-    dev, dtype = model_device_dtype(ad_t.model)
-    names = ad_t.layer_names
-    per_image: dict[str, list[list[float]]] = {n: [] for n in names}
-    with EvalMode(ad_t.model, ad_t2.model):
-        for i in idx:
-            x = torch.as_tensor(data[int(i)][0])[None].to(dev, dtype)
-            c = int(labels_all[i])
-
-            zt2: dict[str, torch.Tensor] = {}
-            with torch.no_grad(), ad_t2.hooks(lambda n, o: zt2.__setitem__(n, o.clone())):
-                ad_t2.model(x)
-
-            zt: dict[str, torch.Tensor] = {}
-
-            def keep(n: str, o: torch.Tensor) -> torch.Tensor:
-                zt[n] = o
-                return o.clone()
-
-            with torch.enable_grad(), ad_t.hooks(keep):
-                logit = ad_t.model(x.detach().requires_grad_(True))[0, c]
-                for name in names:
-                    (grad,) = torch.autograd.grad(logit, zt[name], retain_graph=True, allow_unused=True)
-                    if grad is None:
-                        grad = torch.zeros_like(zt[name])
-                    row = []
-                    for n in range(ad_t.channels[name]):
-                        delta = torch.zeros_like(zt[name])
-                        delta[:, n] = zt2[name][:, n] - zt[name].detach()[:, n]
-                        row.append(float((grad * delta).sum()))
-                    per_image[name].append(row)
-
-    lut = {c: k for k, c in enumerate(cls)}
-    rows = np.array([lut[int(v)] for v in labels_all[idx]], dtype=np.int64)
-    totals = np.bincount(rows, minlength=len(cls))
-    pos, sums, scores = {}, {}, {}
-    for name in names:
-        S = np.asarray(per_image[name], dtype=np.float64).reshape(len(idx), ad_t.channels[name])
-        p = np.zeros((len(cls), S.shape[1]), np.int64)
-        s = np.zeros((len(cls), S.shape[1]), np.float64)
-        for r, srow in zip(rows, S):
-            p[r] += srow > 0
-            s[r] += srow
-        pos[name], sums[name], scores[name] = p, s, S
-    df = importance_table(cls, ad_t, pos, totals, sums)
-    if return_scores:
-        return df, Sensitivities(ids=idx.copy(), labels=labels_all[idx].copy(), scores=scores)
-    return df

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conceptevo.report import build_report, synthetic_report_data
+from conceptevo._reference import synthetic_report_data
+from conceptevo.report import build_report
 
 pytestmark = pytest.mark.browser
 
