@@ -8,7 +8,10 @@ and a small script of ours draws the map and wires the side panel. Sections:
   axes of the unified 2-D space; one epoch slider (and a play button) moves all
   panels together; points are coloured by layer or by any extra column of
   ``points`` (a concept tag family, or a number such as an importance score);
-  faint grey dots show every epoch of that model for context. Hovering a neuron
+  faint grey dots show every epoch of that model for context. The panels frame the bulk
+  of the points (1st-99th percentiles of all runs and epochs with a 10% margin, one frame
+  for every panel and epoch); the few beyond it are drawn as triangles pinned at the edge,
+  pointing their way, and "show all points" zooms out to every point. Hovering a neuron
   shows its example patches, layer and channel, the same neuron at every epoch,
   and its precomputed nearest neighbours in other models and epochs; clicking pins
   the panel and circles the neuron and its neighbours on the map; clicking a
@@ -403,6 +406,23 @@ def _map_layout(models: Sequence[str], xr: tuple[float, float], yr: tuple[float,
 
 
 # --------------------------------------------------------------------------- payload
+#: The map frames the bulk of the points: these percentiles of every run and epoch together (one frame
+#: for all panels, so they stay comparable), widened by ``_FRAME_MARGIN`` of their span on each side.
+#: Points beyond the frame are drawn pinned at its edge with a triangle pointing their way; the
+#: "show all points" button zooms out to every point.
+_FRAME_PERCENTILES = (1.0, 99.0)
+_FRAME_MARGIN = 0.10
+
+
+def _frame(v: np.ndarray, full: list[float]) -> list[float]:
+    """Axis range around the central percentiles of ``v`` (finite), never wider than ``full``."""
+    lo, hi = (float(q) for q in np.percentile(v, _FRAME_PERCENTILES))
+    span = hi - lo
+    if span <= 0:  # (nearly) all points on one value: nothing to frame, show everything
+        return list(full)
+    return [max(lo - _FRAME_MARGIN * span, full[0]), min(hi + _FRAME_MARGIN * span, full[1])]
+
+
 def _point_payload(data: ReportData, images: _ImageTable, patches: dict, limit: int | None) -> dict:
     pts = data.points
     _require(pts, _POINT_COLS, "points")
@@ -436,6 +456,8 @@ def _point_payload(data: ReportData, images: _ImageTable, patches: dict, limit: 
     decimals = max(0, math.ceil(math.log10(5000 / extent)))
     pad_x = 0.04 * max(xr[1] - xr[0], extent * 0.1)
     pad_y = 0.04 * max(yr[1] - yr[0], extent * 0.1)
+    range_all = {"x": [xr[0] - pad_x, xr[1] + pad_x], "y": [yr[0] - pad_y, yr[1] + pad_y]}
+    frame = {"x": _frame(x[finite], range_all["x"]), "y": _frame(y[finite], range_all["y"])}
 
     m_idx = {m: i for i, m in enumerate(models)}
     l_idx = {layer: i for i, layer in enumerate(layers)}
@@ -444,7 +466,7 @@ def _point_payload(data: ReportData, images: _ImageTable, patches: dict, limit: 
         "m": [m_idx[k[0]] for k in keys], "e": [k[1] for k in keys], "l": [l_idx[k[2]] for k in keys],
         "c": [k[3] for k in keys],
         "x": _finite_or_none(x, decimals), "y": _finite_or_none(y, decimals),
-        "range": {"x": [xr[0] - pad_x, xr[1] + pad_x], "y": [yr[0] - pad_y, yr[1] + pad_y]},
+        "range": frame, "rangeAll": range_all,
     }
     colours = [{"name": "layer", "kind": "cat", "codes": payload["l"], "labels": layers,
                 "colors": _sequential(len(layers))}]
@@ -587,7 +609,9 @@ def _html(payload: dict, data: ReportData, plotly_js: str) -> str:
         '<input id="epoch-slider" type="range" min="0" max="0" step="1" value="0" aria-label="epoch"> '
         '<span id="epoch-label"></span></span>'
         '<label>colour by <select id="color-by"></select></label>'
-        '<label><input id="ghost" type="checkbox" checked> all epochs in grey</label></div>',
+        '<label><input id="ghost" type="checkbox" checked> all epochs in grey</label>'
+        '<button id="zoom-all" type="button" aria-pressed="false">show all points</button>'
+        '<span id="frame-note" class="note"></span></div>',
         '<div class="map-row"><div id="map"></div><aside id="side-panel">'
         '<div id="sp-title">Hover or click a neuron</div><div id="sp-meta"></div><div id="sp-pin"></div>'
         '<div id="sp-patches" class="patches"></div><h3>The same neuron at each epoch</h3>'

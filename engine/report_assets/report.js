@@ -40,7 +40,30 @@ function panelEpoch(mi, ep) {
 const text = new Array(N);
 for (let i = 0; i < N; i++) text[i] = label(i);
 
-const state = {epochIdx: P.epochs.length - 1, colorBy: 0, ghost: true, pinned: null, timer: null};
+// ---- frame: the panels show the bulk of the points (P.range, the same for every run and epoch);
+// a point beyond it is pinned just inside the edge and drawn as a triangle pointing its way.
+// "show all points" (state.fullView) zooms out to P.rangeAll and draws every point where it is.
+const F = P.range, INSET = 0.015;
+const pinAt = (v, r) => v < r[0] ? r[0] + INSET * (r[1] - r[0]) : (v > r[1] ? r[1] - INSET * (r[1] - r[0]) : v);
+const side = (v, r) => (v === null ? 0 : (v < r[0] ? -1 : (v > r[1] ? 1 : 0)));
+const outside = new Int8Array(N);               // 1: beyond the frame
+const SYMBOLS = {"1,0": "triangle-right", "-1,0": "triangle-left", "0,1": "triangle-up", "0,-1": "triangle-down",
+  "1,1": "triangle-ne", "-1,1": "triangle-nw", "1,-1": "triangle-se", "-1,-1": "triangle-sw"};
+const symbolOf = new Array(N);
+let nOutside = 0;
+for (let i = 0; i < N; i++) {
+  const sx = side(P.x[i], F.x), sy = side(P.y[i], F.y);
+  symbolOf[i] = sx || sy ? SYMBOLS[sx + "," + sy] : "circle";
+  if (sx || sy) { outside[i] = 1; nOutside++; }
+}
+const px = (i) => (state.fullView || P.x[i] === null ? P.x[i] : pinAt(P.x[i], F.x));
+const py = (i) => (state.fullView || P.y[i] === null ? P.y[i] : pinAt(P.y[i], F.y));
+const symbols = (idx) => (state.fullView ? "circle" : idx.map((i) => symbolOf[i]));
+const sizes = (idx, size) => (state.fullView ? size : idx.map((i) => (outside[i] ? size + 5 : size)));
+const beyond = (i) => (outside[i] && !state.fullView ? " · beyond the frame (show all points)" : "");
+
+const state = {epochIdx: P.epochs.length - 1, colorBy: 0, ghost: true, pinned: null, timer: null,
+  fullView: false};
 const gd = document.getElementById("map");
 const slider = document.getElementById("epoch-slider");
 const epochLabel = document.getElementById("epoch-label");
@@ -56,18 +79,18 @@ function buildTraces() {
     if (state.ghost) {
       const all = [];
       byME[mi].forEach((idx) => { for (const i of idx) all.push(i); });
-      traces.push({type: scatterType, mode: "markers", x: all.map((i) => P.x[i]), y: all.map((i) => P.y[i]),
+      traces.push({type: scatterType, mode: "markers", x: all.map(px), y: all.map(py),
         xaxis: xa, yaxis: ya, hoverinfo: "skip", showlegend: false, meta: "ghost", uid: "g" + mi,
-        marker: {color: "rgba(150,150,150,0.16)", size: 4}});
+        marker: {color: "rgba(150,150,150,0.16)", size: 4, symbol: symbols(all)}});
     }
     const idx = byME[mi].get(panelEpoch(mi, ep)) || [];
     if (opt.kind === "num") {
       const v = idx.map((i) => opt.values[i]);
-      traces.push({type: scatterType, mode: "markers", x: idx.map((i) => P.x[i]), y: idx.map((i) => P.y[i]),
-        customdata: idx, text: idx.map((i) => text[i] + " · " + opt.name + " " + opt.values[i]),
+      traces.push({type: scatterType, mode: "markers", x: idx.map(px), y: idx.map(py),
+        customdata: idx, text: idx.map((i) => text[i] + " · " + opt.name + " " + opt.values[i] + beyond(i)),
         hovertemplate: "%{text}<extra></extra>", xaxis: xa, yaxis: ya, meta: "pts", uid: "n" + mi,
         name: opt.name, showlegend: false,
-        marker: {color: v, colorscale: "Viridis", cmin: opt.min, cmax: opt.max, size: 7,
+        marker: {color: v, colorscale: "Viridis", cmin: opt.min, cmax: opt.max, size: sizes(idx, 7), symbol: symbols(idx),
                  showscale: mi === 0, colorbar: {title: {text: opt.name}, len: 0.6}}});
       return;
     }
@@ -76,11 +99,11 @@ function buildTraces() {
     const cats = opt.labels.map((lab, c) => [lab, opt.colors[c], groups[c], c]);
     if (none.length) cats.push(["(none)", "#bbbbbb", none, "none"]);
     for (const [lab, colour, g, c] of cats) {
-      traces.push({type: scatterType, mode: "markers", x: g.map((i) => P.x[i]), y: g.map((i) => P.y[i]),
-        customdata: g, text: g.map((i) => text[i]), hovertemplate: "%{text}<extra>" + lab + "</extra>",
+      traces.push({type: scatterType, mode: "markers", x: g.map(px), y: g.map(py),
+        customdata: g, text: g.map((i) => text[i] + beyond(i)), hovertemplate: "%{text}<extra>" + lab + "</extra>",
         xaxis: xa, yaxis: ya, name: lab, legendgroup: lab, showlegend: !shown.has(lab), meta: "pts",
         uid: "p" + mi + "_" + state.colorBy + "_" + c,
-        marker: {color: colour, size: 7, line: {width: 0.5, color: "white"}}});
+        marker: {color: colour, size: sizes(g, 7), symbol: symbols(g), line: {width: 0.5, color: "white"}}});
       shown.add(lab);
     }
   });
@@ -91,8 +114,8 @@ function buildTraces() {
     P.models.forEach((name, mi) => {
       const [xa, ya] = axisNames(mi);
       const mine = marks.filter(([j]) => P.m[j] === mi && P.e[j] === panelEpoch(mi, ep));
-      traces.push({type: scatterType, mode: "markers", x: mine.map(([j]) => P.x[j]),
-        y: mine.map(([j]) => P.y[j]), xaxis: xa, yaxis: ya, hoverinfo: "skip", showlegend: false,
+      traces.push({type: scatterType, mode: "markers", x: mine.map(([j]) => px(j)),
+        y: mine.map(([j]) => py(j)), xaxis: xa, yaxis: ya, hoverinfo: "skip", showlegend: false,
         meta: "hl", uid: "h" + mi,
         marker: {symbol: "circle-open", size: 17, line: {width: 2.5}, color: mine.map(([, c]) => c)}});
     });
@@ -113,6 +136,13 @@ function render() {
   const layout = Object.assign({}, D.mapLayout);
   layout.annotations = (D.mapLayout.annotations || []).map((a, mi) => mi < P.models.length
     ? Object.assign({}, a, {text: P.models[mi] + " · epoch " + panelEpoch(mi, ep)}) : a);
+  // the frame or every point; a new uirevision makes Plotly take these ranges over a user's zoom
+  const view = state.fullView ? P.rangeAll : P.range;
+  layout.uirevision = state.fullView ? "all" : "frame";
+  for (const key of Object.keys(D.mapLayout)) {
+    if (/^xaxis\d*$/.test(key)) layout[key] = Object.assign({}, D.mapLayout[key], {range: view.x.slice()});
+    if (/^yaxis\d*$/.test(key)) layout[key] = Object.assign({}, D.mapLayout[key], {range: view.y.slice()});
+  }
   return Plotly.react(gd, buildTraces(), layout, CONFIG);
 }
 
@@ -196,6 +226,16 @@ document.getElementById("ghost").addEventListener("change", (ev) => {
   render();
 });
 document.addEventListener("keydown", (ev) => { if (ev.key === "Escape" && state.pinned !== null) unpin(); });
+const zoomAll = document.getElementById("zoom-all"), frameNote = document.getElementById("frame-note");
+function showFrameNote() {
+  zoomAll.textContent = state.fullView ? "frame the bulk" : "show all points";
+  zoomAll.setAttribute("aria-pressed", String(state.fullView));
+  frameNote.textContent = nOutside === 0 ? "" : (state.fullView
+    ? nOutside + " outlying neuron(s) shown where they are"
+    : nOutside + " outlying neuron(s) beyond the frame, drawn as ▲ at its edge");
+}
+zoomAll.addEventListener("click", () => { state.fullView = !state.fullView; showFrameNote(); render(); });
+showFrameNote();
 
 render().then(() => {
   gd.on("plotly_hover", (ev) => {
