@@ -715,6 +715,11 @@ def write_static_figures(png_dir: str | Path, data: ReportData, max_epochs: int 
     xl, yl = (x[ok].min(), x[ok].max()), (y[ok].min(), y[ok].max())
     pad = 0.03 * max(xl[1] - xl[0], yl[1] - yl[0], 1e-12)  # keep edge points whole
     xl, yl = (xl[0] - pad, xl[1] + pad), (yl[0] - pad, yl[1] + pad)
+    # the same frame as the HTML map: the bulk of the points; the rest pinned at its edge as triangles
+    xl, yl = _frame(x[ok], list(xl)), _frame(y[ok], list(yl))
+    beyond = ok & ((x < xl[0]) | (x > xl[1]) | (y < yl[0]) | (y > yl[1]))
+    x = np.clip(x, xl[0] + 0.015 * (xl[1] - xl[0]), xl[1] - 0.015 * (xl[1] - xl[0]))
+    y = np.clip(y, yl[0] + 0.015 * (yl[1] - yl[0]), yl[1] - 0.015 * (yl[1] - yl[0]))
     fig = Figure(figsize=(2.2 * len(epochs) + 1.6, 2.2 * len(models) + 0.4))
     axs = fig.subplots(len(models), len(epochs), squeeze=False)
     mstr = pts["model"].astype(str).to_numpy()
@@ -726,7 +731,10 @@ def write_static_figures(png_dir: str | Path, data: ReportData, max_epochs: int 
             ax = axs[r, c]
             sel = (mstr == m) & (estr == e) & ok
             ax.scatter(x[(mstr == m) & ok], y[(mstr == m) & ok], s=2, c="#e6e6e6", linewidths=0)
-            ax.scatter(x[sel], y[sel], s=5, c=colours[sel], linewidths=0)
+            ax.scatter(x[sel & ~beyond], y[sel & ~beyond], s=5, c=colours[sel & ~beyond], linewidths=0)
+            if (sel & beyond).any():
+                ax.scatter(x[sel & beyond], y[sel & beyond], s=14, c=colours[sel & beyond], marker="^",
+                           linewidths=0.4, edgecolors="black")
             ax.set_xlim(*xl)
             ax.set_ylim(*yl)
             ax.set_xticks([])
