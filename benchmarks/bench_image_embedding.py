@@ -146,8 +146,8 @@ def main() -> None:
     gd_iter = statistics.median(step_times)
     gd_rmse = float(np.sqrt(np.mean((ac @ u_gd - v64) ** 2)))
     t_gd = gd_iter * 10_000
-    rows.append(("solve: default vs authors' GD", size, t_cg, t_gd, "GD extrapolated: 10,000 x "
-                 f"{gd_iter * 1e3:.2f} ms"))
+    rows.append(("solve: default vs authors' GD", size, t_cg, t_gd,
+                 f"GD extrapolated: 10,000 x {gd_iter * 1e3:.2f} ms"))
 
     reps_lsqr = max(1, min(args.repeats, 3))
     t_lsqr, (u_l, info_l) = median_time(
@@ -166,8 +166,8 @@ def main() -> None:
         lambda: ie._solve_scipy(ac, v64, ridge, "cg", ie.DEFAULT_TOL, 20_000, engine="numpy"), args.repeats,
         "kernel-numpy")
     rows.append(("CG kernel: Numba vs NumPy/SciPy", size, t_nb, t_np,
-                 f"{it_nb} vs {it_np} it, max |dU| {np.abs(u_nb - u_np).max():.1e}; CPU s "
-                 f"{CPU_TIMES['kernel-numba']:.2f} vs {CPU_TIMES['kernel-numpy']:.2f}"))
+                 (f"{it_nb} vs {it_np} it, max |dU| {np.abs(u_nb - u_np).max():.1e}; CPU s "
+                  f"{CPU_TIMES['kernel-numba']:.2f} vs {CPU_TIMES['kernel-numpy']:.2f}")))
     try:
         t_torch, (u_t, _) = median_time(
             lambda: ie.fit(stim, vectors, num_images, backend="torch", device="cpu"), reps_lsqr)
@@ -227,8 +227,9 @@ def crossover(repeats: int) -> None:
         stim = synthetic_stimuli(n, 10, num_images, seed=scale)
         p = pairs.build_pairs(stim, num_images, repeats=10, seed=0)
         v = neuron_embedding.train(p, n, dim=30, seed=0, progress=False).vectors
-        t_d, (u_d, i_d) = median_time(lambda: ie.fit(stim, v, num_images, method="direct"), repeats, "d")
-        t_c, (u_c, i_c) = median_time(lambda: ie.fit(stim, v, num_images, method="cg"), repeats, "c")
+        t_d, (u_d, i_d) = median_time(lambda s=stim, v=v, m=num_images: ie.fit(s, v, m, method="direct"),
+                                      repeats, "d")
+        t_c, (u_c, i_c) = median_time(lambda s=stim, v=v, m=num_images: ie.fit(s, v, m, method="cg"), repeats, "c")
         table.add_row(f"{n:,}", f"{num_images:,}", f"{i_d.n_constrained_images:,}", f"{t_d:.3f}", f"{t_c:.3f}",
                       f"{CPU_TIMES['d']:.3f}", f"{CPU_TIMES['c']:.3f}", str(i_c.iterations),
                       f"{np.abs(u_d - u_c).max():.1e}")
