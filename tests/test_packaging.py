@@ -21,3 +21,18 @@ def test_assets_load_through_importlib_resources():
     js, css = _asset("report.js"), _asset("report.css")
     assert "window.conceptevoReport" in js and "#side-panel" in css
     assert "</script" not in js.lower() and "</style" not in css.lower()
+
+
+def test_report_js_parses():
+    """A syntax error in report.js would only show in a browser: check it with node when present."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("node is not installed (the browser test covers the script)")
+    js = ROOT / "engine" / "report_assets" / "report.js"
+    proc = subprocess.run([node, "--check", str(js)], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
