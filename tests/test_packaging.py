@@ -1,7 +1,8 @@
 """A non-editable install must carry the report's JavaScript and CSS (package data, not Python)."""
 import fnmatch
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
