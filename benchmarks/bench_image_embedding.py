@@ -17,6 +17,10 @@ Rows (medians of ``--repeats`` runs):
   reaches after ``--gd-iters`` iterations is printed below the table.
 * ``solve: CG`` vs ``LSQR`` (SciPy, one column at a time, same ridge, same tol).
 * ``solve: direct`` — dense Cholesky of the smaller Gram matrix, for reference.
+* ``CG kernel: Numba vs NumPy/SciPy`` — the same CG recurrences, the fused Numba kernel (the
+  default above the crossover) against the NumPy block CG on SciPy products (the default before).
+* ``--crossover``: dense Cholesky vs CG at a range of sizes (VGG16 scaled down), to place
+  ``image_embedding.DIRECT_MAX_ROWS``; wall and process CPU times (the machine may be shared).
 * ``projection`` of 20 checkpoints (84,480 neurons) by one sparse product vs a
   per-neuron NumPy loop (timed on one checkpoint, scaled by 20).
 
@@ -85,7 +89,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--gd-iters", type=int, default=300, help="gradient-descent iterations run for its rmse")
     ap.add_argument("--checkpoints", type=int, default=20)
+    ap.add_argument("--crossover", action="store_true", help="only time Cholesky vs CG over sizes")
     args = ap.parse_args()
+    if args.crossover:
+        crossover(args.repeats)
+        return
 
     from rich.console import Console
     from rich.table import Table
@@ -107,9 +115,13 @@ def main() -> None:
     rows = []
     size = f"{n:,} neurons x k={k}, {num_images:,} images, d={d}"
 
+    t = time.perf_counter()
+    ie.fit(stim[:50], vectors[:50], num_images, method="cg", backend="scipy")  # Numba JIT / disk cache
+    console.print(f"first CG call (Numba compile or load from its disk cache): {time.perf_counter() - t:.1f} s")
     t_cg, (u, info) = median_time(lambda: ie.fit(stim, vectors, num_images, backend="scipy"),
                                   args.repeats, "cg")
-    console.print(f"CG: {info.method}, {info.iterations} iterations, rmse {info.rmse:.4g} "
+    console.print(f"default solver: {info.method} ({info.backend}), {info.iterations} iterations, "
+                  f"rmse {info.rmse:.4g} "
                   f"(relative {info.rel_rmse:.3%}), {info.n_constrained_images:,} constrained images; "
                   f"median wall {t_cg:.3f} s, process CPU {CPU_TIMES['cg']:.3f} s "
                   f"(load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
@@ -134,22 +146,32 @@ def main() -> None:
     gd_iter = statistics.median(step_times)
     gd_rmse = float(np.sqrt(np.mean((ac @ u_gd - v64) ** 2)))
     t_gd = gd_iter * 10_000
-    rows.append(("solve: CG (scipy) vs authors' GD", size, t_cg, t_gd, "GD extrapolated: 10,000 x "
-                 f"{gd_iter * 1e3:.2f} ms"))
+    rows.append(("solve: default vs authors' GD", size, t_cg, t_gd,
+                 f"GD extrapolated: 10,000 x {gd_iter * 1e3:.2f} ms"))
 
     reps_lsqr = max(1, min(args.repeats, 3))
     t_lsqr, (u_l, info_l) = median_time(
         lambda: ie.fit(stim, vectors, num_images, backend="scipy", method="lsqr"), reps_lsqr)
-    rows.append(("solve: CG (scipy) vs LSQR per column", size, t_cg, t_lsqr,
+    rows.append(("solve: default vs LSQR per column", size, t_cg, t_lsqr,
                  f"LSQR {info_l.iterations} it/column, max |dU| {np.abs(u_l - u).max():.1e}"))
     t_dir, (u_d, _) = median_time(
         lambda: ie.fit(stim, vectors, num_images, backend="scipy", method="direct"), reps_lsqr)
-    rows.append(("solve: CG (scipy) vs direct Cholesky", size, t_cg, t_dir,
+    rows.append(("solve: default vs direct Cholesky", size, t_cg, t_dir,
                  f"max |dU| {np.abs(u_d - u).max():.1e}"))
+    ridge = ie.DEFAULT_RIDGE
+    t_nb, (u_nb, it_nb, _, _) = median_time(
+        lambda: ie._solve_scipy(ac, v64, ridge, "cg", ie.DEFAULT_TOL, 20_000, engine="numba"), args.repeats,
+        "kernel-numba")
+    t_np, (u_np, it_np, _, _) = median_time(
+        lambda: ie._solve_scipy(ac, v64, ridge, "cg", ie.DEFAULT_TOL, 20_000, engine="numpy"), args.repeats,
+        "kernel-numpy")
+    rows.append(("CG kernel: Numba vs NumPy/SciPy", size, t_nb, t_np,
+                 (f"{it_nb} vs {it_np} it, max |dU| {np.abs(u_nb - u_np).max():.1e}; CPU s "
+                  f"{CPU_TIMES['kernel-numba']:.2f} vs {CPU_TIMES['kernel-numpy']:.2f}")))
     try:
         t_torch, (u_t, _) = median_time(
             lambda: ie.fit(stim, vectors, num_images, backend="torch", device="cpu"), reps_lsqr)
-        rows.append(("solve: CG (scipy) vs CG (torch, cpu)", size, t_cg, t_torch,
+        rows.append(("solve: default vs CG (torch, cpu)", size, t_cg, t_torch,
                      f"max |dU| {np.abs(u_t - u).max():.1e}"))
     except ImportError:
         pass
@@ -182,6 +204,37 @@ def main() -> None:
                   f"(GD starts from uniform(-0.5, 0.5) like the authors' vectors)")
     console.print(f"unconstrained images placed: {info.n_unconstrained}, fallback: {info.n_fallback} "
                   "(no responsive neurons in this synthetic set)")
+
+
+def crossover(repeats: int) -> None:
+    """Dense Cholesky vs CG (Numba) at VGG16 scaled by 1/16 .. 1: where ``method="auto"`` switches."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from conceptevo import image_embedding as ie
+    from conceptevo import neuron_embedding, pairs
+
+    console = Console(width=200)
+    ie.fit(synthetic_stimuli(50, 10, 2000), np.ones((50, 30), np.float32), 2000, method="cg")  # JIT
+    table = Table(title=f"Image-embedding solve: Cholesky vs CG by size — {device_name()}, "
+                        f"load {os.getloadavg()[0]:.1f}")
+    for col in ("neurons", "images", "constrained", "Cholesky wall (s)", "CG wall (s)",
+                "Cholesky CPU (s)", "CG CPU (s)", "CG it", "max |dU|"):
+        table.add_column(col, justify="right")
+    for scale in (16, 8, 4, 2, 1):
+        n = sum(c // scale for c in VGG16_CHANNELS)
+        num_images = 20_000 // scale
+        stim = synthetic_stimuli(n, 10, num_images, seed=scale)
+        p = pairs.build_pairs(stim, num_images, repeats=10, seed=0)
+        v = neuron_embedding.train(p, n, dim=30, seed=0, progress=False).vectors
+        t_d, (u_d, i_d) = median_time(lambda s=stim, v=v, m=num_images: ie.fit(s, v, m, method="direct"),
+                                      repeats, "d")
+        t_c, (u_c, i_c) = median_time(lambda s=stim, v=v, m=num_images: ie.fit(s, v, m, method="cg"), repeats, "c")
+        table.add_row(f"{n:,}", f"{num_images:,}", f"{i_d.n_constrained_images:,}", f"{t_d:.3f}", f"{t_c:.3f}",
+                      f"{CPU_TIMES['d']:.3f}", f"{CPU_TIMES['c']:.3f}", str(i_c.iterations),
+                      f"{np.abs(u_d - u_c).max():.1e}")
+        console.print(table) if scale == 1 else None
+    console.print(f"method='auto' uses Cholesky up to DIRECT_MAX_ROWS = {ie.DIRECT_MAX_ROWS} rows")
 
 
 if __name__ == "__main__":

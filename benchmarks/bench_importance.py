@@ -8,7 +8,7 @@ images (default 12 x 128 = 1,536 images: the paper samples 128 per class), every
 
 * this engine: :func:`conceptevo.importance.evolution_importance` (one forward of
   each model and one backward per batch of ``--batch-size`` images).
-* baseline "plain loop": :func:`conceptevo.importance.importance_loop` (per image: a
+* baseline "plain loop": :func:`conceptevo._reference.importance_loop` (per image: a
   forward of both models, ``torch.autograd.grad`` of the class logit w.r.t. each layer,
   then one full-size one-neuron Delta Z and dot product per neuron).
 * baseline "authors' loop": the structure of the authors' script (one forward of the
@@ -35,7 +35,8 @@ import time
 import numpy as np
 import torch
 
-from conceptevo.importance import evolution_importance, importance_loop, resolve_pair
+from conceptevo._reference import importance_loop
+from conceptevo.importance import evolution_importance, resolve_pair
 from conceptevo.models import build_model
 from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
 

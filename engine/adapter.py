@@ -32,7 +32,14 @@ from torch import nn
 
 from .errors import CheckpointError, LayerError
 
-__all__ = ["ModelAdapter", "load_state_dict_file", "select_layers"]
+__all__ = [
+    "EvalMode",
+    "ModelAdapter",
+    "checkpoint_epoch",
+    "load_state_dict_file",
+    "model_device_dtype",
+    "select_layers",
+]
 
 LayerSpec = None | str | type | tuple | Sequence[str]
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
@@ -248,3 +255,40 @@ class ModelAdapter:
 
     def __repr__(self) -> str:
         return f"ModelAdapter({type(self.model).__name__}, {len(self.layer_names)} layers, {self.num_neurons} neurons)"
+
+
+def checkpoint_epoch(path: str | Path) -> int:
+    """The epoch a checkpoint file names: the last integer in its stem (``epoch_012.pt`` -> 12)."""
+    path = Path(path)
+    nums = re.findall(r"\d+", path.stem)
+    if not nums:
+        raise CheckpointError(f"cannot read an epoch number from checkpoint name {path.name!r}")
+    return int(nums[-1])
+
+
+def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the first parameter (CPU, float32 for a model without any)."""
+    p = next(model.parameters(), None)
+    if p is None:
+        return torch.device("cpu"), torch.float32
+    return p.device, (p.dtype if p.is_floating_point() else torch.float32)
+
+
+class EvalMode:
+    """Put modules in eval() for a block and restore each one's mode after."""
+
+    def __init__(self, *models: nn.Module):
+        self.models = models
+        self.modes: list[list[tuple[nn.Module, bool]]] = []
+
+    def __enter__(self):
+        for m in self.models:
+            self.modes.append([(mod, mod.training) for mod in m.modules()])
+            m.eval()
+        return self
+
+    def __exit__(self, *exc):
+        for saved in self.modes:
+            for mod, mode in saved:
+                mod.training = mode
+        return False

@@ -26,7 +26,7 @@ import os
 
 from .errors import BackendError
 
-__all__ = ["select", "cuda_available", "report", "KINDS"]
+__all__ = ["select", "cuda_available", "resolve_device", "report", "KINDS"]
 
 KINDS: dict[str, tuple[str, str]] = {
     "topk": ("triton", "cpu"),
@@ -88,3 +88,12 @@ def select(kind: str, prefer: str | None = "auto") -> str:
 def report() -> dict[str, str]:
     """What ``auto`` would choose for every kind, for the manifest and ``conceptevo info``."""
     return {kind: select(kind, "auto") for kind in KINDS}
+
+
+def resolve_device(name: str):
+    """``"auto"`` -> CUDA when a device is visible, else the CPU; any other name -> ``torch.device(name)``."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if cuda_available() else "cpu")
+    return torch.device(name)

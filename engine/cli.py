@@ -161,8 +161,10 @@ def stimuli(
 ) -> None:
     """One streaming stimulus pass over a dataset for many checkpoints; resumes after a crash."""
     from . import data as data_mod
+    from .adapter import checkpoint_epoch
+    from .backends import resolve_device
     from .errors import ConceptEvoError, DataError
-    from .pipeline import _device, _epoch_of, _model_factory
+    from .models import model_factory
 
     try:
         try:
@@ -170,8 +172,8 @@ def stimuli(
                   else data_mod.image_folder(dataset, size=image_size, skip_bad=skip_bad))
         except DataError as exc:
             raise DataError(str(exc).replace("(pass skip_bad=True to leave them out)", SKIP_BAD_CLI_ADVICE)) from None
-        factory = _model_factory(model, num_classes or len(ds.class_names))
-        names = [f"epoch_{_epoch_of(p):03d}" for p in checkpoints]
+        factory = model_factory(model, num_classes or len(ds.class_names))
+        names = [f"epoch_{checkpoint_epoch(p):03d}" for p in checkpoints]
         if distributed:
             from .distributed import distributed_extract
 
@@ -181,7 +183,7 @@ def stimuli(
             from .stimuli import extract_stimuli
 
             extract_stimuli(factory, list(checkpoints), ds, layers=layers or None, k=k, k_i=k_i,
-                            batch_size=batch_size, device=_device(device), store=out, names=names,
+                            batch_size=batch_size, device=resolve_device(device), store=out, names=names,
                             backend=backend, amp=amp)
     except ConceptEvoError as exc:
         _fail(exc)
@@ -199,9 +201,9 @@ def _dataset(dataset: str, image_size: int, out: Path, split: str = "train"):
 def _two_models(ckpt_t: Path, ckpt_t2: Path, model: str, ds):
     """The models at t and t', loaded with the adapter's strict, weights-only checks."""
     from .adapter import ModelAdapter
-    from .pipeline import _model_factory
+    from .models import model_factory
 
-    factory = _model_factory(model, len(ds.class_names))
+    factory = model_factory(model, len(ds.class_names))
     models = []
     for path in (ckpt_t, ckpt_t2):
         m = factory()

@@ -60,7 +60,7 @@ from torch import nn
 
 from .adapter import LayerSpec
 from .errors import ConceptEvoError
-from .stimuli import _PROGRESS_DIR, Extraction, LayerStimuli, Stimuli, extract_stimuli
+from .stimuli import PROGRESS_DIR, Extraction, LayerStimuli, Stimuli, extract_stimuli
 from .store import RunStore
 
 __all__ = ["distributed_extract", "shard_bounds", "init_distributed", "main"]
@@ -264,7 +264,7 @@ def _run(model_factory, checkpoints, dataset, dev, store, prefix, resume, save_e
 
     specs = [plan.checkpoints[i] for i in pending]
     start, stop = shard_bounds(plan.num_images, plan.batch_size, rank, world)
-    progress_dir = f"{prefix}/{_PROGRESS_DIR}/rank{rank}of{world}"
+    progress_dir = f"{prefix}/{PROGRESS_DIR}/rank{rank}of{world}"
     t0 = time.perf_counter()
     states = _agreed(lambda: plan.run_shard(
         specs, start, stop, store=store, progress_dir=progress_dir, resume=resume, save_every=save_every,
@@ -291,7 +291,7 @@ def _run(model_factory, checkpoints, dataset, dev, store, prefix, resume, save_e
         shutil.rmtree(store.path(progress_dir), ignore_errors=True)
     dist.barrier(group=group)  # every rank's progress is gone before the folder is dropped
     if store is not None and rank == 0:
-        _remove_if_empty(store.path(f"{prefix}/{_PROGRESS_DIR}"))
+        _remove_if_empty(store.path(f"{prefix}/{PROGRESS_DIR}"))
     return results if rank == 0 else None  # type: ignore[return-value]
 
 

@@ -27,32 +27,38 @@ least-squares solution (pseudo-inverse).
 
 The solver
 ----------
-The normal equations are solved with conjugate gradients on all ``d`` columns at
-once (``d`` independent CG recurrences advanced together, so every step is one
-sparse-times-dense product), matrix-free: ``A`` and ``A^T`` are applied, the
-Gram matrix is never formed (forming it costs more than the whole solve). CG runs
-on the smaller side of the problem, which has the same non-zero spectrum:
+``method="auto"`` (the default) picks by size. Up to :data:`DIRECT_MAX_ROWS` rows of the smaller
+Gram matrix it factorises that matrix by dense Cholesky (exact, no iteration; forming and
+factorising it costs O(rows^3)). Above, it runs conjugate gradients on the normal equations, on
+all ``d`` columns at once, matrix-free: ``A`` and ``A^T`` are applied, the Gram matrix is never
+formed. CG runs on the smaller side of the problem, which has the same non-zero spectrum:
 
 * ``n <= N_c`` (dual): ``(A A^T + ridge I) Y = V``, ``U = A^T Y``;
 * ``n > N_c`` (primal): ``(A^T A + ridge I) U = A^T V``.
 
 Both give the same ``U`` (the identity ``(A^T A + λI)^{-1} A^T = A^T (A A^T + λI)^{-1}``).
-Stopping rule: the relative residual of the system solved is below ``tol`` in
-every column. The default ``tol = 1e-6`` leaves an rms error in ``U`` of about
-``1e-6`` of its rms value (float32 rounding level; measured at VGG16 scale), each
-further decade costs ~15% more iterations. At VGG16 scale (4,224 neurons, k = 10,
-20,000 images) this takes ~350 iterations, about one CPU-second on this 2-core
-machine, where the authors' gradient descent (learning rate 0.002, up to 10,000
-iterations) takes far longer; see ``benchmarks/bench_image_embedding.py``. A dense
-Cholesky of the 4,224 x 4,224 Gram matrix took 3-4 CPU-seconds on a loaded machine and as
-long as CG (0.66 s) on a quiet one; it grows cubically with the base neurons, so it is not
-the default. ``method="direct"`` (dense
-Cholesky of the smaller Gram matrix) and ``method="lsqr"`` (SciPy LSQR per column)
-are exact alternatives kept for checking and small problems. The torch path
-(``backend="torch"`` or a CUDA ``device``) runs the same CG with ``torch.sparse``
-CSR products; it runs on CPU tensors too, which is how the tests compare it with
-the SciPy path (on a CPU it is several times slower than SciPy, so ``"auto"`` only
-takes it with CUDA).
+Stopping rule: the relative residual of the system solved is below ``tol`` in every column. The
+default ``tol = 1e-6`` leaves an rms error in ``U`` of about ``1e-6`` of its rms value (float32
+rounding level; measured at VGG16 scale), each further decade costs ~15% more iterations.
+
+On the CPU the CG recurrences run in one fused Numba kernel (:func:`_cg_columns`: both sparse
+products, the ridge term and the column dot products in one pass over each row, no temporaries);
+the ``d`` columns are independent problems, so they are split into one group per CPU, each run by
+a Python thread (the kernel releases the GIL), and the threads never wait for each other. The
+NumPy/SciPy form of the same recurrences (:func:`_block_cg`, used by the torch path and by the tests as the reference) spends most of its
+time in temporaries and in SciPy's single-threaded sparse products. At VGG16 scale (4,224 neurons,
+k = 10, 20,000 images; ~350 iterations) the Numba kernel took 0.63 process-CPU seconds on this
+2-core machine against 0.75-0.84 for the SciPy form and 1.1-3.8 for dense Cholesky (all measured
+under a load average of ~14 on 2 cores, so wall times were 3-5x longer); Cholesky was cheaper
+only below ~500 rows, where both take under 50 ms, hence ``DIRECT_MAX_ROWS = 500``. See
+``python benchmarks/bench_image_embedding.py --crossover`` and ``benchmarks/RESULTS.md``. The
+authors' gradient descent (learning rate 0.002, up to 10,000 iterations) takes far longer.
+``method="cg"`` and ``method="direct"`` force either; ``method="lsqr"`` (SciPy LSQR per column) is
+an exact alternative kept for checking. The torch path (``backend="torch"`` or a CUDA
+``device``) runs the same CG with ``torch.sparse`` CSR products; it runs on CPU tensors too,
+which is how the tests compare it with the CPU path (on a CPU it is slower, so ``"auto"`` only
+takes it with CUDA). The first CG call in a fresh environment compiles the kernel (seconds; Numba
+then caches it on disk).
 
 Images no base neuron chose
 ---------------------------
@@ -106,6 +112,7 @@ from typing import Any, Callable
 
 import numpy as np
 import scipy.sparse as sp
+from numba import njit
 
 from .errors import EmbeddingError
 
@@ -120,6 +127,9 @@ __all__ = [
 
 DEFAULT_RIDGE = 1e-3
 DEFAULT_TOL = 1e-6
+#: ``method="auto"`` solves by dense Cholesky up to this many rows of the smaller Gram matrix and by
+#: CG above (the crossover measured by ``benchmarks/bench_image_embedding.py --crossover``).
+DIRECT_MAX_ROWS = 500
 
 
 @dataclass
@@ -138,7 +148,7 @@ class ImageFitInfo:
     alpha: float | None  # calibration slope for unconstrained images (None when none were placed)
     ridge: float
     method: str  # "cg-dual", "cg-primal", "direct", "lsqr"
-    backend: str  # "scipy" or "torch:<device>"
+    backend: str  # "numba" (CPU CG), "scipy" (direct, lsqr) or "torch:<device>"
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -263,7 +273,122 @@ def _block_cg(
     return x, max_iter, False
 
 
-def _solve_scipy(a: sp.csr_matrix, v: np.ndarray, ridge: float, method: str, tol: float, max_iter: int):
+@njit(cache=True, nogil=True)
+def _cg_columns(o_ptr, o_idx, o_val, i_ptr, i_idx, i_val, m, b, ridge, tol, max_iter):  # pragma: no cover
+    """CG on ``(O I + ridge) x = b`` for the columns of ``b`` (``O``: s x m CSR, ``I``: m x s CSR).
+
+    The recurrences of :func:`_block_cg` (same stopping rule), written out as loops so that the two
+    sparse products, the ridge term and the column dot products are fused and make no temporaries.
+    """
+    s, d = b.shape
+    x = np.zeros((s, d))
+    r = b.copy()
+    p = b.copy()
+    q = np.empty((s, d))
+    w = np.empty((m, d))
+    rz = np.zeros(d)
+    alpha = np.empty(d)
+    beta = np.empty(d)
+    pq = np.empty(d)
+    for i in range(s):
+        for j in range(d):
+            rz[j] += r[i, j] * r[i, j]
+    thresh = tol * tol * rz
+    done = True
+    for j in range(d):
+        if rz[j] > thresh[j]:
+            done = False
+    if done:
+        return x, 0, True
+    for it in range(1, max_iter + 1):
+        for k in range(m):
+            for j in range(d):
+                w[k, j] = 0.0
+            for t in range(i_ptr[k], i_ptr[k + 1]):
+                c = i_idx[t]
+                v = i_val[t]
+                for j in range(d):
+                    w[k, j] += v * p[c, j]
+        pq[:] = 0.0
+        for i in range(s):
+            for j in range(d):
+                q[i, j] = ridge * p[i, j]
+            for t in range(o_ptr[i], o_ptr[i + 1]):
+                c = o_idx[t]
+                v = o_val[t]
+                for j in range(d):
+                    q[i, j] += v * w[c, j]
+            for j in range(d):
+                pq[j] += p[i, j] * q[i, j]
+        for j in range(d):
+            alpha[j] = rz[j] / pq[j] if pq[j] != 0.0 else 0.0
+        pq[:] = 0.0  # reused: r.r
+        for i in range(s):
+            for j in range(d):
+                x[i, j] += alpha[j] * p[i, j]
+                r[i, j] -= alpha[j] * q[i, j]
+                pq[j] += r[i, j] * r[i, j]
+        done = True
+        for j in range(d):
+            beta[j] = pq[j] / rz[j] if rz[j] != 0.0 else 0.0
+            rz[j] = pq[j]
+            if pq[j] > thresh[j]:
+                done = False
+        if done:
+            return x, it, True
+        for i in range(s):
+            for j in range(d):
+                p[i, j] = r[i, j] + beta[j] * p[i, j]
+    return x, max_iter, False
+
+def _cg_numba(outer: sp.csr_matrix, inner: sp.csr_matrix, b: np.ndarray, ridge: float, tol: float,
+              max_iter: int) -> tuple[np.ndarray, int, bool]:
+    """``(outer @ inner + ridge I) x = b`` by :func:`_cg_columns`, the columns split over threads.
+
+    The columns are independent problems: each thread runs the kernel (which releases the GIL) on
+    its own group and never waits for the others (no barrier per iteration: on a busy machine a
+    spinning barrier costs more than the work).
+    """
+    d = b.shape[1]
+    o, i = outer.copy(), inner.copy()
+    o.sum_duplicates()
+    i.sum_duplicates()
+    args = (o.indptr.astype(np.int64), o.indices.astype(np.int64), o.data,
+            i.indptr.astype(np.int64), i.indices.astype(np.int64), i.data, i.shape[0])
+    b = np.ascontiguousarray(b, dtype=np.float64)
+    groups = max(1, min(d, _cpu_threads()))
+    bounds = np.linspace(0, d, groups + 1).round().astype(int)
+
+    def run(g: int):
+        cols = np.ascontiguousarray(b[:, bounds[g]:bounds[g + 1]])
+        return _cg_columns(*args, cols, float(ridge), float(tol), int(max_iter))
+
+    if groups == 1:
+        parts = [run(0)]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(groups) as pool:
+            parts = list(pool.map(run, range(groups)))
+    x = np.concatenate([p[0] for p in parts], axis=1) if parts else np.zeros_like(b)
+    return x, max(int(p[1]) for p in parts), all(bool(p[2]) for p in parts)
+
+
+def _cpu_threads() -> int:
+    """CPUs this process may run on (Numba's thread setting when lower: NUMBA_NUM_THREADS)."""
+    import os
+
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    import numba
+
+    return max(1, min(n, numba.get_num_threads()))
+
+
+def _solve_scipy(a: sp.csr_matrix, v: np.ndarray, ridge: float, method: str, tol: float, max_iter: int,
+                 engine: str = "numba"):
     n, nc = a.shape
     at = a.T.tocsr()
     if method == "lsqr":
@@ -282,19 +407,26 @@ def _solve_scipy(a: sp.csr_matrix, v: np.ndarray, ridge: float, method: str, tol
             return u, 0, True, "direct"
         import scipy.linalg as sl
 
-        if n <= nc:
-            g = (a @ at).toarray()
-            g[np.diag_indices_from(g)] += ridge
-            return at @ sl.solve(g, v, assume_a="pos"), 0, True, "direct"
-        g = (at @ a).toarray()
+        # Cholesky of the smaller Gram matrix (positive definite for ridge > 0)
+        g = (a @ at if n <= nc else at @ a).toarray()
         g[np.diag_indices_from(g)] += ridge
-        return sl.solve(g, at @ v, assume_a="pos"), 0, True, "direct"
+        factor = sl.cho_factor(g, lower=True, overwrite_a=True, check_finite=False)
+        if n <= nc:
+            return at @ sl.cho_solve(factor, v, check_finite=False), 0, True, "direct"
+        return sl.cho_solve(factor, at @ v, check_finite=False), 0, True, "direct"
     # CG on the smaller side; with ridge = 0 only the primal side is safe (A A^T may be singular).
+    cg = _cg_numba if engine == "numba" else _cg_numpy
     if n <= nc and ridge > 0:
-        y, its, ok = _block_cg(lambda p: a @ (at @ p) + ridge * p, v, tol, max_iter)
+        y, its, ok = cg(a, at, v, ridge, tol, max_iter)
         return at @ y, its, ok, "cg-dual"
-    u, its, ok = _block_cg(lambda p: at @ (a @ p) + ridge * p, at @ v, tol, max_iter)
+    u, its, ok = cg(at, a, at @ v, ridge, tol, max_iter)
     return u, its, ok, "cg-primal"
+
+
+def _cg_numpy(outer: sp.csr_matrix, inner: sp.csr_matrix, b: np.ndarray, ridge: float, tol: float,
+              max_iter: int) -> tuple[np.ndarray, int, bool]:
+    """The same system by :func:`_block_cg` on SciPy products (the reference for the Numba kernel)."""
+    return _block_cg(lambda p: outer @ (inner @ p) + ridge * p, b, tol, max_iter)
 
 
 def _torch_csr(m: sp.csr_matrix, device: Any, dtype: Any):
@@ -366,7 +498,7 @@ def fit(
     *,
     ridge: float = DEFAULT_RIDGE,
     responsive: np.ndarray | None = None,
-    method: str = "cg",
+    method: str = "auto",
     backend: str = "auto",
     device: Any = None,
     tol: float = DEFAULT_TOL,
@@ -383,7 +515,8 @@ def fit(
     responsive: optional int ``(num_images, r)`` flat base-neuron ids of every image's
         responsive neurons (``-1`` = empty; see :func:`responsive_to_flat`), used to
         place images no base neuron chose. Without it those images get the mean.
-    method: ``"cg"`` (default), ``"direct"`` or ``"lsqr"``.
+    method: ``"auto"`` (default: ``"direct"`` when the smaller Gram matrix has at most
+        :data:`DIRECT_MAX_ROWS` rows and ``ridge > 0``, else ``"cg"``), ``"cg"``, ``"direct"`` or ``"lsqr"``.
     backend: ``"auto"`` (torch on CUDA when available, else SciPy), ``"scipy"``,
         ``"torch"`` (torch CG on ``device``, CPU if none), ``"cpu"`` / ``"gpu"``.
     device: torch device for the torch path; a CUDA device implies ``backend="torch"``.
@@ -393,8 +526,8 @@ def fit(
     t0 = time.perf_counter()
     if isinstance(ridge, bool) or not (isinstance(ridge, Real) and math.isfinite(ridge) and ridge >= 0):
         raise EmbeddingError(f"ridge must be a finite number >= 0, got {ridge!r}")
-    if method not in ("cg", "direct", "lsqr"):
-        raise EmbeddingError(f"unknown method {method!r}; use 'cg', 'direct' or 'lsqr'")
+    if method not in ("auto", "cg", "direct", "lsqr"):
+        raise EmbeddingError(f"unknown method {method!r}; use 'auto', 'cg', 'direct' or 'lsqr'")
     if not (tol > 0):
         raise EmbeddingError(f"tol must be > 0, got {tol!r}")
     a_full = design_matrix(neuron_stimuli, num_images)
@@ -419,13 +552,16 @@ def fit(
     a = a_full[fitted][:, cidx].tocsr()  # only rows/columns that take part in the equations
     vf = v[fitted]
 
-    if method != "cg" and backend == "auto" and device is None:
+    if method in ("direct", "lsqr") and backend == "auto" and device is None:
         kind, dev = "scipy", None  # "direct" and "lsqr" are SciPy-only reference solvers
     else:
         kind, dev = _choose_backend(backend, device)
+    if method == "auto":  # by size: a dense factorisation is cheaper than CG on small problems
+        small = ridge > 0 and min(a.shape) <= DIRECT_MAX_ROWS
+        method = "direct" if kind == "scipy" and small else "cg"
     if kind == "scipy":
         uc, its, ok, name = _solve_scipy(a, vf, float(ridge), method, tol, max_iter)
-        backend_name = "scipy"
+        backend_name = "numba" if name.startswith("cg") else "scipy"
     else:
         uc, its, ok, name = _solve_torch(a, vf, float(ridge), method, tol, max_iter, dev)
         backend_name = f"torch:{dev}"

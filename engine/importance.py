@@ -40,7 +40,7 @@ in-place op such as ``ReLU(inplace=True)`` after a chosen layer cannot change th
 kept tensor), so the gradient with respect to an early layer is taken through the
 unmodified epoch-``t`` forward, chained through every later layer.
 
-``importance_loop`` is the plain reference: per image and per neuron it builds the
+``conceptevo._reference.importance_loop`` is the plain reference: per image and per neuron it builds the
 full one-neuron ``Delta Z`` of Eq. 2 and dots it with ``torch.autograd.grad`` of the
 logit (the authors' formulation). It is slow and exists for tests and benchmarks.
 
@@ -62,22 +62,25 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .adapter import LayerSpec, ModelAdapter
+from .adapter import EvalMode, LayerSpec, ModelAdapter, model_device_dtype
 from .errors import ActivationError, DataError, InputError, LayerError
 
 __all__ = [
     "Sensitivities",
     "evolution_importance",
-    "importance_loop",
     "batch_sensitivities",
     "class_indices",
     "resolve_pair",
     "importance_table",
+    "as_dataset",
+    "dataset_labels",
+    "load_batch",
+    "infer_input_shape",
 ]
 
 
 # ----------------------------------------------------------------------------- inputs
-def _dataset_labels(data) -> np.ndarray:
+def dataset_labels(data) -> np.ndarray:
     """Integer label of every item of ``data`` without loading images where possible."""
     for attr in ("labels", "targets"):
         lab = getattr(data, attr, None)
@@ -106,7 +109,7 @@ class _TensorPairs:
         return self.images[i], int(self.labels[i])
 
 
-def _as_dataset(data):
+def as_dataset(data):
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         return _TensorPairs(data[0], torch.as_tensor(data[1]))
     if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
@@ -128,8 +131,8 @@ def class_indices(
     ``classes=None`` takes every label present. With ``max_images_per_class`` a random
     subset (without replacement, seeded) of that size is kept per class.
     """
-    data = _as_dataset(data)
-    labels = _dataset_labels(data)
+    data = as_dataset(data)
+    labels = dataset_labels(data)
     present = np.unique(labels)
     if classes is None:
         classes = [int(c) for c in present]
@@ -148,7 +151,7 @@ def class_indices(
     return out
 
 
-def _load_batch(data, idx: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def load_batch(data, idx: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(data, _TensorPairs):
         t = torch.as_tensor(idx)
         return data.images[t], data.labels[t]
@@ -197,37 +200,10 @@ def resolve_pair(
     return a, b
 
 
-def _infer_input_shape(data) -> tuple[int, ...]:
+def infer_input_shape(data) -> tuple[int, ...]:
     if len(data) == 0:
         raise DataError("the dataset is empty")
     return tuple(torch.as_tensor(data[0][0]).shape)
-
-
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = next(model.parameters(), None)
-    if p is None:
-        return torch.device("cpu"), torch.float32
-    return p.device, (p.dtype if p.is_floating_point() else torch.float32)
-
-
-class _EvalMode:
-    """Put modules in eval() for a block and restore each one's mode after."""
-
-    def __init__(self, *models: nn.Module):
-        self.models = models
-        self.modes: list[list[tuple[nn.Module, bool]]] = []
-
-    def __enter__(self):
-        for m in self.models:
-            self.modes.append([(mod, mod.training) for mod in m.modules()])
-            m.eval()
-        return self
-
-    def __exit__(self, *exc):
-        for saved in self.modes:
-            for mod, mode in saved:
-                mod.training = mode
-        return False
 
 
 # ------------------------------------------------------------------------ batched core
@@ -331,12 +307,12 @@ def importance_table(
 
 
 def _prepare(model_t, model_t2, data, classes, layers, max_images_per_class, seed, indices, device):
-    data = _as_dataset(data)
-    ad_t, ad_t2 = resolve_pair(model_t, model_t2, layers, input_shape=_infer_input_shape(data))
+    data = as_dataset(data)
+    ad_t, ad_t2 = resolve_pair(model_t, model_t2, layers, input_shape=infer_input_shape(data))
     if device is not None:
         ad_t.model.to(device)
         ad_t2.model.to(device)
-    labels_all = _dataset_labels(data)
+    labels_all = dataset_labels(data)
     if indices is not None:
         idx = np.asarray(indices, dtype=np.int64).ravel()
         if idx.size and (idx.min() < 0 or idx.max() >= len(data)):
@@ -401,7 +377,7 @@ def evolution_importance(
     data, ad_t, ad_t2, labels_all, idx, cls = _prepare(
         model_t, model_t2, data, classes, layers, max_images_per_class, seed, indices, device
     )
-    dev, dtype = _model_device_dtype(ad_t.model)
+    dev, dtype = model_device_dtype(ad_t.model)
     # Row of each class in the accumulators; labels outside `cls` never reach here.
     lut = {c: i for i, c in enumerate(cls)}
     row_of = torch.as_tensor(np.array([lut[int(v)] for v in labels_all[idx]], dtype=np.int64))
@@ -416,10 +392,10 @@ def evolution_importance(
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="importance", unit="batch")
-    with _EvalMode(ad_t.model, ad_t2.model):
+    with EvalMode(ad_t.model, ad_t2.model):
         for s in starts:
             b_idx = idx[s : s + batch_size]
-            x, y = _load_batch(data, b_idx, labels_all[b_idx])
+            x, y = load_batch(data, b_idx, labels_all[b_idx])
             x = x.to(dev, dtype)
             y = y.to(dev)
             rows = row_of[s : s + batch_size].to(dev)
@@ -448,75 +424,3 @@ def evolution_importance(
         n: (np.concatenate(v) if v else np.zeros((0, ad_t.channels[n]))) for n, v in kept.items()
     }
     return df, Sensitivities(ids=idx.copy(), labels=labels_all[idx].copy(), scores=scores)
-
-
-# ------------------------------------------------------------------- plain reference
-def importance_loop(
-    model_t: nn.Module | ModelAdapter,
-    model_t2: nn.Module | ModelAdapter,
-    data,
-    classes: Sequence[int] | None = None,
-    layers: LayerSpec = None,
-    device: str | torch.device | None = None,
-    max_images_per_class: int | None = None,
-    seed: int = 0,
-    indices: Sequence[int] | np.ndarray | None = None,
-    return_scores: bool = False,
-) -> pd.DataFrame | tuple[pd.DataFrame, Sensitivities]:
-    """Plain reference of :func:`evolution_importance` (same arguments, same table).
-
-    One image at a time: forward both models, ``torch.autograd.grad`` of the image's
-    class logit w.r.t. each layer's output, then for each neuron build the full-size
-    ``Delta Z`` of Eq. 2 (zeros except that neuron's map) and take its dot product with
-    the gradient (Eq. 3). Slow by design.
-    """
-    data, ad_t, ad_t2, labels_all, idx, cls = _prepare(
-        model_t, model_t2, data, classes, layers, max_images_per_class, seed, indices, device
-    )
-    dev, dtype = _model_device_dtype(ad_t.model)
-    names = ad_t.layer_names
-    per_image: dict[str, list[list[float]]] = {n: [] for n in names}
-    with _EvalMode(ad_t.model, ad_t2.model):
-        for i in idx:
-            x = torch.as_tensor(data[int(i)][0])[None].to(dev, dtype)
-            c = int(labels_all[i])
-
-            zt2: dict[str, torch.Tensor] = {}
-            with torch.no_grad(), ad_t2.hooks(lambda n, o: zt2.__setitem__(n, o.clone())):
-                ad_t2.model(x)
-
-            zt: dict[str, torch.Tensor] = {}
-
-            def keep(n: str, o: torch.Tensor) -> torch.Tensor:
-                zt[n] = o
-                return o.clone()
-
-            with torch.enable_grad(), ad_t.hooks(keep):
-                logit = ad_t.model(x.detach().requires_grad_(True))[0, c]
-                for name in names:
-                    (grad,) = torch.autograd.grad(logit, zt[name], retain_graph=True, allow_unused=True)
-                    if grad is None:
-                        grad = torch.zeros_like(zt[name])
-                    row = []
-                    for n in range(ad_t.channels[name]):
-                        delta = torch.zeros_like(zt[name])
-                        delta[:, n] = zt2[name][:, n] - zt[name].detach()[:, n]
-                        row.append(float((grad * delta).sum()))
-                    per_image[name].append(row)
-
-    lut = {c: k for k, c in enumerate(cls)}
-    rows = np.array([lut[int(v)] for v in labels_all[idx]], dtype=np.int64)
-    totals = np.bincount(rows, minlength=len(cls))
-    pos, sums, scores = {}, {}, {}
-    for name in names:
-        S = np.asarray(per_image[name], dtype=np.float64).reshape(len(idx), ad_t.channels[name])
-        p = np.zeros((len(cls), S.shape[1]), np.int64)
-        s = np.zeros((len(cls), S.shape[1]), np.float64)
-        for r, srow in zip(rows, S):
-            p[r] += srow > 0
-            s[r] += srow
-        pos[name], sums[name], scores[name] = p, s, S
-    df = importance_table(cls, ad_t, pos, totals, sums)
-    if return_scores:
-        return df, Sensitivities(ids=idx.copy(), labels=labels_all[idx].copy(), scores=scores)
-    return df

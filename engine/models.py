@@ -50,14 +50,14 @@ from __future__ import annotations
 import importlib
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from .errors import ConceptEvoError
 
-__all__ = ["VGGSmall", "build_model", "available_models", "VGG_SMALL_CONV_LAYERS"]
+__all__ = ["VGGSmall", "build_model", "model_factory", "available_models", "VGG_SMALL_CONV_LAYERS"]
 
 #: Names of the Conv2d modules of ``vgg_small`` / ``vgg_small_nodrop``, in forward order.
 VGG_SMALL_CONV_LAYERS: tuple[str, ...] = (
@@ -214,3 +214,20 @@ def build_model(name: str, num_classes: int = 10, **kw) -> nn.Module:
         return builder(num_classes, **kw)
     except TypeError as exc:
         raise ConceptEvoError(f"model {name!r}: bad arguments {sorted(kw)}: {exc}") from exc
+
+
+def model_factory(name: str, num_classes: int) -> Callable[[], nn.Module]:
+    """A zero-argument constructor for the model a config or the command line names.
+
+    ``"module.path:function"`` imports that function (it is called with no arguments);
+    any other name is a :func:`build_model` name, checked now so a typo fails early.
+    """
+    if ":" in name and not name.startswith("torchvision:"):
+        mod_name, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConceptEvoError(f"model factory {name!r} cannot be imported: {exc}") from None
+        return fn
+    build_model(name, num_classes=num_classes)  # fail early on an unknown name
+    return lambda: build_model(name, num_classes=num_classes)

@@ -1,7 +1,7 @@
 """Neuron embedding (paper Step 1.3, Eq. 1): skip-gram with negative sampling over pairs.
 
 ``train`` is the Python face of the native trainer ``conceptevo._C.train_sgns``
-(C++, OpenMP Hogwild, GIL released); ``numpy_reference_train`` is the same
+(C++, OpenMP Hogwild, GIL released); ``conceptevo._reference.numpy_reference_train`` is the same
 algorithm written plainly in NumPy, one pair at a time, and is the test oracle:
 with ``threads=1`` the two give bit-identical vectors.
 
@@ -35,7 +35,6 @@ from .errors import EmbeddingError, InputError
 __all__ = [
     "EmbeddingResult",
     "train",
-    "numpy_reference_train",
     "negative_table",
     "alias_table",
     "alias_probabilities",
@@ -43,9 +42,6 @@ __all__ = [
 
 MAX_NEGATIVES = 64  # csrc/sgns.cpp kMaxNegatives
 _LANES = 8
-_MASK = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-_TAG_INIT, _TAG_SHUFFLE, _TAG_NEG = 1, 2, 3
 
 
 @dataclass
@@ -297,182 +293,3 @@ def _check_diverged(losses: np.ndarray, grads: np.ndarray, lr: float) -> None:
             f"neuron embedding diverged at epoch {losses.size - 1} (loss = {losses[-1]}, gradient norm = "
             f"{grads[-1]}); lower the learning rate (lr = {lr}) or init_range"
         )
-
-
-# ---------------------------------------------------------------------- the oracle
-def _mix64(z: int) -> int:
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
-    return z ^ (z >> 31)
-
-
-def _stream_at(state: int, k: int) -> int:
-    return _mix64((state + (k + 1) * _GOLDEN) & _MASK)
-
-
-def _stream_key(seed: int, tag: int, epoch: int) -> int:
-    return _mix64((_mix64((_mix64(seed) + tag) & _MASK) + epoch) & _MASK)
-
-
-def _below(x: int, n: int) -> int:
-    return ((x >> 32) * n) >> 32
-
-
-_INV_LN2 = float.fromhex("0x1.71547652b82fep+0")
-_LN2_HI = float.fromhex("0x1.62e42fee00000p-1")
-_LN2_LO = float.fromhex("0x1.a39ef35793c76p-33")
-_SHIFT = float.fromhex("0x1.8p52")
-# 1/9!, 1/8!, ..., 1/2, 1, 1: Horner coefficients of the degree-9 Taylor polynomial.
-_TAYLOR = [1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0,
-           0.5, 1.0, 1.0]
-
-
-def _exp_nonpos(y: float) -> float:
-    """exp(y) for y <= 0 with the exact double operations of csrc/sgns.cpp exp_nonpos."""
-    if math.isnan(y):
-        return math.nan
-    y = max(y, -700.0)
-    t = y * _INV_LN2 + _SHIFT
-    kd = t - _SHIFT
-    r = (y - kd * _LN2_HI) - kd * _LN2_LO
-    p = r * _TAYLOR[0] + _TAYLOR[1]
-    for c in _TAYLOR[2:]:
-        p = p * r + c
-    return p * math.ldexp(1.0, int(kd))
-
-
-def _sigmoid(x: np.float32) -> np.float32:
-    """float32 sigmoid of a float32 dot product, as the C++ computes it."""
-    xd = float(x)
-    e = _exp_nonpos(xd if xd < 0.0 else -xd)
-    return np.float32((1.0 if xd >= 0.0 else e) / (1.0 + e))
-
-
-def _dot(x: np.ndarray, y: np.ndarray) -> np.float32:
-    """Eight float32 lanes summed block by block, then a fixed tree (see csrc/sgns.cpp)."""
-    prod = (x * y).reshape(-1, _LANES)
-    acc = np.zeros(_LANES, dtype=np.float32)
-    for row in prod:
-        acc = acc + row
-    h = acc[:4] + acc[4:]
-    q = h[:2] + h[2:]
-    return q[0] + q[1]
-
-
-def numpy_reference_train(
-    pairs: np.ndarray,
-    num_neurons: int,
-    dim: int = 30,
-    lr: float = 0.05,
-    negatives: int = 3,
-    epochs: int = 10,
-    seed: int = 0,
-    lr_decay: bool = False,
-    neg_dist: str | np.ndarray = "uniform",
-    tol: float = 0.0,
-    *,
-    update_negatives: bool = False,
-    shuffle: bool = True,
-    init: np.ndarray | None = None,
-    init_range: float = 0.5,
-) -> EmbeddingResult:
-    """The trainer in plain NumPy, one pair at a time (slow; the test oracle).
-
-    Same arguments and result as :func:`train` with ``threads=1``, and the same
-    bits: float32 element-wise ops in the same order, the dot products summed in
-    the same eight-lane order, the same splitmix64 streams (Python integers) and
-    the same double-precision polynomial ``exp``. Losses (computed here with
-    ``np.logaddexp``) and gradient norms agree to rounding.
-    """
-    num_neurons = _int("num_neurons", num_neurons, 1, 2**31 - 1)
-    pairs32 = _check_pairs(pairs, num_neurons)
-    dim = _int("dim", dim, 1, 65536)
-    negatives = _int("negatives", negatives, 0, MAX_NEGATIVES)
-    epochs = _int("epochs", epochs, 0)
-    seed = _int("seed", seed, 0, 2**64 - 1)
-    lr = _real("lr", lr, positive=True)
-    tol = _real("tol", tol, positive=False)
-    init_range = _real("init_range", init_range, positive=True)
-    init = _check_init(init, num_neurons, dim)
-    table = negative_table(neg_dist, pairs32, num_neurons)
-    n, R, P = num_neurons, negatives, pairs32.shape[0]
-    dp = -(-dim // _LANES) * _LANES
-
-    W = np.zeros((n, dp), dtype=np.float32)
-    if init is not None:
-        W[:, :dim] = init
-    else:
-        key = _stream_key(seed, _TAG_INIT, 0)
-        scale, two, one = np.float32(init_range), np.float32(2), np.float32(1)
-        step = np.float32(1.0 / 16777216.0)
-        for i in range(n):
-            for d in range(dim):
-                u = np.float32(_stream_at(key, i * dim + d) >> 40) * step
-                W[i, d] = scale * (two * u - one)
-
-    work = [tuple(p) for p in pairs32.tolist()]
-    losses: list[float] = []
-    grads: list[float] = []
-    start = time.perf_counter()
-    for e in range(epochs):
-        if shuffle:
-            key = _stream_key(seed, _TAG_SHUFFLE, e)
-            for i in range(P - 1, 0, -1):
-                j = _below(_stream_at(key, P - 1 - i), i + 1)
-                work[i], work[j] = work[j], work[i]
-        neg_state = _stream_key(seed, _TAG_NEG, e)
-        loss_sum = grad_sum = 0.0
-        for i, (a, b) in enumerate(work):
-            if lr_decay:
-                done = float(e * P + i) / float(epochs * P)
-                lr_t = np.float32(lr * max(1e-4, 1.0 - done))
-            else:
-                lr_t = np.float32(lr)
-            negs = []
-            for j in range(R):
-                x = _stream_at(neg_state, i * R + j)
-                c = _below(x, n)
-                if table is not None and (x & 0xFFFFFFFF) >= int(table[0][c]):
-                    c = int(table[1][c])
-                negs.append(c)
-            va, vb = W[a].copy(), W[b].copy()
-            s = _dot(va, vb)
-            gp = _sigmoid(s) - np.float32(1)
-            ga, gb = gp * vb, gp * va
-            loss = float(np.logaddexp(0.0, -float(s)))
-            gr = []
-            for r in negs:
-                vr = W[r].copy()
-                da, db = _dot(vr, va), _dot(vr, vb)
-                sa, sb = _sigmoid(da), _sigmoid(db)
-                ga = ga + sa * vr
-                gb = gb + sb * vr
-                gr.append(sa * va + sb * vb)
-                loss += float(np.logaddexp(0.0, float(da)) + np.logaddexp(0.0, float(db)))
-            updates = [(a, ga), (b, gb)] + (list(zip(negs, gr)) if update_negatives else [])
-            g2 = 0.0
-            for row, g in updates:
-                W[row] = W[row] - lr_t * g
-                g2 += float(np.sum(g.astype(np.float64) ** 2))
-            loss_sum += loss
-            grad_sum += math.sqrt(g2)
-        losses.append(loss_sum / P)
-        grads.append(grad_sum / P)
-        if not (math.isfinite(losses[-1]) and math.isfinite(grads[-1])):
-            break
-        if tol > 0 and grads[-1] < tol:
-            break
-    elapsed = time.perf_counter() - start
-    losses_a, grads_a = np.array(losses), np.array(grads)
-    _check_diverged(losses_a, grads_a, lr)
-    return EmbeddingResult(
-        vectors=np.ascontiguousarray(W[:, :dim]),
-        losses=losses_a,
-        grad_norms=grads_a,
-        epochs_run=len(losses),
-        pairs_per_second=len(losses) * P / elapsed if losses and elapsed > 0 else float("nan"),
-        params=dict(dim=dim, lr=lr, negatives=negatives, epochs=epochs, seed=seed, lr_decay=bool(lr_decay),
-                    neg_dist=neg_dist if isinstance(neg_dist, str) else "weights", tol=tol,
-                    update_negatives=bool(update_negatives), shuffle=bool(shuffle), init_range=init_range,
-                    threads=1),
-    )

@@ -25,14 +25,13 @@ shuffled list. So for repeat ``e`` and image ``x`` with ``c`` neurons, the block
 """
 from __future__ import annotations
 
-import random
 from numbers import Integral
 
 import numpy as np
 
 from .errors import EmbeddingError, InputError
 
-__all__ = ["build_pairs", "build_pairs_reference", "validate_stimuli"]
+__all__ = ["build_pairs", "validate_stimuli"]
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -149,33 +148,3 @@ def build_pairs(
     if return_images:
         return out, np.tile(img_sorted[left], repeats)
     return out
-
-
-def build_pairs_reference(
-    neuron_stimuli: np.ndarray, num_images: int, repeats: int = 1, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Plain-Python definition of Step 1.2 (the test oracle; slow).
-
-    Same row order as :func:`build_pairs` but its own random stream
-    (``random.Random(seed)``), so the two agree as multisets of per-image paths,
-    not row by row. Returns ``(pairs int32 (P, 2), images int64 (P,))``; unlike
-    :func:`build_pairs` it returns empty arrays instead of raising when there are
-    no pairs.
-    """
-    stim = validate_stimuli(neuron_stimuli, num_images)
-    by_image: dict[int, list[int]] = {}
-    for neuron, row in enumerate(stim.tolist()):
-        for img in row:
-            if img >= 0:
-                by_image.setdefault(img, []).append(neuron)
-    rnd = random.Random(seed)
-    pairs: list[tuple[int, int]] = []
-    imgs: list[int] = []
-    for _ in range(repeats):
-        for img in sorted(by_image):
-            neurons = list(by_image[img])
-            rnd.shuffle(neurons)
-            for a, b in zip(neurons[:-1], neurons[1:]):
-                pairs.append((a, b))
-                imgs.append(img)
-    return np.array(pairs, dtype=np.int32).reshape(-1, 2), np.array(imgs, dtype=np.int64)

@@ -19,7 +19,6 @@ pass also resumes mid-way after a crash). Layout of a run directory::
 from __future__ import annotations
 
 import glob
-import importlib
 import os
 import re
 import time
@@ -35,7 +34,10 @@ import torch
 from rich.console import Console
 
 from . import backends
+from .adapter import checkpoint_epoch
+from .backends import resolve_device
 from .errors import ConceptEvoError
+from .models import model_factory
 from .store import RunStore
 
 __all__ = ["PipelineConfig", "RunSpec", "run_pipeline", "run_demo", "load_config", "RunResult"]
@@ -125,27 +127,6 @@ def load_config(path: str | Path) -> PipelineConfig:
     return PipelineConfig(**doc)
 
 
-def _epoch_of(path: Path) -> int:
-    nums = re.findall(r"\d+", path.stem)
-    if not nums:
-        raise ConceptEvoError(f"cannot read an epoch number from checkpoint name {path.name!r}")
-    return int(nums[-1])
-
-
-def _model_factory(name: str, num_classes: int) -> Callable[[], torch.nn.Module]:
-    if ":" in name and not name.startswith("torchvision:"):
-        mod_name, _, attr = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(mod_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ConceptEvoError(f"model factory {name!r} cannot be imported: {exc}") from None
-        return fn
-    from .models import build_model
-
-    build_model(name, num_classes=num_classes)  # fail early on an unknown name
-    return lambda: build_model(name, num_classes=num_classes)
-
-
 def resolve_runs(cfg: PipelineConfig, num_classes: int) -> dict[str, RunSpec]:
     """Turn ``cfg.runs`` (globs or training folders) into RunSpecs, in the config's order."""
     from . import train
@@ -163,10 +144,10 @@ def resolve_runs(cfg: PipelineConfig, num_classes: int) -> dict[str, RunSpec]:
         files = sorted(Path(f) for f in glob.glob(str(p / "*.pt") if p.is_dir() else str(p)))
         if not files:
             raise ConceptEvoError(f"run {name!r}: no checkpoint matches {where!r}")
-        ckpts = {_epoch_of(f): f for f in files}
+        ckpts = {checkpoint_epoch(f): f for f in files}
         if len(ckpts) != len(files):
             raise ConceptEvoError(f"run {name!r}: two checkpoints share an epoch number in {where!r}")
-        specs[name] = RunSpec(name, dict(sorted(ckpts.items())), _model_factory(cfg.model, num_classes))
+        specs[name] = RunSpec(name, dict(sorted(ckpts.items())), model_factory(cfg.model, num_classes))
     return specs
 
 
@@ -181,12 +162,6 @@ def _base_of(cfg: PipelineConfig, runs: Mapping[str, RunSpec]) -> tuple[str, int
     if epoch not in runs[name].checkpoints:
         raise ConceptEvoError(f"base {cfg.base!r}: run {name!r} has no epoch {epoch}; it has {list(runs[name].checkpoints)}")
     return name, epoch
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if backends.cuda_available() else "cpu")
-    return torch.device(name)
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -310,7 +285,7 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
         torch.set_num_threads(cfg.threads)
     store = RunStore(cfg.out)
     seconds: dict[str, float] = {}
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     chosen = {kind: backends.select(kind, cfg.backends.get(kind, "auto")) for kind in backends.KINDS}
     store.update_manifest(config=_jsonable(asdict(cfg)), backends=chosen, device=str(device))
 

@@ -8,7 +8,10 @@ and a small script of ours draws the map and wires the side panel. Sections:
   axes of the unified 2-D space; one epoch slider (and a play button) moves all
   panels together; points are coloured by layer or by any extra column of
   ``points`` (a concept tag family, or a number such as an importance score);
-  faint grey dots show every epoch of that model for context. Hovering a neuron
+  faint grey dots show every epoch of that model for context. The panels frame the bulk
+  of the points (1st-99th percentiles of all runs and epochs with a 10% margin, one frame
+  for every panel and epoch); the few beyond it are drawn as triangles pinned at the edge,
+  pointing their way, and "show all points" zooms out to every point. Hovering a neuron
   shows its example patches, layer and channel, the same neuron at every epoch,
   and its precomputed nearest neighbours in other models and epochs; clicking pins
   the panel and circles the neuron and its neighbours on the map; clicking a
@@ -49,7 +52,7 @@ import pandas as pd
 from .errors import ConceptEvoError
 from .store import atomic_write
 
-__all__ = ["NeuronKey", "ReportData", "build_report", "write_static_figures", "synthetic_report_data"]
+__all__ = ["NeuronKey", "ReportData", "build_report", "write_static_figures"]
 
 NeuronKey = tuple[str, int, str, int]
 """``(model, epoch, layer, channel)``."""
@@ -403,6 +406,23 @@ def _map_layout(models: Sequence[str], xr: tuple[float, float], yr: tuple[float,
 
 
 # --------------------------------------------------------------------------- payload
+#: The map frames the bulk of the points: these percentiles of every run and epoch together (one frame
+#: for all panels, so they stay comparable), widened by ``_FRAME_MARGIN`` of their span on each side.
+#: Points beyond the frame are drawn pinned at its edge with a triangle pointing their way; the
+#: "show all points" button zooms out to every point.
+_FRAME_PERCENTILES = (1.0, 99.0)
+_FRAME_MARGIN = 0.10
+
+
+def _frame(v: np.ndarray, full: list[float]) -> list[float]:
+    """Axis range around the central percentiles of ``v`` (finite), never wider than ``full``."""
+    lo, hi = (float(q) for q in np.percentile(v, _FRAME_PERCENTILES))
+    span = hi - lo
+    if span <= 0:  # (nearly) all points on one value: nothing to frame, show everything
+        return list(full)
+    return [max(lo - _FRAME_MARGIN * span, full[0]), min(hi + _FRAME_MARGIN * span, full[1])]
+
+
 def _point_payload(data: ReportData, images: _ImageTable, patches: dict, limit: int | None) -> dict:
     pts = data.points
     _require(pts, _POINT_COLS, "points")
@@ -436,6 +456,8 @@ def _point_payload(data: ReportData, images: _ImageTable, patches: dict, limit: 
     decimals = max(0, math.ceil(math.log10(5000 / extent)))
     pad_x = 0.04 * max(xr[1] - xr[0], extent * 0.1)
     pad_y = 0.04 * max(yr[1] - yr[0], extent * 0.1)
+    range_all = {"x": [xr[0] - pad_x, xr[1] + pad_x], "y": [yr[0] - pad_y, yr[1] + pad_y]}
+    frame = {"x": _frame(x[finite], range_all["x"]), "y": _frame(y[finite], range_all["y"])}
 
     m_idx = {m: i for i, m in enumerate(models)}
     l_idx = {layer: i for i, layer in enumerate(layers)}
@@ -444,7 +466,7 @@ def _point_payload(data: ReportData, images: _ImageTable, patches: dict, limit: 
         "m": [m_idx[k[0]] for k in keys], "e": [k[1] for k in keys], "l": [l_idx[k[2]] for k in keys],
         "c": [k[3] for k in keys],
         "x": _finite_or_none(x, decimals), "y": _finite_or_none(y, decimals),
-        "range": {"x": [xr[0] - pad_x, xr[1] + pad_x], "y": [yr[0] - pad_y, yr[1] + pad_y]},
+        "range": frame, "rangeAll": range_all,
     }
     colours = [{"name": "layer", "kind": "cat", "codes": payload["l"], "labels": layers,
                 "colors": _sequential(len(layers))}]
@@ -548,302 +570,14 @@ def _payload(data: ReportData, max_patches: int | None, max_evolutions: int) -> 
 
 
 # --------------------------------------------------------------------------- HTML
-_CSS = """
-:root { --fg:#222; --muted:#666; --line:#e3e3e3; --accent:#2a6fdb; }
-* { box-sizing: border-box; }
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg);
-       margin: 0; padding: 0 20px 40px; background: #fff; }
-header { padding: 14px 0 6px; border-bottom: 1px solid var(--line); margin-bottom: 10px; }
-h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 18px; margin: 28px 0 6px; }
-h3 { font-size: 14px; margin: 12px 0 4px; color: var(--muted); font-weight: 600; }
-table.facts td { padding: 1px 10px 1px 0; color: var(--muted); }
-table.facts td:first-child { color: var(--fg); }
-.controls { display: flex; gap: 18px; align-items: center; flex-wrap: wrap; margin: 6px 0; }
-.controls label { color: var(--muted); }
-#epoch-slider { width: 320px; vertical-align: middle; }
-#epoch-label { font-weight: 600; min-width: 5em; display: inline-block; }
-.map-row { display: flex; gap: 12px; align-items: flex-start; }
-#map { flex: 1 1 auto; min-width: 0; }
-#side-panel { flex: 0 0 330px; border: 1px solid var(--line); border-radius: 6px; padding: 10px 12px;
-              max-height: 900px; overflow-y: auto; background: #fafafa; }
-#sp-title { font-weight: 600; } #sp-meta { color: var(--muted); margin-bottom: 6px; }
-#sp-pin { font-size: 12px; color: var(--accent); min-height: 1em; }
-.patches { display: flex; flex-wrap: wrap; gap: 3px; }
-img.patch { width: 52px; height: 52px; image-rendering: pixelated; border: 1px solid #ddd; background: #fff;
-            object-fit: contain; }
-img.patch.small { width: 30px; height: 30px; }
-.epoch-row { display: flex; align-items: center; gap: 6px; margin: 2px 0; }
-.epoch-row .lab { width: 4.5em; font-size: 12px; color: var(--muted); }
-.epoch-row.current .lab { color: var(--fg); font-weight: 600; }
-ol#sp-neighbours { padding-left: 1.4em; margin: 4px 0; }
-ol#sp-neighbours li { margin-bottom: 6px; cursor: pointer; }
-ol#sp-neighbours li:hover { background: #eef3fd; }
-ol#sp-neighbours .d { color: var(--muted); font-size: 12px; }
-.verdicts li { margin: 3px 0; } .verdicts b { margin-right: 6px; }
-table.evo { border-collapse: collapse; margin-top: 6px; }
-table.evo th, table.evo td { border-bottom: 1px solid var(--line); padding: 5px 8px; text-align: left;
-                             vertical-align: middle; }
-table.evo th { color: var(--muted); font-weight: 600; }
-.bar { background: #e8eefb; width: 110px; height: 12px; display: inline-block; vertical-align: middle;
-       margin-right: 6px; } .bar > span { display: block; height: 100%; background: var(--accent); }
-.arrow { font-size: 20px; color: var(--muted); }
-.note { color: var(--muted); font-size: 12px; }
-"""
+def _asset(name: str) -> str:
+    """A file of ``conceptevo/report_assets`` (the report's JavaScript and CSS, shipped as package data)."""
+    from importlib.resources import files
 
-_JS = r"""
-(function () {
-"use strict";
-const D = JSON.parse(document.getElementById("ce-data").textContent);
-const P = D.points, N = P.x.length, IM = D.images;
-const CONFIG = {responsive: true, displaylogo: false, scrollZoom: true};
-const src = (i) => "data:" + D.mimes[D.imageMime[i]] + ";base64," + IM[i];
-const el = (tag, cls, text) => { const e = document.createElement(tag); if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text; return e; };
-const label = (i) => P.models[P.m[i]] + " · epoch " + P.e[i] + " · " + P.layers[P.l[i]] + " #" + P.c[i];
-function imgs(refs, small, title) {
-  const box = el("div", "patches");
-  refs.forEach((r) => { const im = el("img", small ? "patch small" : "patch"); im.src = src(r);
-    im.alt = title || "patch"; box.appendChild(im); });
-  if (!refs.length) box.appendChild(el("span", "note", "no patches"));
-  return box;
-}
-
-// ---- indexes
-const byME = P.models.map(() => new Map());   // model -> epoch -> [point]
-const byNeuron = new Map();                    // "m|l|c" -> Map(epoch -> point)
-for (let i = 0; i < N; i++) {
-  const mm = byME[P.m[i]];
-  if (!mm.has(P.e[i])) mm.set(P.e[i], []);
-  mm.get(P.e[i]).push(i);
-  const nk = P.m[i] + "|" + P.l[i] + "|" + P.c[i];
-  if (!byNeuron.has(nk)) byNeuron.set(nk, new Map());
-  byNeuron.get(nk).set(P.e[i], i);
-}
-// Runs save different epochs: each panel shows its latest saved epoch at or before the slider's
-// (its first one before that), so no panel goes blank between its checkpoints.
-const savedEpochs = byME.map((mm) => [...mm.keys()].sort((a, b) => a - b));
-function panelEpoch(mi, ep) {
-  const es = savedEpochs[mi];
-  let best = es.length ? es[0] : null;
-  for (const e of es) if (e <= ep) best = e;
-  return best;
-}
-const text = new Array(N);
-for (let i = 0; i < N; i++) text[i] = label(i);
-
-const state = {epochIdx: P.epochs.length - 1, colorBy: 0, ghost: true, pinned: null, timer: null};
-const gd = document.getElementById("map");
-const slider = document.getElementById("epoch-slider");
-const epochLabel = document.getElementById("epoch-label");
-const WEBGL = N > 30000;                        // SVG is crisper and lighter until the map gets big
-const scatterType = WEBGL ? "scattergl" : "scatter";
-
-function axisNames(mi) { const s = mi === 0 ? "" : String(mi + 1); return ["x" + s, "y" + s]; }
-
-function buildTraces() {
-  const ep = P.epochs[state.epochIdx], opt = P.color[state.colorBy], traces = [], shown = new Set();
-  P.models.forEach((name, mi) => {
-    const [xa, ya] = axisNames(mi);
-    if (state.ghost) {
-      const all = [];
-      byME[mi].forEach((idx) => { for (const i of idx) all.push(i); });
-      traces.push({type: scatterType, mode: "markers", x: all.map((i) => P.x[i]), y: all.map((i) => P.y[i]),
-        xaxis: xa, yaxis: ya, hoverinfo: "skip", showlegend: false, meta: "ghost", uid: "g" + mi,
-        marker: {color: "rgba(150,150,150,0.16)", size: 4}});
-    }
-    const idx = byME[mi].get(panelEpoch(mi, ep)) || [];
-    if (opt.kind === "num") {
-      const v = idx.map((i) => opt.values[i]);
-      traces.push({type: scatterType, mode: "markers", x: idx.map((i) => P.x[i]), y: idx.map((i) => P.y[i]),
-        customdata: idx, text: idx.map((i) => text[i] + " · " + opt.name + " " + opt.values[i]),
-        hovertemplate: "%{text}<extra></extra>", xaxis: xa, yaxis: ya, meta: "pts", uid: "n" + mi,
-        name: opt.name, showlegend: false,
-        marker: {color: v, colorscale: "Viridis", cmin: opt.min, cmax: opt.max, size: 7,
-                 showscale: mi === 0, colorbar: {title: {text: opt.name}, len: 0.6}}});
-      return;
-    }
-    const groups = opt.labels.map(() => []), none = [];
-    for (const i of idx) { const c = opt.codes[i]; (c >= 0 ? groups[c] : none).push(i); }
-    const cats = opt.labels.map((lab, c) => [lab, opt.colors[c], groups[c], c]);
-    if (none.length) cats.push(["(none)", "#bbbbbb", none, "none"]);
-    for (const [lab, colour, g, c] of cats) {
-      traces.push({type: scatterType, mode: "markers", x: g.map((i) => P.x[i]), y: g.map((i) => P.y[i]),
-        customdata: g, text: g.map((i) => text[i]), hovertemplate: "%{text}<extra>" + lab + "</extra>",
-        xaxis: xa, yaxis: ya, name: lab, legendgroup: lab, showlegend: !shown.has(lab), meta: "pts",
-        uid: "p" + mi + "_" + state.colorBy + "_" + c,
-        marker: {color: colour, size: 7, line: {width: 0.5, color: "white"}}});
-      shown.add(lab);
-    }
-  });
-  // circles around the pinned neuron and its neighbours that live at this epoch
-  if (state.pinned !== null) {
-    const marks = [[state.pinned, "#d62728"]];
-    for (const [j] of P.neighbours[state.pinned]) if (j >= 0) marks.push([j, "#ff9f1c"]);
-    P.models.forEach((name, mi) => {
-      const [xa, ya] = axisNames(mi);
-      const mine = marks.filter(([j]) => P.m[j] === mi && P.e[j] === panelEpoch(mi, ep));
-      traces.push({type: scatterType, mode: "markers", x: mine.map(([j]) => P.x[j]),
-        y: mine.map(([j]) => P.y[j]), xaxis: xa, yaxis: ya, hoverinfo: "skip", showlegend: false,
-        meta: "hl", uid: "h" + mi,
-        marker: {symbol: "circle-open", size: 17, line: {width: 2.5}, color: mine.map(([, c]) => c)}});
-    });
-  }
-  return traces;
-}
-
-for (const opt of P.color) if (opt.kind === "num") {
-  const v = opt.values.filter((a) => a !== null);
-  opt.min = Math.min(...v); opt.max = Math.max(...v);
-}
-
-function render() {
-  const ep = P.epochs[state.epochIdx];
-  epochLabel.textContent = "epoch " + ep;
-  slider.value = String(state.epochIdx);
-  // panel titles name the epoch each panel shows (subplot titles are the first annotations)
-  const layout = Object.assign({}, D.mapLayout);
-  layout.annotations = (D.mapLayout.annotations || []).map((a, mi) => mi < P.models.length
-    ? Object.assign({}, a, {text: P.models[mi] + " · epoch " + panelEpoch(mi, ep)}) : a);
-  return Plotly.react(gd, buildTraces(), layout, CONFIG);
-}
-
-// ---- side panel
-const sp = {title: document.getElementById("sp-title"), meta: document.getElementById("sp-meta"),
-  pin: document.getElementById("sp-pin"), patches: document.getElementById("sp-patches"),
-  epochs: document.getElementById("sp-epochs"), nbs: document.getElementById("sp-neighbours")};
-
-function showNeuron(i) {
-  sp.title.textContent = P.models[P.m[i]] + " · epoch " + P.e[i];
-  const tags = P.color.slice(1).map((o) => o.kind === "num" ? o.name + " " + o.values[i]
-    : o.name + ": " + (o.codes[i] >= 0 ? o.labels[o.codes[i]] : "—"));
-  sp.meta.textContent = "layer " + P.layers[P.l[i]] + " · channel " + P.c[i]
-    + (tags.length ? " · " + tags.join(" · ") : "");
-  sp.pin.textContent = state.pinned === i ? "pinned — click the map again or press Esc to release" : "";
-  sp.patches.replaceChildren(imgs(P.patches[i], false, label(i)));
-  const rows = [];
-  const same = byNeuron.get(P.m[i] + "|" + P.l[i] + "|" + P.c[i]);
-  for (const ep of P.epochs) {
-    if (!same.has(ep)) continue;
-    const j = same.get(ep), row = el("div", "epoch-row" + (j === i ? " current" : ""));
-    row.appendChild(el("span", "lab", "epoch " + ep));
-    row.appendChild(imgs(P.patches[j].slice(0, 5), true, label(j)));
-    rows.push(row);
-  }
-  sp.epochs.replaceChildren(...rows);
-  const items = P.neighbours[i].map(([j, d]) => {
-    const li = el("li");
-    const name = j >= 0 ? label(j) : P.outside[-1 - j];
-    li.appendChild(el("span", "", name + " "));
-    li.appendChild(el("span", "d", "d = " + d));
-    const refs = j >= 0 ? P.patches[j] : ((P.outsidePatches || {})[String(-1 - j)] || []);
-    li.appendChild(imgs(refs.slice(0, 5), true, name));
-    if (j >= 0) li.addEventListener("click", () => { pin(j); });
-    return li;
-  });
-  if (!items.length) items.push(el("li", "note", "no neighbours given"));
-  sp.nbs.replaceChildren(...items);
-}
-
-function pin(i) {
-  state.pinned = i;
-  const k = P.epochs.indexOf(P.e[i]);
-  if (k >= 0) state.epochIdx = k;
-  render();
-  showNeuron(i);
-}
-function unpin() {
-  const was = state.pinned;
-  state.pinned = null;
-  render();
-  if (was !== null) showNeuron(was);
-}
-
-function pointOf(ev) {
-  const pt = (ev.points || []).find((p) => p.data && p.data.meta === "pts");
-  return pt === undefined ? null : pt.customdata;
-}
-
-// ---- controls
-slider.max = String(P.epochs.length - 1);
-slider.addEventListener("input", () => { state.epochIdx = Number(slider.value); render(); });
-const play = document.getElementById("play");
-play.addEventListener("click", () => {
-  if (state.timer) { clearInterval(state.timer); state.timer = null; play.textContent = "▶ play"; return; }
-  play.textContent = "❚❚ pause";
-  state.timer = setInterval(() => {
-    state.epochIdx = (state.epochIdx + 1) % P.epochs.length;
-    render();
-  }, 1300);
-});
-const colorSel = document.getElementById("color-by");
-P.color.forEach((o, k) => {
-  const op = el("option", "", o.name);
-  op.value = String(k);
-  colorSel.appendChild(op);
-});
-colorSel.addEventListener("change", () => { state.colorBy = Number(colorSel.value); render(); });
-document.getElementById("ghost").addEventListener("change", (ev) => {
-  state.ghost = ev.target.checked;
-  render();
-});
-document.addEventListener("keydown", (ev) => { if (ev.key === "Escape" && state.pinned !== null) unpin(); });
-
-render().then(() => {
-  gd.on("plotly_hover", (ev) => {
-    const i = pointOf(ev);
-    if (i !== null && state.pinned === null) showNeuron(i);   // a pinned neuron stays until released
-  });
-  gd.on("plotly_click", (ev) => {
-    const i = pointOf(ev);
-    if (i === null) return;
-    if (state.pinned === i) unpin(); else pin(i);
-  });
-  document.body.dataset.mapReady = "1";
-});
-
-// ---- charts
-for (const [name, fig] of Object.entries(D.figs)) {
-  const div = document.getElementById("fig-" + name);
-  if (div) Plotly.newPlot(div, fig.data, fig.layout, CONFIG);
-}
-const vlist = document.getElementById("verdicts");
-if (vlist) for (const [head, t] of D.verdicts) {
-  const li = el("li");
-  li.appendChild(el("b", "", head));
-  li.appendChild(el("span", "", t));
-  vlist.appendChild(li);
-}
-
-// ---- evolutions
-if (D.evolutions) {
-  const E = D.evolutions, sel = document.getElementById("evo-class");
-  const body = document.getElementById("evo-body");
-  E.classes.forEach((c) => { const op = el("option", "", c); op.value = c; sel.appendChild(op); });
-  const show = (cls) => {
-    const rows = (E.rows[cls] || []).map((r) => {
-      const tr = el("tr");
-      tr.appendChild(el("td", "", r.model));
-      tr.appendChild(el("td", "", r.layer + " #" + r.channel));
-      const sc = el("td"), bar = el("span", "bar"), fill = el("span");
-      fill.style.width = Math.max(0, Math.min(1, r.score)) * 100 + "%"; bar.appendChild(fill);
-      sc.appendChild(bar); sc.appendChild(el("span", "", String(r.score))); tr.appendChild(sc);
-      for (const [ep, refs] of [[r.t, r.pt], [null, null], [r.tp, r.ptp]]) {
-        if (ep === null) { tr.appendChild(el("td", "arrow", "→")); continue; }
-        const td = el("td");
-        td.appendChild(el("div", "note", "epoch " + ep));
-        td.appendChild(imgs(refs, false));
-        tr.appendChild(td);
-      }
-      return tr;
-    });
-    body.replaceChildren(...rows);
-  };
-  sel.addEventListener("change", () => show(sel.value));
-  show(E.classes[0]);
-}
-window.conceptevoReport = {state, render, showNeuron, pin, unpin, data: D};
-})();
-"""
+    text = files("conceptevo").joinpath("report_assets", name).read_text(encoding="utf-8")
+    if "</script" in text.lower() or "</style" in text.lower():  # would end the inlined block early
+        raise ConceptEvoError(f"report asset {name} contains a closing </script> or </style> tag")
+    return text
 
 
 def _script_json(obj: Any) -> str:
@@ -866,7 +600,7 @@ def _html(payload: dict, data: ReportData, plotly_js: str) -> str:
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{esc(data.title)}</title>", f"<style>{_CSS}</style>", "</head><body>",
+        f"<title>{esc(data.title)}</title>", f"<style>{_asset('report.css')}</style>", "</head><body>",
         f"<header><h1>{esc(data.title)}</h1>{facts}</header>",
         '<section id="map-section"><h2>Unified concept map</h2>',
         '<p class="note">Each panel is one model; all share one space, so nearby neurons detect similar '
@@ -875,7 +609,9 @@ def _html(payload: dict, data: ReportData, plotly_js: str) -> str:
         '<input id="epoch-slider" type="range" min="0" max="0" step="1" value="0" aria-label="epoch"> '
         '<span id="epoch-label"></span></span>'
         '<label>colour by <select id="color-by"></select></label>'
-        '<label><input id="ghost" type="checkbox" checked> all epochs in grey</label></div>',
+        '<label><input id="ghost" type="checkbox" checked> all epochs in grey</label>'
+        '<button id="zoom-all" type="button" aria-pressed="false">show all points</button>'
+        '<span id="frame-note" class="note"></span></div>',
         '<div class="map-row"><div id="map"></div><aside id="side-panel">'
         '<div id="sp-title">Hover or click a neuron</div><div id="sp-meta"></div><div id="sp-pin"></div>'
         '<div id="sp-patches" class="patches"></div><h3>The same neuron at each epoch</h3>'
@@ -910,7 +646,7 @@ def _html(payload: dict, data: ReportData, plotly_js: str) -> str:
     parts += [
         f"<script>{plotly_js}</script>",
         f'<script type="application/json" id="ce-data">{_script_json(payload)}</script>',
-        f"<script>{_JS}</script>", "</body></html>",
+        f"<script>{_asset('report.js')}</script>", "</body></html>",
     ]
     return "\n".join(parts)
 
@@ -979,6 +715,11 @@ def write_static_figures(png_dir: str | Path, data: ReportData, max_epochs: int 
     xl, yl = (x[ok].min(), x[ok].max()), (y[ok].min(), y[ok].max())
     pad = 0.03 * max(xl[1] - xl[0], yl[1] - yl[0], 1e-12)  # keep edge points whole
     xl, yl = (xl[0] - pad, xl[1] + pad), (yl[0] - pad, yl[1] + pad)
+    # the same frame as the HTML map: the bulk of the points; the rest pinned at its edge as triangles
+    xl, yl = _frame(x[ok], list(xl)), _frame(y[ok], list(yl))
+    beyond = ok & ((x < xl[0]) | (x > xl[1]) | (y < yl[0]) | (y > yl[1]))
+    x = np.clip(x, xl[0] + 0.015 * (xl[1] - xl[0]), xl[1] - 0.015 * (xl[1] - xl[0]))
+    y = np.clip(y, yl[0] + 0.015 * (yl[1] - yl[0]), yl[1] - 0.015 * (yl[1] - yl[0]))
     fig = Figure(figsize=(2.2 * len(epochs) + 1.6, 2.2 * len(models) + 0.4))
     axs = fig.subplots(len(models), len(epochs), squeeze=False)
     mstr = pts["model"].astype(str).to_numpy()
@@ -990,7 +731,10 @@ def write_static_figures(png_dir: str | Path, data: ReportData, max_epochs: int 
             ax = axs[r, c]
             sel = (mstr == m) & (estr == e) & ok
             ax.scatter(x[(mstr == m) & ok], y[(mstr == m) & ok], s=2, c="#e6e6e6", linewidths=0)
-            ax.scatter(x[sel], y[sel], s=5, c=colours[sel], linewidths=0)
+            ax.scatter(x[sel & ~beyond], y[sel & ~beyond], s=5, c=colours[sel & ~beyond], linewidths=0)
+            if (sel & beyond).any():
+                ax.scatter(x[sel & beyond], y[sel & beyond], s=14, c=colours[sel & beyond], marker="^",
+                           linewidths=0.4, edgecolors="black")
             ax.set_xlim(*xl)
             ax.set_ylim(*yl)
             ax.set_xticks([])
@@ -1080,124 +824,3 @@ def _rgb(colour: str) -> tuple[float, float, float]:
         return tuple(int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5))  # type: ignore[return-value]
     nums = colour[colour.index("(") + 1:colour.index(")")].split(",")
     return tuple(float(v) / 255 for v in nums[:3])  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------- synthetic data
-def synthetic_report_data(
-    runs: Sequence[str] = ("well_trained", "high_lr", "overfit"),
-    epochs: Sequence[int] | Mapping[str, Sequence[int]] = (0, 1, 2, 4, 8, 16),
-    layers: Sequence[tuple[str, int]] = (("features.0", 32), ("features.3", 64), ("features.7", 96),
-                                         ("features.10", 108)),
-    k: int = 5,
-    num_images: int = 400,
-    image_size: int = 32,
-    neighbours: int = 5,
-    classes: Sequence[str] = ("circle", "square", "stripes"),
-    seed: int = 0,
-) -> ReportData:
-    """A complete ReportData of made-up runs (for tests, demos and size checks).
-
-    Images are procedural (coloured shapes on noise), stimuli random, receptive
-    fields those of a plain 3x3-conv/2x2-pool stack, patches made with
-    :func:`conceptevo.patches.report_patches`, coordinates drift with the epoch.
-    ``epochs`` is shared by every run, or a mapping run -> its own saved epochs.
-    """
-    run_epochs = {r: list(epochs[r] if isinstance(epochs, Mapping) else epochs) for r in runs}
-    from .patches import ArrayImages, ReceptiveField, report_patches
-
-    rng = np.random.default_rng(seed)
-    n = image_size
-    yy, xx = np.mgrid[0:n, 0:n]
-    imgs = np.empty((num_images, n, n, 3), np.uint8)
-    for i in range(num_images):
-        base = rng.integers(0, 60, size=(n, n, 1)) + rng.integers(0, 120, size=3)
-        cy, cx, r = rng.uniform(6, n - 6), rng.uniform(6, n - 6), rng.uniform(3, n / 3)
-        kind = i % 3
-        if kind == 0:
-            mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
-        elif kind == 1:
-            mask = (abs(yy - cy) < r) & (abs(xx - cx) < r)
-        else:
-            mask = ((xx + yy) // max(2, int(r / 2))) % 2 == 0
-        img = np.clip(base, 0, 255).astype(np.uint8)
-        img[mask] = rng.integers(100, 256, size=3)
-        imgs[i] = img
-    images = ArrayImages(imgs)
-    rfs, size, jump, start = {}, 1, 1.0, 0.0
-    for name, _ in layers:  # conv3x3 (pad 1) then pool 2x2 for every layer after the first
-        size += 2 * int(jump)
-        rfs[name] = ReceptiveField((size, size), (jump, jump), (start, start))
-        size, start, jump = size + int(jump), start + 0.5 * jump, jump * 2
-    spatial_of = {name: max(1, n // int(rfs[name].jump[0])) for name, _ in layers}
-
-    tags = ["red", "round", "stripy", "edge", "dark"]
-    rows, stim = [], {}
-    centres = {name: rng.normal(size=(c, 2)) * 3 + li * 2.0 for li, (name, c) in enumerate(layers)}
-    for ri, run in enumerate(runs):
-        for ei, ep in enumerate(run_epochs[run]):
-            for name, c in layers:
-                drift = rng.normal(scale=0.15 * (1 + ri), size=(c, 2)) * ei
-                xy = centres[name] + drift + (ri - 1) * 0.5
-                ids = np.stack([rng.choice(num_images, k, replace=False) for _ in range(c)])
-                ids[rng.random((c, k)) < 0.05] = -1  # a few empty slots, as with tiny datasets
-                sp = spatial_of[name]
-                stim[(run, ep, name)] = _Stim(ids, rng.integers(0, sp, (c, k)), rng.integers(0, sp, (c, k)))
-                for ch in range(c):
-                    rows.append((run, ep, name, ch, xy[ch, 0], xy[ch, 1], tags[rng.integers(len(tags))],
-                                 float(rng.random())))
-    points = pd.DataFrame(rows, columns=[*_POINT_COLS, "tag_concept", "importance"])
-    patches = report_patches(images, stim, rfs, thumb=32, max_per_neuron=k)
-
-    xy = points[["x", "y"]].to_numpy()
-    keys = [_key(*r) for r in points[["model", "epoch", "layer", "channel"]].itertuples(index=False)]
-    nb = {}
-    for i in range(len(points)):
-        cand = rng.choice(len(points), min(60, len(points)), replace=False)
-        d = np.linalg.norm(xy[cand] - xy[i], axis=1)
-        order = np.argsort(d)[:neighbours]
-        nb[keys[i]] = [(keys[cand[j]], float(d[j])) for j in order if cand[j] != i]
-
-    acc, diag = [], []
-    speed = {"overfit": 0.3, "high_lr": 1.4}
-    for ri, run in enumerate(runs):
-        for ei, ep in enumerate(run_epochs[run]):
-            top1 = min(0.95, 0.1 + 0.8 * (1 - math.exp(-ep / 4)))
-            top1 *= 0.3 if run == "high_lr" and ei > 2 else 1
-            acc.append((run, ep, min(1, top1 * (1.2 if run == "overfit" else 1.05)),
-                        min(1, top1 * 1.3 + 0.1), top1, min(1, top1 * 1.25 + 0.1)))
-            growth = {"overfit": 0.03, "high_lr": -0.52}.get(run, 0.08)
-            diversity = 1.6 + growth * ei
-            diag.append((run, ep, diversity,
-                         float("nan") if ei == 0 else speed.get(run, 1) / (1 + ei)))
-    evo, epochs = [], run_epochs[runs[0]]
-    for cls in classes if len(epochs) > 1 else ():  # an evolution needs two epochs
-        for _ in range(12):
-            name, c = layers[rng.integers(len(layers))]
-            t = int(rng.integers(len(epochs) - 1))
-            evo.append((cls, runs[0], name, int(rng.integers(c)), epochs[t], epochs[t + 1],
-                        float(rng.random())))
-    rev = []
-    for metric in ("train top-1", "test top-1"):
-        bins = ("0-25%", "25-50%", "50-75%", "75-100%", "random")
-        for b, dlt in zip(bins, (-0.3, -0.15, -0.07, 0.01, -0.1)):
-            rev.append((b, metric, dlt + rng.normal(scale=0.01), 0.01))
-    return ReportData(
-        points=points, patches=patches, neighbours=nb,
-        accuracy=pd.DataFrame(acc, columns=["run", "epoch", *_ACC_COLS]),
-        diagnostics=pd.DataFrame(diag, columns=["run", "epoch", "diversity", "movement"]),
-        verdicts={runs[0]: "concept diversity grows: training looks healthy.",
-                  runs[min(1, len(runs) - 1)]: "concept diversity collapses after epoch 2: the learning rate "
-                                                "is likely too high."},
-        evolutions=pd.DataFrame(evo, columns=list(_EVO_COLS)) if evo else None,
-        reversion=pd.DataFrame(rev, columns=["bin", "metric", "delta", "std"]),
-        title="ConceptEvo report (synthetic data)",
-        facts={"dataset": f"synthetic, {num_images} images", "runs": ", ".join(runs)},
-        layer_order=[name for name, _ in layers],
-    )
-
-
-@dataclass
-class _Stim:
-    ids: np.ndarray
-    rows: np.ndarray
-    cols: np.ndarray

@@ -34,16 +34,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .adapter import LayerSpec, ModelAdapter
+from .adapter import EvalMode, LayerSpec, ModelAdapter, model_device_dtype
 from .errors import DataError, InputError, LayerError
 from .importance import (
-    _as_dataset,
-    _dataset_labels,
-    _EvalMode,
-    _infer_input_shape,
-    _load_batch,
-    _model_device_dtype,
+    as_dataset,
+    dataset_labels,
     evolution_importance,
+    infer_input_shape,
+    load_batch,
     resolve_pair,
 )
 from .store import atomic_write
@@ -153,7 +151,7 @@ def _split_counts(ad_t, ad_t2, data, labels_all, idx, rows, masks, ncls, batch_s
     for s in range(0, len(idx), batch_size):
         b_idx = idx[s : s + batch_size]
         r = rows[s : s + batch_size]
-        x, y = _load_batch(data, b_idx, labels_all[b_idx])
+        x, y = load_batch(data, b_idx, labels_all[b_idx])
         x, y = x.to(dev, dtype), y.to(dev)
         zt = capture_epoch_t(ad_t, x)  # cached once per batch, reused by every layer and bin
         with torch.no_grad():
@@ -215,17 +213,17 @@ def reversion_check(
     if not 0.0 <= random_fraction <= 1.0:
         raise InputError(f"random_fraction must be in [0, 1], got {random_fraction}")
     names_bins = bin_labels(num_bins)
-    train_data = _as_dataset(train_data)
-    ad_t, ad_t2 = resolve_pair(model_t, model_t2, layers, input_shape=_infer_input_shape(train_data))
+    train_data = as_dataset(train_data)
+    ad_t, ad_t2 = resolve_pair(model_t, model_t2, layers, input_shape=infer_input_shape(train_data))
     if device is not None:
         ad_t.model.to(device)
         ad_t2.model.to(device)
-    dev, dtype = _model_device_dtype(ad_t2.model)
+    dev, dtype = model_device_dtype(ad_t2.model)
 
-    splits: dict[str, tuple[object, np.ndarray]] = {"train": (train_data, _dataset_labels(train_data))}
+    splits: dict[str, tuple[object, np.ndarray]] = {"train": (train_data, dataset_labels(train_data))}
     if test_data is not None:
-        test_data = _as_dataset(test_data)
-        splits["test"] = (test_data, _dataset_labels(test_data))
+        test_data = as_dataset(test_data)
+        splits["test"] = (test_data, dataset_labels(test_data))
     cls = sorted(set(splits["train"][1].tolist())) if classes is None else [int(c) for c in classes]
     if not cls:
         raise DataError("no classes to check")
@@ -271,7 +269,7 @@ def reversion_check(
                 per_bin[RANDOM_BIN][lut[c], torch.as_tensor(rng.choice(C, n_random, replace=False))] = True
             masks[layer] = per_bin
 
-        with _EvalMode(ad_t.model, ad_t2.model):
+        with EvalMode(ad_t.model, ad_t2.model):
             for split, (data, lab) in splits.items():
                 idx = picked[split]
                 rows = torch.as_tensor(np.array([lut[int(v)] for v in lab[idx]], dtype=np.int64))

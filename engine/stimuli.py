@@ -103,7 +103,8 @@ FIELDS: dict[str, np.dtype] = {
     "responsive_values": np.dtype(np.float32),
 }
 _FORMAT = 1  # version of the on-disk layout of a saved Stimuli
-_PROGRESS_DIR = "_progress"
+#: Sub-folder of a stimuli prefix that holds resumable progress (also used by conceptevo.distributed).
+PROGRESS_DIR = "_progress"
 
 
 # =============================================================================== results
@@ -1126,7 +1127,7 @@ def extract_stimuli(
     if not pending:
         return results  # type: ignore[return-value]
     specs = [plan.checkpoints[i] for i in pending]
-    progress_dir = f"{prefix}/{_PROGRESS_DIR}/main"
+    progress_dir = f"{prefix}/{PROGRESS_DIR}/main"
     t0 = time.perf_counter()
     states = plan.run_shard(specs, 0, plan.num_images, store=store, progress_dir=progress_dir, resume=resume,
                             save_every=save_every, progress=progress, on_batch=on_batch,
@@ -1140,5 +1141,5 @@ def extract_stimuli(
                         extra={"diverged": stim.diverged} if stim.diverged else None)
         shutil.rmtree(store.path(progress_dir), ignore_errors=True)
         with contextlib.suppress(OSError):  # drop the folder when no other pass keeps progress there
-            store.path(f"{prefix}/{_PROGRESS_DIR}").rmdir()
+            store.path(f"{prefix}/{PROGRESS_DIR}").rmdir()
     return results  # type: ignore[return-value]

@@ -95,10 +95,10 @@ def test_torch_path_equals_scipy(rng, n, num_images):
     s = random_stimuli(rng, n, k, num_images)
     s[0, 0] = 1
     v = rng.normal(size=(n, d)).astype(np.float32)
-    u_sp, i_sp = ie.fit(s, v, num_images, ridge=1e-2, backend="scipy", tol=1e-10)
+    u_sp, i_sp = ie.fit(s, v, num_images, ridge=1e-2, method="cg", backend="scipy", tol=1e-10)
     u_t, i_t = ie.fit(s, v, num_images, ridge=1e-2, backend="torch", device="cpu", tol=1e-10)
     np.testing.assert_allclose(u_t, u_sp, rtol=1e-5, atol=1e-6)
-    assert i_t.backend == "torch:cpu" and i_sp.backend == "scipy"
+    assert i_t.backend == "torch:cpu" and i_sp.backend == "numba"
     assert i_t.method == i_sp.method and i_t.iterations == pytest.approx(i_sp.iterations, abs=2)
 
 
@@ -251,7 +251,7 @@ def test_non_convergence_warns(rng):
     s = random_stimuli(rng, 60, 5, 80, empty=0.0)
     v = rng.normal(size=(60, 3)).astype(np.float32)
     with pytest.warns(RuntimeWarning, match="max_iter=2"):
-        _, info = ie.fit(s, v, 80, max_iter=2, tol=1e-12, backend="scipy")
+        _, info = ie.fit(s, v, 80, method="cg", max_iter=2, tol=1e-12, backend="scipy")
     assert not info.converged and info.iterations == 2
 
 
@@ -271,3 +271,60 @@ def test_responsive_to_flat():
     np.testing.assert_array_equal(flat, [[1, -1, 4, 2], [0, 1, -1, -1]])
     with pytest.raises(EmbeddingError, match="no offset"):
         ie.responsive_to_flat(r, {"a": 0})
+
+
+# ---------------------------------------------------------------- the default solver (size-picked)
+# (n, k, images, d): odd sizes, more neurons than images (primal), one neuron, one image, d = 1,
+# more columns than threads, ties (the same image twice in a row) via distinct=False
+DEFAULT_CASES = [(1, 1, 1, 1), (1, 3, 5, 2), (9, 3, 7, 1), (37, 5, 101, 7), (101, 4, 29, 3),
+                 (64, 6, 250, 31), (13, 8, 9, 5)]
+
+
+@pytest.mark.parametrize("n,k,num_images,d", DEFAULT_CASES)
+@pytest.mark.parametrize("distinct", [True, False])
+def test_numba_cg_and_auto_equal_dense_reference(rng, n, k, num_images, d, distinct):
+    s = random_stimuli(rng, n, k, num_images, empty=0.2, distinct=distinct)
+    s[0, 0] = 0
+    if n > 2:
+        s[1] = -1  # a neuron without any stimulus
+    v = rng.normal(size=(n, d)).astype(np.float32)
+    ridge = float(rng.choice([1e-3, 3e-2]))
+    cols, ref, _, _ = dense_reference(s, v, num_images, ridge)
+    tol = 1e-5 * max(1.0, np.abs(ref).max())
+    u_cg, i_cg = ie.fit(s, v, num_images, ridge=ridge, method="cg", backend="scipy", tol=1e-11)
+    u_auto, i_auto = ie.fit(s, v, num_images, ridge=ridge, backend="scipy")
+    np.testing.assert_allclose(u_cg[cols], ref, rtol=1e-4, atol=tol)
+    np.testing.assert_allclose(u_auto[cols], ref, rtol=1e-4, atol=tol)
+    assert i_cg.backend == "numba" and i_cg.converged and i_cg.method.startswith("cg-")
+    assert i_auto.method == "direct"  # these sizes are all below the crossover
+
+
+@pytest.mark.parametrize("n,num_images,d", [(50, 120, 7), (120, 40, 4), (33, 33, 1)])
+def test_numba_cg_equals_numpy_recurrences(rng, n, num_images, d):
+    """The fused Numba kernel runs the same recurrences as the NumPy block CG: same iterates."""
+    s = random_stimuli(rng, n, 5, num_images, empty=0.1, distinct=False)
+    v = rng.normal(size=(n, d))
+    v[:, 0] = 0.0  # a column that is solved at iteration 0
+    a = ie.design_matrix(s, num_images)
+    a = a[np.diff(a.indptr) > 0][:, np.unique(a.indices)].tocsr()
+    at = a.T.tocsr()
+    for outer, inner, b in ((a, at, v[: a.shape[0]]), (at, a, at @ v[: a.shape[0]])):
+        for max_iter in (3, 500):
+            x_nb, it_nb, ok_nb = ie._cg_numba(outer, inner, b, 1e-2, 1e-9, max_iter)
+            x_np, it_np, ok_np = ie._cg_numpy(outer, inner, b, 1e-2, 1e-9, max_iter)
+            np.testing.assert_allclose(x_nb, x_np, rtol=1e-6, atol=1e-8 * max(1.0, np.abs(x_np).max()))
+            assert ok_nb == ok_np == (max_iter == 500 or d == 1)  # d = 1: only the zero column
+            assert abs(it_nb - it_np) <= 1 and (it_nb == max_iter) == (not ok_nb)
+            assert np.all(x_nb[:, 0] == 0)
+
+
+def test_auto_switches_to_cg_above_the_crossover(rng, monkeypatch):
+    s = random_stimuli(rng, 40, 4, 90, empty=0.0)
+    v = rng.normal(size=(40, 3)).astype(np.float32)
+    u_direct, i_direct = ie.fit(s, v, 90, backend="scipy")
+    monkeypatch.setattr(ie, "DIRECT_MAX_ROWS", 39)
+    u_cg, i_cg = ie.fit(s, v, 90, backend="scipy", tol=1e-10)
+    assert i_direct.method == "direct" and i_cg.method == "cg-dual" and i_cg.backend == "numba"
+    np.testing.assert_allclose(u_cg, u_direct, rtol=1e-5, atol=1e-6)
+    _, i_r0 = ie.fit(s, v, 90, ridge=0.0, backend="scipy", tol=1e-10)  # no ridge: never Cholesky
+    assert i_r0.method == "cg-primal"

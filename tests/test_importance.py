@@ -11,7 +11,8 @@ from torch import nn
 
 from conceptevo.adapter import ModelAdapter
 from conceptevo.errors import ActivationError, DataError, LayerError
-from conceptevo.importance import evolution_importance, importance_loop
+from conceptevo._reference import importance_loop
+from conceptevo.importance import evolution_importance
 
 LAYERS = ["0", "3", "8", "10"]  # two convs, two Linear layers (the last one is the logits)
 

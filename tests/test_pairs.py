@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from conceptevo.errors import EmbeddingError
-from conceptevo.pairs import build_pairs, build_pairs_reference
+from conceptevo._reference import build_pairs_reference
+from conceptevo.pairs import build_pairs
 
 
 def random_stimuli(rng, n, k, num_images, empty_frac=0.2):

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from conceptevo.errors import ConceptEvoError
-from conceptevo.report import ReportData, build_report, synthetic_report_data, write_static_figures
+from conceptevo._reference import synthetic_report_data
+from conceptevo.report import ReportData, build_report, write_static_figures
 
 
 def small_data(rng, **kw) -> ReportData:

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conceptevo.report import build_report, synthetic_report_data
+from conceptevo._reference import synthetic_report_data
+from conceptevo.report import build_report
 
 pytestmark = pytest.mark.browser
 
@@ -71,10 +72,11 @@ def artifacts(tmp_path) -> Path:
 PLOTTED = """() => { const gd = document.getElementById('map');
   return gd.data.filter(t => t.meta === 'pts')
     .map(t => [t.xaxis, Array.from(t.customdata), Array.from(t.x)]); }"""
-PIXEL_OF = """(i) => { const gd = document.getElementById('map'), P = window.conceptevoReport.data.points;
-  const s = P.m[i] === 0 ? '' : String(P.m[i] + 1), r = gd.getBoundingClientRect();
-  const xa = gd._fullLayout['xaxis' + s], ya = gd._fullLayout['yaxis' + s];
-  return [r.left + xa._offset + xa.l2p(P.x[i]), r.top + ya._offset + ya.l2p(P.y[i])]; }"""
+PIXEL_OF = """(i) => { const gd = document.getElementById('map'), r = gd.getBoundingClientRect();
+  const t = gd.data.find(t => t.meta === 'pts' && Array.from(t.customdata).includes(i));
+  const k = Array.from(t.customdata).indexOf(i);   // where it is drawn (an outlier sits at the frame's edge)
+  const xa = gd._fullLayout['xaxis' + t.xaxis.slice(1)], ya = gd._fullLayout['yaxis' + t.yaxis.slice(1)];
+  return [r.left + xa._offset + xa.l2p(t.x[k]), r.top + ya._offset + ya.l2p(t.y[k])]; }"""
 POINT_PIXEL = """(k) => { const gd = document.getElementById('map');
   const t = gd.data.filter(t => t.meta === 'pts' && t.xaxis === 'x' && t.x.length > 0)[k];
   const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect();
@@ -102,6 +104,12 @@ def test_report_in_chromium(browser, artifacts, tmp_path, rng):
     data = synthetic_report_data(runs=tuple(run_epochs), epochs=run_epochs,
                                  layers=(("features.0", 12), ("features.3", 16), ("features.7", 20)),
                                  num_images=120, k=5, seed=int(rng.integers(2**31)))
+    # a few far outliers, as a real run has: they must not set the frame
+    pts = data.points
+    centre = pts[["x", "y"]].median().to_numpy()
+    far = rng.choice(np.flatnonzero(pts["epoch"].to_numpy() == 0), size=4, replace=False)  # shown at epoch 0
+    pts.loc[far, ["x", "y"]] = centre + 40 * (pts.loc[far, ["x", "y"]].to_numpy() - centre) + \
+        rng.choice([-1.0, 1.0], size=(4, 2)) * 30 * pts[["x", "y"]].std().to_numpy()
     html = build_report(tmp_path / "report.html", data)
     page, errors = open_report(browser, html, timeout_ms=60_000)
 
@@ -145,8 +153,47 @@ def test_report_in_chromium(browser, artifacts, tmp_path, rng):
     assert plotted() == expected(epochs[0])
     assert titles()[:n_models] == [f"{m} · epoch {epochs[0]}" for m in payload["models"]]
     xs = np.array(payload["x"], dtype=float)
+    frame = payload["range"]["x"]
+    inset = 0.015 * (frame[1] - frame[0])               # points beyond the frame sit just inside its edge
+    pinned_x = np.where(xs < frame[0], frame[0] + inset, np.where(xs > frame[1], frame[1] - inset, xs))
     for _, ids, x in after:                               # coordinates are those of the chosen points
-        assert np.allclose(x, xs[ids])
+        assert np.allclose(x, pinned_x[ids])
+
+    # -------- the frame: the central 98% of the points fill most of every panel, outliers sit at its
+    # edge as triangles, one click shows every point where it is and a second one frames them again
+    def axis_ranges() -> dict[str, list[float]]:
+        return page.evaluate("""() => { const L = document.getElementById('map')._fullLayout;
+            return {x: L.xaxis.range.slice(), y: L.yaxis.range.slice()}; }""")
+
+    def symbols_of(ids) -> dict[int, str]:
+        out = {}
+        for t in page.evaluate("""() => document.getElementById('map').data.filter(t => t.meta === 'pts')
+                                  .map(t => [Array.from(t.customdata), t.marker.symbol])"""):
+            sym = t[1] if isinstance(t[1], list) else [t[1]] * len(t[0])
+            out.update({i: s for i, s in zip(t[0], sym) if i in ids})
+        return out
+
+    ys = np.array(payload["y"], dtype=float)
+    rng_framed = axis_ranges()
+    for axis, v in (("x", xs), ("y", ys)):
+        lo, hi = np.nanpercentile(v, [1, 99])
+        span = rng_framed[axis][1] - rng_framed[axis][0]
+        assert (hi - lo) / span > 0.7, (axis, lo, hi, rng_framed[axis])   # was ~3% before the frame
+    beyond = {int(i) for i in far}
+    shown = symbols_of(beyond)
+    assert shown and all(s.startswith("triangle") for s in shown.values()), shown
+    assert "beyond the frame" in page.text_content("#frame-note")
+    page.click("#zoom-all")
+    page.wait_for_function("window.conceptevoReport.state.fullView === true")
+    full = axis_ranges()
+    assert full["x"][0] <= np.nanmin(xs) and full["x"][1] >= np.nanmax(xs)
+    assert full["y"][0] <= np.nanmin(ys) and full["y"][1] >= np.nanmax(ys)
+    for _, ids, x in page.evaluate(PLOTTED):
+        assert np.allclose(x, xs[ids])                      # every point where it is
+    assert set(symbols_of(beyond).values()) == {"circle"}
+    page.click("#zoom-all")
+    page.wait_for_function("window.conceptevoReport.state.fullView === false")
+    assert np.allclose(axis_ranges()["x"], rng_framed["x"]) and np.allclose(axis_ranges()["y"], rng_framed["y"])
 
     # -------- hover: Plotly.Fx.hover selects the point (plotly.js emits no event for programmatic
     # hovers), a real mouse move onto it fires plotly_hover and fills the side panel
