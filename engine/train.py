@@ -192,6 +192,7 @@ def train_run(
     resume: bool = True,
     overwrite: bool = False,
     desc: str | None = None,
+    tracer: Any | None = None,
 ) -> TrainLog:
     """Train ``model_name`` with SGD + momentum and write a run directory (module docstring).
 
@@ -216,6 +217,10 @@ def train_run(
         is; ``False`` trains afresh.
     overwrite : start afresh even when the folder holds a run with other settings (without it
         that is an error, so a run is never silently replaced).
+    tracer : a :class:`conceptevo.tracing.Tracer` (or anything with ``attach``, ``after_step``,
+        ``end_epoch``, ``finish``): it is attached to the model and optimiser, called after
+        every optimiser step with the batch's labels and ids, closes a window at every saved
+        epoch and writes ``<run>/trace/``. It observes only: the weights are the same with it.
     """
     run_dir = Path(run_dir)
     train_set = as_image_set(train_set)
@@ -329,6 +334,9 @@ def train_run(
             with contextlib.suppress(FileNotFoundError):
                 resume_path.unlink()
         used_threads = torch.get_num_threads()
+        if tracer is not None:
+            tracer.attach(net, opt, epoch=start_epoch, num_classes=int(num_classes),
+                          class_names=train_set.class_names, out=run_dir / "trace", save_epochs=saves)
         _save_json(run_json, {**card, "status": "running", "engine": __version__,
                               "torch": torch.__version__, "threads": used_threads})
 
@@ -385,16 +393,22 @@ def train_run(
                     if grad_clip is not None:
                         nn.utils.clip_grad_norm_(net.parameters(), float(grad_clip))
                     opt.step()
+                    if tracer is not None:
+                        tracer.after_step(y, ids)
                     loss_sum += float(loss.detach()) * int(y.shape[0])
                     seen += int(y.shape[0])
                     bar.update(1)
                     if b % 10 == 0:
                         bar.set_postfix(epoch=epoch, loss=f"{loss_sum / seen:.3f}", refresh=False)
                 log_epoch(epoch, loss_sum / max(1, seen), cur_lr)
+                if tracer is not None:
+                    tracer.end_epoch(epoch)
                 bar.set_postfix(epoch=epoch, loss=f"{loss_sum / max(1, seen):.3f}",
                                 test_top1=f"{rows[-1]['test_top1']:.3f}", refresh=False)
         finally:
             bar.close()
+            if tracer is not None:
+                tracer.finish()
 
     seconds = time.perf_counter() - t0
     _save_json(run_json, {**card, "status": "done", "seconds": round(seconds, 3), "engine": __version__,
@@ -483,6 +497,7 @@ def train_regimes(
     threads: int | None = None,
     progress: bool = True,
     resume: bool = True,
+    trace: bool = False,
 ) -> dict[str, Path]:
     """Train the paper's three regimes on the built-in data; ``{name: run_dir}`` (``root/<name>``).
 
@@ -496,7 +511,9 @@ def train_regimes(
     The exact settings are :data:`REGIMES`. All runs share ``seed`` (data, initialisation,
     shuffling). ``train_images`` / ``test_images`` shrink the dataset and ``epoch_scale`` the
     epochs (saved epochs and warm-up scale alike) for quick runs; the ``overfit`` subset
-    stays a tenth of the training set. Finished runs are reused (``resume``).
+    stays a tenth of the training set. Finished runs are reused (``resume``). ``trace``
+    records per-class update accumulators of every conv layer (:mod:`conceptevo.tracing`)
+    into ``<run>/trace/``.
     """
     root = Path(root)
     unknown = [r for r in regimes if r not in REGIMES]
@@ -515,7 +532,12 @@ def train_regimes(
         if "train_subset" in cfg and train_images is not None:
             cfg["train_subset"] = max(1, round(cfg["train_subset"] * len(train_set) / 6000))
         model_name = cfg.pop("model_name")
+        tracer = None
+        if trace:
+            from .tracing import Tracer
+
+            tracer = Tracer(verbose=progress)
         train_run(root / name, model_name, train_set, test_set, seed=seed, threads=threads,
-                  progress=progress, resume=resume, desc=name, **cfg)
+                  progress=progress, resume=resume, desc=name, tracer=tracer, **cfg)
         out[name] = root / name
     return out
