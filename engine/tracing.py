@@ -1016,9 +1016,13 @@ def trace_run(run_dir: str | Path, out: str | Path | None = None, *, t: int | No
     if data is None:
         from .data import builtin_dataset
 
-        seed_run = json.loads((run.root / "run.json").read_text(encoding="utf-8")).get("seed", 0)
-        size = json.loads((run.root / "run.json").read_text(encoding="utf-8")).get("train_data", {}).get("size")
-        data = builtin_dataset("train", seed=int(seed_run), num_images=size)
+        card = json.loads((run.root / "run.json").read_text(encoding="utf-8"))
+        src = str(card.get("test_data", {}).get("source", ""))
+        if not src.startswith("builtin:"):
+            raise ConceptEvoError(f"{run.root} was not trained on the built-in data ({src or 'unknown'}); "
+                                  "pass data= (images of the classes to explain)")
+        # the run's held-out split: images of each class the evolutions are evaluated on
+        data = builtin_dataset("test", seed=int(card.get("seed", 0)), num_images=card["test_data"].get("size"))
     if importance is None:
         from .importance import evolution_importance
 

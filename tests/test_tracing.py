@@ -340,20 +340,27 @@ def test_sketch_scores_stay_within_bound():
 
 
 # ------------------------------------------------------------------ built-in trainer run
-def test_train_run_records_classes_and_explains_exactly(tmp_path):
+@pytest.fixture(scope="module")
+def traced_run(tmp_path_factory):
     from conceptevo.data import builtin_dataset
     from conceptevo.train import train_run
 
-    tr_set = builtin_dataset("train", seed=3, num_images=96)
-    te_set = builtin_dataset("test", seed=3, num_images=24)
+    root = tmp_path_factory.mktemp("traced")
+    tr_set = builtin_dataset("train", seed=3, num_images=64)
+    te_set = builtin_dataset("test", seed=3, num_images=16)
     kw = dict(epochs=2, lr=0.02, weight_decay=1e-3, model_kw={"channels": (4, 8, 8, 8), "hidden": 16},
               batch_size=32, progress=False, eval_train_max=16, save_epochs=[0, 2])
-    plain = train_run(tmp_path / "plain", "vgg_small", tr_set, te_set, **kw)
-    traced = train_run(tmp_path / "run", "vgg_small", tr_set, te_set, tracer=Tracer(verbose=False), **kw)
+    plain = train_run(root / "plain", "vgg_small", tr_set, te_set, **kw)
+    train_run(root / "run", "vgg_small", tr_set, te_set, tracer=Tracer(verbose=False), **kw)
+    return root, te_set, plain
+
+
+def test_train_run_records_classes_and_explains_exactly(traced_run):
+    root, te_set, plain = traced_run
     w0 = torch.load(plain.checkpoints[2], weights_only=True)
-    w1 = torch.load(traced.checkpoints[2], weights_only=True)
+    w1 = torch.load(root / "run" / "checkpoints" / "epoch_002.pt", weights_only=True)
     assert all(torch.equal(w0[k], w1[k]) for k in w0)          # observing does not change training
-    run = tracing.TraceRun(tmp_path / "run")
+    run = tracing.TraceRun(root / "run")
     assert run.has_classes() and run.trace_meta["windows"] == [[0, 2]]
     x = te_set[0][0]
     for layer in ("features.conv1_1", "features.conv3_2"):
@@ -371,3 +378,22 @@ def test_train_run_records_classes_and_explains_exactly(tmp_path):
     assert set(cls["kind"]) == {"class", "weight_decay", "prior_momentum", "other"}
     frag = tracing.report_section(cls, te_set.class_names)
     assert "<table>" in frag and "features.conv2_1:3" in frag
+
+
+def test_cli_trace_writes_both_tables(traced_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from conceptevo.cli import app
+
+    root, te_set, _ = traced_run
+    res = CliRunner().invoke(app, ["trace", "--run", str(root / "run"), "--out", str(tmp_path),
+                                   "--layer", "features.conv3_1", "--class", "1", "--top", "2", "--images", "4"])
+    assert res.exit_code == 0, res.output
+    src = pd.read_parquet(tmp_path / "trace_sources.parquet")
+    cls = pd.read_parquet(tmp_path / "trace_classes.parquet")
+    assert set(src["layer"]) == {"features.conv3_1"}
+    assert math.isclose(src["weight_share"].sum(), 1.0, rel_tol=1e-5)
+    assert set(cls["class"]) == {1} and cls["channel"].nunique() == 2
+    assert np.allclose(cls.groupby("channel")["share"].sum(), 1.0, atol=1e-5)
+    bad = CliRunner().invoke(app, ["trace", "--run", str(root / "run"), "--layer", "features.nope"])
+    assert bad.exit_code == 2 and "features.nope" in bad.output
