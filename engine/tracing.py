@@ -1044,6 +1044,10 @@ def report_section(classes: pd.DataFrame, class_names: Sequence[str] | None = No
     """HTML fragment: for each class's important evolutions, the training classes that drove them."""
     if classes is None or len(classes) == 0:
         return ""
+    if class_names is None and "class_name" in classes.columns:
+        pairs = classes[classes["kind"] == "class"][["source_class", "class_name"]]
+        lookup = dict(zip(classes["class"], classes["class_name"])) | dict(pairs.itertuples(index=False, name=None))
+        class_names = [str(lookup.get(i, i)) for i in range(int(max(lookup)) + 1)] if lookup else None
     name = (lambda c: class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c))
     approx = not bool(classes["exact"].all())
     parts = ['<section class="tracing"><h2>What in training drove the important evolutions</h2>',

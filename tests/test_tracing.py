@@ -377,7 +377,12 @@ def test_train_run_records_classes_and_explains_exactly(traced_run):
     assert np.allclose(sums.to_numpy(), 1.0, atol=1e-5)
     assert set(cls["kind"]) == {"class", "weight_decay", "prior_momentum", "other"}
     frag = tracing.report_section(cls, te_set.class_names)
-    assert "<table>" in frag and "features.conv2_1:3" in frag
+    assert "<table>" in frag and "features.conv2_1:3" in frag and te_set.class_names[1] in frag
+    from conceptevo.report import _html, synthetic_report_data
+
+    rd = synthetic_report_data(runs=("a",), epochs=(0, 1), num_images=40)
+    rd.tracing = cls
+    assert "What in training drove" in _html({"figs": {}, "verdicts": []}, rd, "")
 
 
 def test_cli_trace_writes_both_tables(traced_run, tmp_path):
