@@ -141,8 +141,9 @@ class LayerInfo:
         if self.groups != 1:
             return torch.stack([self.weight_grad(a[i:i + 1], d[i:i + 1]) for i in range(a.shape[0])])
         k = self.weight_shape[2:]
-        cols = F.unfold(a, k, self.dilation, self.padding, self.stride)     # (B, Cin*kh*kw, L)
-        g = torch.bmm(d.flatten(2), cols.transpose(1, 2))                  # (B, Cout, Cin*kh*kw)
+        # unfold is slow on channels-last maps: make both contiguous (NCHW) first
+        cols = F.unfold(a.contiguous(), k, self.dilation, self.padding, self.stride)   # (B, Cin*kh*kw, L)
+        g = torch.bmm(d.contiguous().flatten(2), cols.transpose(1, 2))               # (B, Cout, Cin*kh*kw)
         return g.reshape(a.shape[0], *self.weight_shape)
 
     def bias_grad(self, d: torch.Tensor) -> torch.Tensor:
@@ -430,12 +431,13 @@ class Tracer:
             for key, p in ps.items():
                 st = optimizer.state.get(p, {})
                 prior = st.get("momentum_buffer") if self.exact else st.get("exp_avg")
-                b = torch.zeros((k,) + tuple(p.shape), dtype=torch.float64, device=p.device)
+                b = torch.zeros((k,) + tuple(p.shape), dtype=p.dtype, device=p.device)
                 if prior is not None:
-                    b[self.num_classes + 1] = prior.detach().double()
+                    b[self.num_classes + 1] = prior.detach()
                 self.buf[n][key] = b
                 self.started[n][key] = prior is not None
         self.acc = self._zeros()
+        self._g: dict[tuple[str, str], torch.Tensor] = {}
         self.window_start = int(epoch)
         self.step_count = 0
         self.max_mismatch = 0.0
@@ -506,9 +508,10 @@ class Tracer:
         if self.example_layers and ids is None:
             raise ConceptEvoError("example_layers are traced: pass the batch's dataset ids to after_step(y, ids)")
         C = self.num_classes
-        classes = torch.unique(y).tolist()
-        rows = {c: (y == c).nonzero().reshape(-1) for c in classes}
-        lr_seen = None
+        order = torch.argsort(y, stable=True)          # rows grouped by class: contiguous slices
+        counts = torch.bincount(y, minlength=C).tolist()
+        bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        onehot = None
         for n in self.layers:
             info = self.info[n]
             if n not in self._a or n not in self._d:
@@ -520,42 +523,46 @@ class Tracer:
             a, d = self._a[n], self._d[n]
             if a.shape[0] != y.numel():
                 raise ConceptEvoError(f"layer {n!r}: batch of {a.shape[0]} rows but {y.numel()} labels")
-            # per-class gradient parts, (K, *shape) with the extra slots zero; computed in the
-            # training dtype (float rounding against p.grad lands in 'other', which stays exact)
-            parts: dict[str, torch.Tensor] = {}
             ps = self.params[n]
-            gw = torch.zeros((self.k,) + info.weight_shape, dtype=torch.float64, device=a.device)
-            for c, r in rows.items():
-                gw[c] = info.weight_grad(a[r], d[r])
-            parts["weight"] = gw
+            dev = a.device
+            # class parts of the gradient, in the training dtype (float rounding against p.grad lands
+            # in 'other', which keeps the sum exact): the layer's weight-gradient of each class's rows,
+            # the batch sorted by class so every class is one slice (in the map's own memory format,
+            # which keeps oneDNN fast); the classes partition the batch, so together they cost about
+            # one extra weight-gradient.
+            ge = info.example_grads(a, d).reshape(a.shape[0], -1) if n in self._ex else None
+            o = order.to(dev)
+            a_s, d_s = a[o], d[o]
+            gw = torch.zeros((C,) + info.weight_shape, dtype=a.dtype, device=dev)
+            for c in range(C):
+                lo, hi = bounds[c], bounds[c + 1]
+                if hi > lo:
+                    gw[c] = info.weight_grad(a_s[lo:hi], d_s[lo:hi])
+            parts = {"weight": gw}
             if "bias" in ps:
-                gb = torch.zeros((self.k, info.weight_shape[0]), dtype=torch.float64, device=a.device)
-                gb.index_add_(0, y.to(a.device), info.bias_grad(d).double())
+                rb = info.bias_grad(d)
+                if onehot is None or onehot.device != dev or onehot.dtype != rb.dtype:
+                    onehot = F.one_hot(y.to(dev), C).to(rb.dtype).T.contiguous()     # (C, B)
+                gb = onehot @ rb
                 parts["bias"] = gb
-            if n in self._ex:
-                ge = info.example_grads(a, d).reshape(a.shape[0], -1)
-                if "bias" in ps:
-                    ge = torch.cat([ge, info.bias_grad(d)], 1)
-                self._ex[n].append(ge.float())
-            # common factor kappa between the class parts and the optimiser's gradient; rest -> other
+                if n in self._ex:
+                    ge = torch.cat([ge, rb], 1)
+            # common factor kappa between the class parts and the optimiser's gradient (clipping,
+            # loss scale); what remains goes to 'other'
             num = den = 0.0
+            tots = {}
             for key, p in ps.items():
                 if p.grad is None:
                     raise ConceptEvoError(f"{n}.{key} has no gradient at this step")
-                tot = parts[key][:C].sum(0)
-                num += float((p.grad.double() * tot).sum())
-                den += float((tot * tot).sum())
+                tot = tots[key] = parts[key].sum(0)
+                num += float(torch.dot(p.grad.reshape(-1), tot.reshape(-1)))
+                den += float(torch.dot(tot.reshape(-1), tot.reshape(-1)))
             kappa = num / den if den > 0 else 1.0
             self.kappa_dev = max(self.kappa_dev, abs(kappa - 1.0))
-            for key, p in ps.items():
-                g = parts[key]
-                g[:C] *= kappa
-                g[C + 2] = p.grad.double() - g[:C].sum(0)
             if n in self._ex:
-                self._ex[n][-1] *= kappa
+                self._ex[n].append((ge * kappa).float())
             for key, p in ps.items():
-                lr = self._update(n, key, p, parts[key])
-                lr_seen = lr if lr_seen is None else lr_seen
+                self._update(n, key, p, parts[key], kappa, tots[key])
             if self.steps:
                 self._step_chunk[n].append(torch.cat([self._last_delta[n][k].reshape(-1)
                                                       for k in ps]).to(self.step_dtype))
@@ -573,8 +580,14 @@ class Tracer:
         self._d.clear()
         self._n_fwd.clear()
 
-    def _update(self, n: str, key: str, p: torch.Tensor, g: torch.Tensor) -> float:
-        """Advance the per-source optimiser state of ``n.key`` and accumulate this step's update."""
+    def _update(self, n: str, key: str, p: torch.Tensor, gc: torch.Tensor, kappa: float, tot: torch.Tensor
+                ) -> None:
+        """Advance the per-source optimiser state of ``n.key`` and accumulate this step's update.
+
+        ``gc``: the class parts ``(C, *shape)``. Sources: classes, weight_decay, prior_momentum,
+        other. The per-source state is kept in the parameter's dtype; the accumulators and the
+        actual update ``W_after − W_before`` in float64, and their difference goes to ``other``.
+        """
         group = self.group_of[id(p)]
         C = self.num_classes
         prev = self.prev[n][key]
@@ -583,55 +596,65 @@ class Tracer:
         lr = float(group["lr"])
         wd = float(group.get("weight_decay", 0.0) or 0.0)
         buf = self.buf[n][key]
-        delta = torch.zeros_like(buf)
+        acc = self.acc[n][key]
+        g = self._g.get((n, key))
+        if g is None:
+            g = self._g[(n, key)] = torch.zeros_like(buf)
+        torch.mul(gc, kappa, out=g[:C])
+        g[C + 1].zero_()
+        torch.sub(p.grad, tot, alpha=kappa, out=g[C + 2])
         if self.exact:
             mu = float(group.get("momentum", 0.0))
             damp = float(group.get("dampening", 0.0))
             nesterov = bool(group.get("nesterov", False))
-            sign = -1.0 if group.get("maximize", False) else 1.0
-            dp = g * sign
+            if group.get("maximize", False):
+                g.neg_()
             if wd:
-                dp[C] += wd * prev
+                torch.mul(prev, wd, out=g[C])
+            else:
+                g[C].zero_()
             if mu:
                 if not self.started[n][key]:
-                    buf.copy_(dp)
+                    buf.copy_(g)
                     self.started[n][key] = True
                 else:
-                    buf.mul_(mu).add_(dp, alpha=1.0 - damp)
-                direction = dp + mu * buf if nesterov else buf
+                    buf.mul_(mu).add_(g, alpha=1.0 - damp)
+                direction = g.add_(buf, alpha=mu) if nesterov else buf
             else:
-                direction = dp
-            delta = -lr * direction
+                direction = g
+            acc.add_(direction, alpha=-lr)
+            pred = direction.sum(0, dtype=torch.float64).mul_(-lr)
         else:
             beta1 = group["betas"][0] if "betas" in group else float(group.get("momentum", 0.0))
             decoupled = isinstance(self.opt, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
-            gg = g.clone()
             rest = actual.clone()
+            g[C].zero_()
             if wd and decoupled:
-                delta[C] = -lr * wd * prev
-                rest -= delta[C]
+                dec = prev * (-lr * wd)
+                acc[C] += dec
+                rest -= dec
             elif wd:
-                gg[C] += wd * prev
+                torch.mul(prev, wd, out=g[C])
+            alpha = (1.0 - beta1) if "betas" in group else 1.0
             if not self.started[n][key]:
-                buf.copy_(gg * (1.0 - beta1) if "betas" in group else gg)
+                torch.mul(g, alpha, out=buf)
                 self.started[n][key] = True
             else:
-                buf.mul_(beta1).add_(gg, alpha=(1.0 - beta1) if "betas" in group else 1.0)
-            m = buf.sum(0)
+                buf.mul_(beta1).add_(g, alpha=alpha)
+            m = buf.sum(0, dtype=torch.float64)
             eps = 1e-12 * float(m.abs().max()) + 1e-300
-            w = buf * (m / (m * m + eps * eps))
-            delta += rest * w
-        mismatch = actual - delta.sum(0)
+            share = rest * (m / (m * m + eps * eps))
+            acc.add_(buf * share)
+            pred = (buf.sum(0, dtype=torch.float64) * share) + (actual - rest)
+        mismatch = actual - pred
         scale = float(actual.abs().max())
         if scale > 0:
             self.max_mismatch = max(self.max_mismatch, float(mismatch.abs().max()) / scale)
-        delta[C + 2] += mismatch
-        self.acc[n][key] += delta
+        acc[C + 2] += mismatch
         self.prev[n][key] = now
         if self.steps:
             self._last_delta = getattr(self, "_last_delta", {})
             self._last_delta.setdefault(n, {})[key] = actual
-        return lr
 
     def _flush_steps(self) -> None:
         if not self._step_chunk_ids:
