@@ -536,7 +536,20 @@ class Tracer:
             gw = torch.zeros((C,) + info.weight_shape, dtype=a.dtype, device=dev)
             for c in range(C):
                 lo, hi = bounds[c], bounds[c + 1]
-                if hi > lo:
+                if hi == lo:
+                    continue
+                if info.kind == "conv2d":
+                    # pad the slice with zero rows to a power of two: oneDNN builds a kernel for
+                    # every new batch size, and class counts change every step (about 10x slower)
+                    m = min(1 << (hi - lo - 1).bit_length(), a.shape[0])
+                    fmt = torch.channels_last if a.is_contiguous(memory_format=torch.channels_last) and not \
+                        a.is_contiguous() else torch.contiguous_format
+                    ac = torch.zeros((m,) + tuple(a.shape[1:]), dtype=a.dtype, device=dev, memory_format=fmt)
+                    dc = torch.zeros((m,) + tuple(d.shape[1:]), dtype=d.dtype, device=dev, memory_format=fmt)
+                    ac[: hi - lo] = a_s[lo:hi]
+                    dc[: hi - lo] = d_s[lo:hi]
+                    gw[c] = info.weight_grad(ac, dc)
+                else:
                     gw[c] = info.weight_grad(a_s[lo:hi], d_s[lo:hi])
             parts = {"weight": gw}
             if "bias" in ps:
