@@ -544,10 +544,12 @@ class Tracer:
                     m = min(1 << (hi - lo - 1).bit_length(), a.shape[0])
                     fmt = torch.channels_last if a.is_contiguous(memory_format=torch.channels_last) and not \
                         a.is_contiguous() else torch.contiguous_format
-                    ac = torch.zeros((m,) + tuple(a.shape[1:]), dtype=a.dtype, device=dev, memory_format=fmt)
-                    dc = torch.zeros((m,) + tuple(d.shape[1:]), dtype=d.dtype, device=dev, memory_format=fmt)
+                    ac = torch.empty((m,) + tuple(a.shape[1:]), dtype=a.dtype, device=dev, memory_format=fmt)
+                    dc = torch.empty((m,) + tuple(d.shape[1:]), dtype=d.dtype, device=dev, memory_format=fmt)
                     ac[: hi - lo] = a_s[lo:hi]
                     dc[: hi - lo] = d_s[lo:hi]
+                    ac[hi - lo:] = 0
+                    dc[hi - lo:] = 0
                     gw[c] = info.weight_grad(ac, dc)
                 else:
                     gw[c] = info.weight_grad(a_s[lo:hi], d_s[lo:hi])
