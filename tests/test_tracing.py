@@ -402,3 +402,39 @@ def test_cli_trace_writes_both_tables(traced_run, tmp_path):
     assert np.allclose(cls.groupby("channel")["share"].sum(), 1.0, atol=1e-5)
     bad = CliRunner().invoke(app, ["trace", "--run", str(root / "run"), "--layer", "features.nope"])
     assert bad.exit_code == 2 and "features.nope" in bad.output
+
+
+def test_class_arriving_late_drives_its_evolution():
+    """Class 2 joins the training set after epoch 3: before, its source is exactly zero; after,
+    the change of the class-2 logit on class-2 inputs is attributed mostly to class 2."""
+    torch.manual_seed(0)
+    centres = torch.randn(3, 10) * 3
+    Y = torch.arange(3).repeat_interleave(30)
+    X = centres[Y] + torch.randn(90, 10)
+    model = _mlp(5, d_in=10, hidden=12, classes=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    tr = Tracer(layers=nn.Linear, num_classes=3, verbose=False).attach(model, opt)
+    states = {0: {k: v.clone() for k, v in model.state_dict().items()}}
+    g = torch.Generator().manual_seed(0)
+    for epoch in range(1, 7):
+        pool = torch.nonzero(Y != 2).reshape(-1) if epoch <= 3 else torch.arange(90)
+        pool = pool[torch.randperm(len(pool), generator=g)]
+        for b in range(0, len(pool), 15):
+            idx = pool[b:b + 15]
+            opt.zero_grad()
+            F.cross_entropy(model(X[idx]), Y[idx]).backward()
+            opt.step()
+            tr.after_step(Y[idx])
+        tr.end_epoch(epoch)
+        states[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(float(tr.windows[(e - 1, e)]["2.weight"][2].abs().max()) == 0.0 for e in (1, 2, 3))
+    info = layer_info(model, "2")
+    src = tr.sources("2", 3, 6).grouped("class")
+    a = tracing.layer_input(model, "2", X[Y == 2])
+    dw = states[6]["2.weight"].double() - states[3]["2.weight"].double()
+    db = states[6]["2.bias"].double() - states[3]["2.bias"].double()
+    dz = info.apply(a.double(), dw[[2]], db[[2]])
+    table, st = decompose(info, a, src, dz, channels=[2])
+    assert st["residual"] <= 1e-5
+    share = table.set_index("source")["share"]
+    assert share["class 2"] > 0.5 and share["class 2"] == share.max()
