@@ -27,13 +27,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
+from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
 from conceptevo import tracing
 from conceptevo.data import builtin_dataset
 from conceptevo.models import build_model
 from conceptevo.train import REGIMES, train_run
-from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
+from torch import nn
 
 
 def step_loop(net, opt, data, steps, start, tracer=None, clip=5.0, batch=64):
@@ -99,7 +98,7 @@ def main() -> None:
     rows = []
     print(f"# device: {machine_line(None, f'torch threads {args.threads}')}", file=sys.stderr)
     for label, layers in (("conv layers", None), ("conv + linear", (nn.Conv2d, nn.Linear))):
-        p, t, params, tr = recording_cost(data, blocks, steps, layers)
+        p, t, params, _ = recording_cost(data, blocks, steps, layers)
         rows.append((f"class tracing, {label}: s/step", f"{params:,} params", f"{t:.4f}", f"{p:.4f}",
                      f"{t / p:.2f}x (goal <= 1.5x)"))
         acc = tracing.storage_bytes(params, classes + 3)

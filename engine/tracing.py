@@ -68,11 +68,12 @@ them with ConceptEvo's important evolutions (which training classes drove them),
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,21 +86,21 @@ from torch import nn
 from .errors import CheckpointError, ConceptEvoError, LayerError
 
 __all__ = [
-    "Tracer",
     "LayerSources",
     "TraceRun",
-    "layer_info",
+    "Tracer",
+    "attribute_evolutions",
     "checkpoint_sources",
     "decompose",
-    "layer_input",
     "explain",
     "explain_examples",
-    "attribute_evolutions",
-    "trace_run",
-    "report_section",
-    "storage_bytes",
+    "layer_info",
+    "layer_input",
     "original_storage_bytes",
+    "report_section",
     "sketch_bound",
+    "storage_bytes",
+    "trace_run",
 ]
 
 _EXTRA = ("weight_decay", "prior_momentum", "other")
@@ -253,7 +254,7 @@ def checkpoint_sources(states: Mapping[int, Mapping[str, torch.Tensor]], layer: 
             raise CheckpointError(f"checkpoint of epoch {e} has no {wkey!r} (layer {layer!r})")
     has_b = bkey in states[use[0]]
     dws, dbs, rows = [], [], []
-    for e0, e1 in zip(use[:-1], use[1:]):
+    for e0, e1 in itertools.pairwise(use):
         dws.append(states[e1][wkey].double() - states[e0][wkey].double())
         if has_b:
             dbs.append(states[e1][bkey].double() - states[e0][bkey].double())
@@ -1030,8 +1031,8 @@ def trace_run(run_dir: str | Path, out: str | Path | None = None, *, t: int | No
               ) -> dict[str, pd.DataFrame]:
     """Write ``trace_sources.parquet`` (every layer's sources over ``[t, t']`` with the size of
     their weight change) and ``trace_classes.parquet`` (:func:`attribute_evolutions`) to ``out``
-    (default: the run). Importance is computed (Eq. 2-4, on ``data``, default the built-in
-    training data of the run's seed) when not given."""
+    (default: the run). Importance is computed (Eq. 2-4) on ``data`` when not given; ``data``
+    defaults to the run's built-in test split (same seed and size), refused for other data."""
     from .store import RunStore
 
     run = TraceRun(run_dir)
@@ -1089,10 +1090,10 @@ def report_section(classes: pd.DataFrame, class_names: Sequence[str] | None = No
     name = (lambda c: class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c))
     approx = not bool(classes["exact"].all())
     parts = ['<section class="tracing"><h2>What in training drove the important evolutions</h2>',
-             '<p class="note">Share of each neuron\'s traced change (t &rarr; t\', input map fixed) on the '
-             "class's images contributed by each training source (Pfahler &amp; Morik); shares sum to 1."
-             + (" <b>Approximate</b> (non-SGD optimiser): class split in proportion to gradient contribution."
-                if approx else "") + "</p>",
+             ('<p class="note">Share of each neuron\'s traced change (t &rarr; t\', input map fixed) on the '
+              "class's images contributed by each training source (Pfahler &amp; Morik); shares sum to 1."
+              + (" <b>Approximate</b> (non-SGD optimiser): class split in proportion to gradient contribution."
+                 if approx else "") + "</p>"),
              "<table><thead><tr><th>class</th><th>neuron</th><th>importance</th><th>top sources (share)</th>"
              "</tr></thead><tbody>"]
     for (c, layer, ch), g in classes.groupby(["class", "layer", "channel"], sort=False):

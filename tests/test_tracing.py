@@ -6,11 +6,10 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from conceptevo import tracing
 from conceptevo.errors import ConceptEvoError, LayerError
 from conceptevo.tracing import Tracer, checkpoint_sources, decompose, layer_info
+from torch import nn
 
 
 def _conv_net(seed):
@@ -187,7 +186,7 @@ def test_per_example_records_equal_vmap_grad_and_sum_to_classes():
 
 def test_clipping_is_a_common_factor_not_other():
     model = _mlp(2)
-    tr, start, *_ = _train(model, SGDS["momentum"], clip=0.05)
+    tr, _start, *_ = _train(model, SGDS["momentum"], clip=0.05)
     assert tr.kappa_dev > 0.1  # the clip did act
     acc = tr.windows[(0, 1)]["0.weight"]
     assert float(acc[5].abs().max()) <= 1e-5 * float(acc.sum(0).abs().max())
@@ -386,11 +385,10 @@ def test_train_run_records_classes_and_explains_exactly(traced_run):
 
 
 def test_cli_trace_writes_both_tables(traced_run, tmp_path):
+    from conceptevo.cli import app
     from typer.testing import CliRunner
 
-    from conceptevo.cli import app
-
-    root, te_set, _ = traced_run
+    root, _, _ = traced_run
     res = CliRunner().invoke(app, ["trace", "--run", str(root / "run"), "--out", str(tmp_path),
                                    "--layer", "features.conv3_1", "--class", "1", "--top", "2", "--images", "4"])
     assert res.exit_code == 0, res.output
