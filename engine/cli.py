@@ -329,6 +329,42 @@ def report(
     console.print(f"report: {result.report}")
 
 
+@app.command()
+def trace(
+    run: Annotated[Path, typer.Option("--run", help="A training run directory (run.json, checkpoints/, trace/).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where the tables go (default: the run).")] = None,
+    t: Annotated[Optional[int], typer.Option("--t", help="Earlier epoch (default: the first saved).")] = None,
+    t2: Annotated[Optional[int], typer.Option("--t2", help="Later epoch (default: the last saved).")] = None,
+    layers: LayerOpt = None, classes: ClassOpt = None,
+    importance_table: Annotated[Optional[Path], typer.Option(
+        "--importance", help="importance.parquet to join with (default: computed, Eq. 2-4).")] = None,
+    top: Annotated[int, typer.Option(help="Important evolutions per class.")] = 5,
+    images: Annotated[int, typer.Option(help="Images per class.")] = 32, seed: Seed = 0,
+) -> None:
+    """Trace what in training drove the evolutions t -> t' (Pfahler & Morik): the layer's change split
+    into recorded class sources (or checkpoint sources when nothing was recorded). Writes
+    trace_sources.parquet and trace_classes.parquet."""
+    import pandas as pd
+
+    from . import tracing
+    from .errors import ConceptEvoError
+
+    try:
+        imp = pd.read_parquet(importance_table) if importance_table else None
+        res = tracing.trace_run(run, out, t=t, t2=t2, layers=layers or None, importance=imp,
+                                classes=classes or ([0, 1, 2] if imp is None else None), top=top,
+                                images_per_class=images, seed=seed)
+    except (ConceptEvoError, OSError) as exc:
+        _fail(exc)
+    cls = res["classes"]
+    if len(cls):
+        best = cls.sort_values("share", ascending=False).groupby(["class", "layer", "channel"], sort=False).head(1)
+        console.print(best[["class", "layer", "channel", "score", "source", "share", "exact"]]
+                      .sort_values(["class", "score"], ascending=[True, False]).to_string(index=False))
+    target = out or run
+    console.print(f"-> {target / 'trace_sources.parquet'}  {target / 'trace_classes.parquet'}")
+
+
 def main() -> None:
     """Entry point of the ``conceptevo`` script."""
     app()

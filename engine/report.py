@@ -123,6 +123,7 @@ class ReportData:
     facts: Mapping[str, Any] | None = None
     layer_order: Sequence[str] | None = None
     diagnostic_metrics: Sequence[str] | None = None
+    tracing: pd.DataFrame | None = None   # trace_classes table (conceptevo.tracing.attribute_evolutions)
 
 
 def _per_run(df: pd.DataFrame | None, table: str) -> pd.DataFrame | None:
@@ -643,6 +644,10 @@ def _html(payload: dict, data: ReportData, plotly_js: str) -> str:
         parts.append('<section><h2>Reversion check</h2><p class="note">Reverting the evolutions of more '
                      "important neurons should lower accuracy more; the random bin is the baseline.</p>"
                      '<div id="fig-reversion"></div></section>')
+    if data.tracing is not None:
+        from .tracing import report_section
+
+        parts.append(report_section(data.tracing))
     parts += [
         f"<script>{plotly_js}</script>",
         f'<script type="application/json" id="ce-data">{_script_json(payload)}</script>',

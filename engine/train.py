@@ -192,6 +192,7 @@ def train_run(
     resume: bool = True,
     overwrite: bool = False,
     desc: str | None = None,
+    tracer: Any | None = None,
 ) -> TrainLog:
     """Train ``model_name`` with SGD + momentum and write a run directory (module docstring).
 
@@ -216,6 +217,10 @@ def train_run(
         is; ``False`` trains afresh.
     overwrite : start afresh even when the folder holds a run with other settings (without it
         that is an error, so a run is never silently replaced).
+    tracer : a :class:`conceptevo.tracing.Tracer` (or anything with ``attach``, ``after_step``,
+        ``end_epoch``, ``finish``): it is attached to the model and optimiser, called after
+        every optimiser step with the batch's labels and ids, closes a window at every saved
+        epoch and writes ``<run>/trace/``. It observes only: the weights are the same with it.
     """
     run_dir = Path(run_dir)
     train_set = as_image_set(train_set)
@@ -329,6 +334,9 @@ def train_run(
             with contextlib.suppress(FileNotFoundError):
                 resume_path.unlink()
         used_threads = torch.get_num_threads()
+        if tracer is not None:
+            tracer.attach(net, opt, epoch=start_epoch, num_classes=int(num_classes),
+                          class_names=train_set.class_names, out=run_dir / "trace", save_epochs=saves)
         _save_json(run_json, {**card, "status": "running", "engine": __version__,
                               "torch": torch.__version__, "threads": used_threads})
 
@@ -385,16 +393,22 @@ def train_run(
                     if grad_clip is not None:
                         nn.utils.clip_grad_norm_(net.parameters(), float(grad_clip))
                     opt.step()
+                    if tracer is not None:
+                        tracer.after_step(y, ids)
                     loss_sum += float(loss.detach()) * int(y.shape[0])
                     seen += int(y.shape[0])
                     bar.update(1)
                     if b % 10 == 0:
                         bar.set_postfix(epoch=epoch, loss=f"{loss_sum / seen:.3f}", refresh=False)
                 log_epoch(epoch, loss_sum / max(1, seen), cur_lr)
+                if tracer is not None:
+                    tracer.end_epoch(epoch)
                 bar.set_postfix(epoch=epoch, loss=f"{loss_sum / max(1, seen):.3f}",
                                 test_top1=f"{rows[-1]['test_top1']:.3f}", refresh=False)
         finally:
             bar.close()
+            if tracer is not None:
+                tracer.finish()
 
     seconds = time.perf_counter() - t0
     _save_json(run_json, {**card, "status": "done", "seconds": round(seconds, 3), "engine": __version__,
@@ -487,6 +501,7 @@ def train_regimes(
     progress: bool = True,
     resume: bool = True,
     workers: int = 1,
+    trace: bool = False,
 ) -> dict[str, Path]:
     """Train the paper's three regimes on the built-in data; ``{name: run_dir}`` (``root/<name>``).
 
@@ -506,6 +521,8 @@ def train_regimes(
     threads; the runs are independent, so the weights are the same as in one process): on a
     2-core machine, 2 workers of 1 thread halve the wall time of the demo's training. The
     workers show no progress bars; a line is printed as each run finishes.
+    ``trace`` records per-class update accumulators of every conv layer
+    (:mod:`conceptevo.tracing`) into ``<run>/trace/``.
     """
     root = Path(root)
     unknown = [r for r in regimes if r not in REGIMES]
@@ -515,7 +532,7 @@ def train_regimes(
     test_set = builtin_dataset("test", seed=seed, root=data_root, num_images=test_images)
     if int(workers) > 1 and len(regimes) > 1:
         return _train_regimes_in_processes(root, seed, list(regimes), data_root, train_images, test_images,
-                                           epoch_scale, threads, resume, int(workers), progress)
+                                           epoch_scale, threads, resume, int(workers), progress, trace)
     out: dict[str, Path] = {}
     for name in regimes:
         cfg = dict(REGIMES[name])
@@ -527,24 +544,30 @@ def train_regimes(
         if "train_subset" in cfg and train_images is not None:
             cfg["train_subset"] = max(1, round(cfg["train_subset"] * len(train_set) / 9600))
         model_name = cfg.pop("model_name")
+        tracer = None
+        if trace:
+            from .tracing import Tracer
+
+            tracer = Tracer(verbose=progress)
         train_run(root / name, model_name, train_set, test_set, seed=seed, threads=threads,
-                  progress=progress, resume=resume, desc=name, **cfg)
+                  progress=progress, resume=resume, desc=name, tracer=tracer, **cfg)
         out[name] = root / name
     return out
 
 
 def _train_one_regime(root: Path, name: str, seed: int, data_root, train_images, test_images, epoch_scale,
-                      threads, resume) -> tuple[str, float]:
+                      threads, resume, trace: bool = False) -> tuple[str, float]:
     """One regime in a worker process (the data come from ``data_root``'s cache or are regenerated)."""
     t0 = time.perf_counter()
     train_regimes(root, seed, regimes=[name], data_root=data_root, train_images=train_images,
                   test_images=test_images, epoch_scale=epoch_scale, threads=threads, progress=False,
-                  resume=resume)
+                  resume=resume, trace=trace)
     return name, time.perf_counter() - t0
 
 
 def _train_regimes_in_processes(root: Path, seed: int, regimes: list[str], data_root, train_images, test_images,
-                                epoch_scale, threads, resume, workers: int, progress: bool) -> dict[str, Path]:
+                                epoch_scale, threads, resume, workers: int, progress: bool,
+                                trace: bool = False) -> dict[str, Path]:
     import concurrent.futures as cf
     import multiprocessing as mp
 
@@ -559,7 +582,7 @@ def _train_regimes_in_processes(root: Path, seed: int, regimes: list[str], data_
     # spawn: a forked child would inherit the parent's OpenMP thread pool in an unusable state
     with cf.ProcessPoolExecutor(max_workers=min(workers, len(order)), mp_context=mp.get_context("spawn")) as ex:
         futures = [ex.submit(_train_one_regime, root, n, seed, data_root, train_images, test_images, epoch_scale,
-                             threads, resume) for n in order]
+                             threads, resume, trace) for n in order]
         for fut in cf.as_completed(futures):
             name, secs = fut.result()  # re-raises a worker's error here
             if progress:

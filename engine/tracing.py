@@ -1,0 +1,1118 @@
+"""Tracing the training process (Pfahler & Morik, arXiv 2109.05880): *what in training* changed a layer.
+
+For a Conv2d or Linear layer ``l`` with weight ``W`` and bias ``b``, the change of its
+pre-activation on an input ``x`` between epochs ``t`` and ``t'`` *with the input map held
+fixed* is a sum over the updates made in between::
+
+    Δz(x) = (W_t' − W_t) ⊛ a(x) + (b_t' − b_t) = Σ_s c_s(x),   c_s(x) = ΔW_s ⊛ a(x) + Δb_s
+
+``⊛`` is the layer's own operation (``F.conv2d`` with its stride/padding/dilation/groups, or
+the matrix product). Each source's bias change is *folded into* its term ``c_s`` (a source
+is one thing that changed the layer: its weight and its bias part together). ``a(x)`` is
+the layer's input computed by a fixed network: the final one (``input_from="final"``, the
+original method), the ``t'`` one (``"t_prime"``, what ConceptEvo's evolutions ``t -> t'``
+use), or the ``t`` one (``"t"``). Every source is scored by
+
+    dot_s = ⟨c_s, Δz⟩,  norm_s = ‖c_s‖,  cos_s = dot_s / (‖c_s‖ ‖Δz‖),  share_s = dot_s / ‖Δz‖²
+
+so ``Σ_s norm_s·cos_s = ‖Δz‖`` and ``Σ_s share_s = 1`` exactly (up to float rounding).
+NOTE: ConceptEvo's Eq. 2 uses ``Z^{t'}(x) − Z^t(x)`` with each network's *own* input map;
+the traced ``Δz`` holds the input fixed, so it is the part of that change made in this layer.
+
+Sources, from free to fine:
+
+* **checkpoints** -- telescoping over the saved checkpoints, ``ΔW_e = W_{e+1} − W_e``; needs
+  no recording, works on any run (:func:`checkpoint_sources`).
+* **classes** -- a :class:`Tracer` observes the optimiser and splits every step's update by
+  the class of the batch rows that caused it:
+
+  - the per-class weight gradient ``g^c`` of a layer is the weight-gradient of the class-c
+    rows only. It is computed from the layer's input and output-gradient that hooks already
+    hold (``torch.nn.grad.conv2d_weight`` / a matrix product per class present in the
+    batch): the classes partition the batch, so all of them cost about one extra
+    weight-gradient of the layer. Any common factor between ``Σ_c g^c`` and the gradient the
+    optimiser used (gradient clipping, a loss scale) is measured (``κ``) and applied;
+    whatever remains (extra loss terms on the weights) is the source ``other``.
+  - SGD (any momentum, dampening, Nesterov, weight decay): **exact**. The update is linear
+    in the gradients, so per-source momentum buffers ``v^s ← μ v^s + (1−d) g^s`` reproduce
+    it; weight decay ``λ W`` is its own source ``weight_decay``; a momentum buffer that
+    existed when the tracer attached is the source ``prior_momentum``. Float rounding
+    between the modelled and the actual update (``W_after − W_before`` in float64) goes to
+    ``other`` and is reported (``max_mismatch``).
+  - Adam, AdamW and other optimisers: **approximate**. Per-source first moments
+    ``m^s`` (β1 of the optimiser, or its momentum, else 0) and the actual update split
+    element-wise in proportion ``m^s·m/(m²+ε²)``; AdamW's decoupled decay is the exact source
+    ``weight_decay``. Such sources carry ``exact=False`` in every table.
+
+* **steps** (optional) -- the per-step update of each traced layer, stored as float16 or
+  bfloat16 in chunks; the storage formula is printed before recording. Rounded, so labelled
+  inexact.
+* **examples** (optional, exact for SGD without Nesterov) -- per-example weight-gradients of
+  chosen layers (from the same hooks: the per-example gradient of a Linear layer is
+  ``δ_i ⊗ a_i``; of a conv, ``δ_i`` correlated with ``a_i``), or a Gaussian random
+  projection of them (``sketch=k``). An example seen at step ``s`` contributes
+  ``−Σ_{s'} lr_{s'} μ^{s'−s} f_s g_i`` to the window (``f_s = 1−dampening`` after the first
+  step). The scores of a sketch deviate from the exact ones by at most
+  ``ε·|coef|·‖g_i‖·‖G(x)‖`` with ``ε = sqrt(8 ln(4/δ)/k)`` and probability ``≥ 1−δ`` per
+  score (inner-product Johnson–Lindenstrauss; ``G(x)`` is the weight-gradient of
+  ``⟨z(x), Δz⟩``, see :func:`sketch_bound`).
+
+Recorded files live in ``<run>/trace/`` (``trace.json`` + ``window_<t>_<t'>.pt`` per window,
+plain tensors, weights-only loadable; ``steps/`` and ``examples/`` chunks when asked).
+
+:func:`explain` gives the table of sources for one input, :func:`attribute_evolutions` joins
+them with ConceptEvo's important evolutions (which training classes drove them),
+:func:`trace_run` writes ``trace_sources.parquet`` and ``trace_classes.parquet``, and
+:func:`report_section` renders the HTML fragment of the report.
+"""
+from __future__ import annotations
+
+import html
+import itertools
+import json
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CheckpointError, ConceptEvoError, LayerError
+
+__all__ = [
+    "LayerSources",
+    "TraceRun",
+    "Tracer",
+    "attribute_evolutions",
+    "checkpoint_sources",
+    "decompose",
+    "explain",
+    "explain_examples",
+    "layer_info",
+    "layer_input",
+    "original_storage_bytes",
+    "report_section",
+    "sketch_bound",
+    "storage_bytes",
+    "trace_run",
+]
+
+_EXTRA = ("weight_decay", "prior_momentum", "other")
+
+
+# ----------------------------------------------------------------------------- layers
+@dataclass
+class LayerInfo:
+    """How a traced layer computes: enough to apply a weight change to an input map."""
+
+    name: str
+    kind: str                         # "conv2d" | "linear"
+    weight_shape: tuple[int, ...]
+    has_bias: bool
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    def apply(self, a: torch.Tensor, dw: torch.Tensor, db: torch.Tensor | None) -> torch.Tensor:
+        """``dw ⊛ a + db``; ``dw`` may stack several sources along the output dimension."""
+        if self.kind == "conv2d":
+            return F.conv2d(a, dw, db, self.stride, self.padding, self.dilation, self.groups)
+        return F.linear(a, dw, db)
+
+    def weight_grad(self, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Weight-gradient of ``⟨z, d⟩`` summed over the batch (``a``: input, ``d``: output grad)."""
+        if self.kind == "conv2d":
+            return torch.nn.grad.conv2d_weight(a, self.weight_shape, d, self.stride, self.padding,
+                                               self.dilation, self.groups)
+        return d.reshape(-1, d.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+
+    def example_grads(self, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Per-example weight-gradients, ``(B, *weight_shape)``."""
+        if self.kind == "linear":
+            if a.dim() != 2:
+                return torch.einsum("b...o,b...i->boi", d, a)
+            return d[:, :, None] * a[:, None, :]
+        if self.groups != 1:
+            return torch.stack([self.weight_grad(a[i:i + 1], d[i:i + 1]) for i in range(a.shape[0])])
+        k = self.weight_shape[2:]
+        # unfold is slow on channels-last maps: make both contiguous (NCHW) first
+        cols = F.unfold(a.contiguous(), k, self.dilation, self.padding, self.stride)   # (B, Cin*kh*kw, L)
+        g = torch.bmm(d.contiguous().flatten(2), cols.transpose(1, 2))               # (B, Cout, Cin*kh*kw)
+        return g.reshape(a.shape[0], *self.weight_shape)
+
+    def bias_grad(self, d: torch.Tensor) -> torch.Tensor:
+        """Per-row bias gradient ``(B, Cout)``."""
+        if self.kind == "conv2d":
+            return d.sum((2, 3))
+        return d.reshape(d.shape[0], -1, d.shape[-1]).sum(1)
+
+
+def layer_info(model: nn.Module, name: str) -> LayerInfo:
+    """The :class:`LayerInfo` of module ``name`` (a Conv2d or Linear), with clear errors."""
+    mods = dict(model.named_modules())
+    if name not in mods:
+        preview = ", ".join(n for n in mods if n)[:400]
+        raise LayerError(f"the model has no layer {name!r}; it has: {preview}")
+    m = mods[name]
+    if isinstance(m, nn.Conv2d):
+        if m.padding_mode != "zeros":
+            raise LayerError(f"layer {name!r}: padding_mode={m.padding_mode!r} is not traced (only 'zeros')")
+        pad = m.padding
+        if isinstance(pad, str):
+            if pad != "valid":
+                raise LayerError(f"layer {name!r}: padding={pad!r} is not traced; use explicit padding")
+            pad = (0, 0)
+        return LayerInfo(name, "conv2d", tuple(m.weight.shape), m.bias is not None, tuple(m.stride), tuple(pad),
+                         tuple(m.dilation), int(m.groups))
+    if isinstance(m, nn.Linear):
+        return LayerInfo(name, "linear", tuple(m.weight.shape), m.bias is not None)
+    raise LayerError(f"layer {name!r} is a {type(m).__name__}; tracing handles Conv2d and Linear layers")
+
+
+def _select(model: nn.Module, layers) -> list[str]:
+    from .adapter import select_layers
+
+    if layers is None:
+        layers = nn.Conv2d
+    names = select_layers(model, layers)
+    for n in names:
+        layer_info(model, n)  # raises for untraceable layers
+    return names
+
+
+# ---------------------------------------------------------------------------- sources
+@dataclass
+class LayerSources:
+    """The sources of one layer's change over a window: ``Σ_s dw[s] = W_t' − W_t`` (and ``db``).
+
+    ``meta`` has one row per source: ``source`` (label), ``kind`` (checkpoint, class,
+    weight_decay, prior_momentum, other, step, example), ``class`` (-1 unless a class or
+    example), ``epoch_from``, ``epoch_to``, ``exact`` (bool), ``example`` (-1 unless an example).
+    """
+
+    layer: str
+    dw: torch.Tensor                  # (S, *weight_shape)
+    db: torch.Tensor | None           # (S, Cout) or None
+    meta: pd.DataFrame
+
+    def total(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.dw.sum(0), None if self.db is None else self.db.sum(0)
+
+    def grouped(self, by: str = "class") -> LayerSources:
+        """Sum sources that share ``by`` (e.g. a class's sources over several epochs)."""
+        keys = self.meta[by].astype(str) if by != "class" else self.meta.apply(
+            lambda r: f"class {int(r['class'])}" if r["kind"] in ("class", "example") else r["kind"], axis=1)
+        order = list(dict.fromkeys(keys))
+        idx = torch.tensor([order.index(k) for k in keys])
+        dw = torch.zeros((len(order),) + tuple(self.dw.shape[1:]), dtype=self.dw.dtype).index_add_(0, idx, self.dw)
+        db = None if self.db is None else torch.zeros((len(order), self.db.shape[1]), dtype=self.db.dtype
+                                                      ).index_add_(0, idx, self.db)
+        rows = []
+        for k in order:
+            part = self.meta[keys.values == k]
+            first = part.iloc[0]
+            rows.append({"source": k if by != "class" else (first["source"].split(" @")[0]),
+                         "kind": first["kind"] if by == "class" else by,
+                         "class": int(first["class"]) if part["class"].nunique() == 1 else -1,
+                         "epoch_from": int(part["epoch_from"].min()), "epoch_to": int(part["epoch_to"].max()),
+                         "exact": bool(part["exact"].all()), "example": -1})
+        return LayerSources(self.layer, dw, db, pd.DataFrame(rows))
+
+
+def _meta(rows: list[dict]) -> pd.DataFrame:
+    cols = ["source", "kind", "class", "epoch_from", "epoch_to", "exact", "example"]
+    df = pd.DataFrame(rows, columns=cols)
+    for c in ("class", "epoch_from", "epoch_to", "example"):
+        df[c] = df[c].astype("int64")
+    df["exact"] = df["exact"].astype(bool)
+    return df
+
+
+def checkpoint_sources(states: Mapping[int, Mapping[str, torch.Tensor]], layer: str,
+                       t: int | None = None, t2: int | None = None) -> LayerSources:
+    """Telescoping sources of ``layer`` between checkpoints: ``ΔW_e = W_{e'} − W_e`` for
+    consecutive saved epochs ``e < e'`` in ``[t, t']`` (default: all). Exact, free."""
+    epochs = sorted(int(e) for e in states)
+    t = epochs[0] if t is None else int(t)
+    t2 = epochs[-1] if t2 is None else int(t2)
+    for e in (t, t2):
+        if e not in states:
+            raise CheckpointError(f"no checkpoint for epoch {e}; saved epochs: {epochs}")
+    if t2 <= t:
+        raise ConceptEvoError(f"need t < t', got t={t}, t'={t2}")
+    use = [e for e in epochs if t <= e <= t2]
+    wkey, bkey = f"{layer}.weight", f"{layer}.bias"
+    for e in use:
+        if wkey not in states[e]:
+            raise CheckpointError(f"checkpoint of epoch {e} has no {wkey!r} (layer {layer!r})")
+    has_b = bkey in states[use[0]]
+    dws, dbs, rows = [], [], []
+    for e0, e1 in itertools.pairwise(use):
+        dws.append(states[e1][wkey].double() - states[e0][wkey].double())
+        if has_b:
+            dbs.append(states[e1][bkey].double() - states[e0][bkey].double())
+        rows.append({"source": f"epochs {e0}->{e1}", "kind": "checkpoint", "class": -1, "epoch_from": e0,
+                     "epoch_to": e1, "exact": True, "example": -1})
+    return LayerSources(layer, torch.stack(dws), torch.stack(dbs) if has_b else None, _meta(rows))
+
+
+# ----------------------------------------------------------------------------- scoring
+def decompose(info: LayerInfo, a: torch.Tensor, src: LayerSources, dz: torch.Tensor | None = None,
+              channels: Sequence[int] | None = None, chunk: int = 64) -> tuple[pd.DataFrame, dict]:
+    """Score every source of ``src`` on the input map ``a`` (a batch counts as one long vector).
+
+    ``dz`` defaults to ``Σ_s c_s``'s reference ``(ΣΔW) ⊛ a + ΣΔb`` computed from the summed
+    change; pass the checkpoint difference to check exactness. ``channels`` restricts
+    ``z`` to those output channels (a neuron's map). Returns the table (meta + dot, norm,
+    cos, share) and ``{"dz_norm", "residual"}`` with ``residual = ‖Σ_s c_s − Δz‖/‖Δz‖``.
+    """
+    a = a.double()
+    s_count = src.dw.shape[0]
+    cout = info.weight_shape[0]
+    ch = list(range(cout)) if channels is None else [int(c) for c in channels]
+    if dz is None:
+        w, b = src.total()
+        dz = info.apply(a, w[ch].double(), None if b is None else b[ch].double())
+    dz = dz.double()
+    if tuple(dz.shape[1:2]) != (len(ch),):
+        dz = dz[:, ch] if dz.shape[1] == cout else dz
+    dots = torch.empty(s_count, dtype=torch.float64)
+    norms = torch.empty(s_count, dtype=torch.float64)
+    ssum = torch.zeros_like(dz)
+    for lo in range(0, s_count, chunk):
+        hi = min(s_count, lo + chunk)
+        dw = src.dw[lo:hi][:, ch].double()
+        n = hi - lo
+        db = None if src.db is None else src.db[lo:hi][:, ch].double().reshape(-1)
+        if info.groups != 1:
+            outs = torch.stack([info.apply(a, dw[i], None if db is None else src.db[lo + i][ch].double())
+                                for i in range(n)], 1)
+        else:
+            out = info.apply(a, dw.reshape(n * len(ch), *dw.shape[2:]), db)   # (B, n*C, ...)
+            outs = out.reshape(out.shape[0], n, len(ch), *out.shape[2:])
+        ssum += outs.sum(1)
+        flat = outs.transpose(0, 1).reshape(n, -1)
+        dots[lo:hi] = flat @ dz.reshape(-1)
+        norms[lo:hi] = flat.norm(dim=1)
+    dzn = float(dz.norm())
+    res = float((ssum - dz).norm() / dzn) if dzn > 0 else float((ssum - dz).norm())
+    table = src.meta.copy()
+    table.insert(0, "layer", src.layer)
+    table["dot"] = dots.numpy()
+    table["norm"] = norms.numpy()
+    denom = norms * dzn
+    table["cos"] = torch.where(denom > 0, dots / denom.clamp_min(1e-300), torch.zeros_like(dots)).numpy()
+    table["share"] = (dots / (dzn * dzn)).numpy() if dzn > 0 else np.zeros(s_count)
+    table.attrs.update({"dz_norm": dzn, "residual": res})
+    return table, {"dz_norm": dzn, "residual": res}
+
+
+@torch.no_grad()
+def layer_input(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
+    """The input map of ``layer`` when ``model`` (eval mode) sees ``x``."""
+    mods = dict(model.named_modules())
+    if layer not in mods:
+        raise LayerError(f"the model has no layer {layer!r}")
+    got: list[torch.Tensor] = []
+    h = mods[layer].register_forward_hook(lambda m, inp, out: got.append(inp[0].detach()))
+    was = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        h.remove()
+        model.train(was)
+    if not got:
+        raise LayerError(f"layer {layer!r} did not run in the forward pass")
+    return got[0]
+
+
+# ------------------------------------------------------------------------------ tracer
+class Tracer:
+    """Records per-class update accumulators of chosen layers during training.
+
+    Use with any loop (one forward + backward per optimiser step)::
+
+        tracer = Tracer(layers=None, num_classes=10, out="run/trace")   # None: every Conv2d
+        tracer.attach(model, optimizer)
+        for epoch in range(1, E + 1):
+            for x, y in loader:
+                loss = F.cross_entropy(model(x), y)
+                optimizer.zero_grad(); loss.backward(); optimizer.step()
+                tracer.after_step(y)            # after optimizer.step(), before a scheduler step
+            tracer.end_epoch(epoch)
+        tracer.finish()
+
+    The forward hooks keep the traced layers' inputs and output-gradients of the last
+    forward that built a graph; ``after_step(y)`` turns them into per-class parts.
+
+    Parameters
+    ----------
+    layers : layer choice (names, a type, a regex; default every Conv2d). Conv2d/Linear only.
+    num_classes : number of classes (labels must lie in ``[0, num_classes)``).
+    out : folder for ``trace.json`` and window files (None: keep in memory only).
+    save_epochs : close a window only at these epochs (e.g. the saved checkpoints);
+        default every epoch.
+    steps : also store every step's update of every traced layer (``step_dtype``, chunks of
+        ``chunk_steps`` steps, under ``out/steps``).
+    example_layers : layers whose per-example sources are recorded (needs ``ids`` in
+        ``after_step``); ``sketch`` > 0 stores a Gaussian projection of dimension ``sketch``.
+    """
+
+    def __init__(self, layers=None, num_classes: int | None = None, out: str | Path | None = None, *,
+                 save_epochs: Sequence[int] | None = None, class_names: Sequence[str] | None = None,
+                 steps: bool = False, step_dtype: torch.dtype = torch.bfloat16, chunk_steps: int = 256,
+                 example_layers: Sequence[str] | None = None, sketch: int = 0, sketch_seed: int = 0,
+                 verbose: bool = True):
+        self.layer_spec = layers
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.out = None if out is None else Path(out)
+        self.save_epochs = None if save_epochs is None else sorted(int(e) for e in save_epochs)
+        self.class_names = None if class_names is None else [str(c) for c in class_names]
+        self.steps = bool(steps)
+        self.step_dtype = step_dtype
+        self.chunk_steps = int(chunk_steps)
+        self.example_layers = list(example_layers or [])
+        self.sketch = int(sketch)
+        self.sketch_seed = int(sketch_seed)
+        self.verbose = verbose
+        self.model: nn.Module | None = None
+        self.windows: dict[tuple[int, int], dict[str, dict[str, torch.Tensor]]] = {}
+
+    # ------------------------------------------------------------------ set-up
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, epoch: int = 0,
+               num_classes: int | None = None, class_names: Sequence[str] | None = None,
+               out: str | Path | None = None, save_epochs: Sequence[int] | None = None) -> Tracer:
+        """Start observing ``model``'s chosen layers as trained by ``optimizer`` from ``epoch``."""
+        if num_classes is not None:
+            self.num_classes = int(num_classes)
+        if class_names is not None and self.class_names is None:
+            self.class_names = [str(c) for c in class_names]
+        if out is not None and self.out is None:
+            self.out = Path(out)
+        if save_epochs is not None and self.save_epochs is None:
+            self.save_epochs = sorted(int(e) for e in save_epochs)
+        if self.num_classes is None:
+            raise ConceptEvoError("Tracer needs num_classes (at construction or in attach)")
+        self.model, self.opt = model, optimizer
+        self.layers = _select(model, self.layer_spec)
+        self.info = {n: layer_info(model, n) for n in self.layers}
+        bad = [n for n in self.example_layers if n not in self.layers]
+        if bad:
+            raise LayerError(f"example_layers {bad} are not among the traced layers {self.layers}")
+        mods = dict(model.named_modules())
+        self.params: dict[str, dict[str, nn.Parameter]] = {}
+        for n in self.layers:
+            m = mods[n]
+            self.params[n] = {"weight": m.weight, **({"bias": m.bias} if m.bias is not None else {})}
+        self.group_of: dict[int, dict] = {}
+        for g in optimizer.param_groups:
+            for p in g["params"]:
+                self.group_of[id(p)] = g
+        for n, ps in self.params.items():
+            for k, p in ps.items():
+                if id(p) not in self.group_of:
+                    raise ConceptEvoError(f"{n}.{k} is not optimised by the optimizer given to the Tracer")
+        self.opt_name = type(optimizer).__name__
+        self.exact = isinstance(optimizer, torch.optim.SGD)
+        k = self.num_classes + len(_EXTRA)
+        self.k = k
+        self.prev = {n: {key: p.detach().double().clone() for key, p in ps.items()} for n, ps in self.params.items()}
+        self.buf: dict[str, dict[str, torch.Tensor | None]] = {}
+        self.started: dict[str, dict[str, bool]] = {}
+        for n, ps in self.params.items():
+            self.buf[n], self.started[n] = {}, {}
+            for key, p in ps.items():
+                st = optimizer.state.get(p, {})
+                prior = st.get("momentum_buffer") if self.exact else st.get("exp_avg")
+                b = torch.zeros((k,) + tuple(p.shape), dtype=p.dtype, device=p.device)
+                if prior is not None:
+                    b[self.num_classes + 1] = prior.detach()
+                self.buf[n][key] = b
+                self.started[n][key] = prior is not None
+        self.acc = self._zeros()
+        self._g: dict[tuple[str, str], torch.Tensor] = {}
+        self.window_start = int(epoch)
+        self.step_count = 0
+        self.max_mismatch = 0.0
+        self.kappa_dev = 0.0
+        self.lrs: list[float] = []
+        self.momenta: list[tuple[float, float]] = []
+        self._a: dict[str, torch.Tensor] = {}
+        self._d: dict[str, torch.Tensor] = {}
+        self._n_fwd: dict[str, int] = {}
+        self._handles = []
+        for n in self.layers:
+            self._handles.append(mods[n].register_forward_hook(self._hook(n)))
+        self._step_chunk: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
+        self._step_chunk_ids: list[int] = []
+        self._chunks = 0
+        self._ex: dict[str, list] = {n: [] for n in self.example_layers}
+        self._ex_meta: list[tuple[int, torch.Tensor]] = []
+        if self.sketch:
+            self._proj = {n: self._projection(n) for n in self.example_layers}
+        if self.verbose:
+            per = sum(p.numel() for ps in self.params.values() for p in ps.values())
+            msg = (f"tracing {len(self.layers)} layers ({per:,} parameters) with {self.opt_name} "
+                   f"({'exact' if self.exact else 'APPROXIMATE class split'}): class accumulators "
+                   f"{k} sources x {per:,} x 4 B = {storage_bytes(per, k) / 2**20:.1f} MiB per window")
+            if self.steps:
+                bpe = torch.tensor([], dtype=self.step_dtype).element_size()
+                msg += (f"; per-step deltas {per:,} x {bpe} B = {per * bpe / 2**20:.2f} MiB per step "
+                        f"(steps x that in total)")
+            print(msg, file=sys.stderr)
+        return self
+
+    def _projection(self, n: str) -> torch.Tensor:
+        numel = int(np.prod(self.info[n].weight_shape)) + (self.info[n].weight_shape[0] if self.info[n].has_bias else 0)
+        g = torch.Generator().manual_seed(self.sketch_seed + sum(map(ord, n)))
+        return torch.randn(self.sketch, numel, generator=g, dtype=torch.float32) / math.sqrt(self.sketch)
+
+    def _zeros(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {n: {key: torch.zeros((self.k,) + tuple(p.shape), dtype=torch.float64, device=p.device)
+                    for key, p in ps.items()} for n, ps in self.params.items()}
+
+    def _hook(self, name: str):
+        def hook(module, inp, out):
+            if not (torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad):
+                return
+            self._a[name] = inp[0].detach()
+            self._n_fwd[name] = self._n_fwd.get(name, 0) + 1
+
+            def keep(g, _n=name):
+                self._d[_n] = g.detach()
+            out.register_hook(keep)
+        return hook
+
+    def detach(self) -> None:
+        """Remove the hooks."""
+        for h in getattr(self, "_handles", []):
+            h.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------ per step
+    @torch.no_grad()
+    def after_step(self, y: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        """Account for the optimiser step just taken on a batch with labels ``y`` (and dataset ``ids``)."""
+        if self.model is None:
+            raise ConceptEvoError("Tracer.after_step before attach(model, optimizer)")
+        y = torch.as_tensor(y).reshape(-1).to(torch.int64)
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ConceptEvoError(f"labels must lie in [0, {self.num_classes}); got {int(y.min())}..{int(y.max())}")
+        if self.example_layers and ids is None:
+            raise ConceptEvoError("example_layers are traced: pass the batch's dataset ids to after_step(y, ids)")
+        C = self.num_classes
+        order = torch.argsort(y, stable=True)          # rows grouped by class: contiguous slices
+        counts = torch.bincount(y, minlength=C).tolist()
+        bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        onehot = None
+        for n in self.layers:
+            info = self.info[n]
+            if n not in self._a or n not in self._d:
+                raise ConceptEvoError(f"layer {n!r}: no forward/backward was seen since the last step; "
+                                      "call after_step once per optimizer step, after loss.backward()")
+            if self._n_fwd.get(n, 0) > 1:
+                raise ConceptEvoError(f"layer {n!r} ran {self._n_fwd[n]} times with gradients in one step; "
+                                      "the tracer needs one forward and backward per optimizer step")
+            a, d = self._a[n], self._d[n]
+            if a.shape[0] != y.numel():
+                raise ConceptEvoError(f"layer {n!r}: batch of {a.shape[0]} rows but {y.numel()} labels")
+            ps = self.params[n]
+            dev = a.device
+            # class parts of the gradient, in the training dtype (float rounding against p.grad lands
+            # in 'other', which keeps the sum exact): the layer's weight-gradient of each class's rows,
+            # the batch sorted by class so every class is one slice (in the map's own memory format,
+            # which keeps oneDNN fast); the classes partition the batch, so together they cost about
+            # one extra weight-gradient.
+            ge = info.example_grads(a, d).reshape(a.shape[0], -1) if n in self._ex else None
+            o = order.to(dev)
+            a_s, d_s = a[o], d[o]
+            gw = torch.zeros((C,) + info.weight_shape, dtype=a.dtype, device=dev)
+            for c in range(C):
+                lo, hi = bounds[c], bounds[c + 1]
+                if hi == lo:
+                    continue
+                if info.kind == "conv2d":
+                    # pad the slice with zero rows to a power of two: oneDNN builds a kernel for
+                    # every new batch size, and class counts change every step (about 10x slower)
+                    m = min(1 << (hi - lo - 1).bit_length(), a.shape[0])
+                    fmt = torch.channels_last if a.is_contiguous(memory_format=torch.channels_last) and not \
+                        a.is_contiguous() else torch.contiguous_format
+                    ac = torch.empty((m,) + tuple(a.shape[1:]), dtype=a.dtype, device=dev, memory_format=fmt)
+                    dc = torch.empty((m,) + tuple(d.shape[1:]), dtype=d.dtype, device=dev, memory_format=fmt)
+                    ac[: hi - lo] = a_s[lo:hi]
+                    dc[: hi - lo] = d_s[lo:hi]
+                    ac[hi - lo:] = 0
+                    dc[hi - lo:] = 0
+                    gw[c] = info.weight_grad(ac, dc)
+                else:
+                    gw[c] = info.weight_grad(a_s[lo:hi], d_s[lo:hi])
+            parts = {"weight": gw}
+            if "bias" in ps:
+                rb = info.bias_grad(d)
+                if onehot is None or onehot.device != dev or onehot.dtype != rb.dtype:
+                    onehot = F.one_hot(y.to(dev), C).to(rb.dtype).T.contiguous()     # (C, B)
+                gb = onehot @ rb
+                parts["bias"] = gb
+                if n in self._ex:
+                    ge = torch.cat([ge, rb], 1)
+            # common factor kappa between the class parts and the optimiser's gradient (clipping,
+            # loss scale); what remains goes to 'other'
+            num = den = 0.0
+            tots = {}
+            for key, p in ps.items():
+                if p.grad is None:
+                    raise ConceptEvoError(f"{n}.{key} has no gradient at this step")
+                tot = tots[key] = parts[key].sum(0)
+                num += float(torch.dot(p.grad.reshape(-1), tot.reshape(-1)))
+                den += float(torch.dot(tot.reshape(-1), tot.reshape(-1)))
+            kappa = num / den if den > 0 else 1.0
+            self.kappa_dev = max(self.kappa_dev, abs(kappa - 1.0))
+            if n in self._ex:
+                self._ex[n].append((ge * kappa).float())
+            for key, p in ps.items():
+                self._update(n, key, p, parts[key], kappa, tots[key])
+            if self.steps:
+                self._step_chunk[n].append(torch.cat([self._last_delta[n][k].reshape(-1)
+                                                      for k in ps]).to(self.step_dtype))
+        if self.example_layers:
+            self._ex_meta.append((self.step_count, torch.as_tensor(ids).reshape(-1).clone()))
+        g0 = self.group_of[id(self.params[self.layers[0]]["weight"])]
+        self.lrs.append(float(g0["lr"]))
+        self.momenta.append((float(g0.get("momentum", 0.0)), float(g0.get("dampening", 0.0))))
+        if self.steps:
+            self._step_chunk_ids.append(self.step_count)
+            if len(self._step_chunk_ids) >= self.chunk_steps:
+                self._flush_steps()
+        self.step_count += 1
+        self._a.clear()
+        self._d.clear()
+        self._n_fwd.clear()
+
+    def _update(self, n: str, key: str, p: torch.Tensor, gc: torch.Tensor, kappa: float, tot: torch.Tensor
+                ) -> None:
+        """Advance the per-source optimiser state of ``n.key`` and accumulate this step's update.
+
+        ``gc``: the class parts ``(C, *shape)``. Sources: classes, weight_decay, prior_momentum,
+        other. The per-source state is kept in the parameter's dtype; the accumulators and the
+        actual update ``W_after − W_before`` in float64, and their difference goes to ``other``.
+        """
+        group = self.group_of[id(p)]
+        C = self.num_classes
+        prev = self.prev[n][key]
+        now = p.detach().double()
+        actual = now - prev
+        lr = float(group["lr"])
+        wd = float(group.get("weight_decay", 0.0) or 0.0)
+        buf = self.buf[n][key]
+        acc = self.acc[n][key]
+        g = self._g.get((n, key))
+        if g is None:
+            g = self._g[(n, key)] = torch.zeros_like(buf)
+        torch.mul(gc, kappa, out=g[:C])
+        g[C + 1].zero_()
+        torch.sub(p.grad, tot, alpha=kappa, out=g[C + 2])
+        if self.exact:
+            mu = float(group.get("momentum", 0.0))
+            damp = float(group.get("dampening", 0.0))
+            nesterov = bool(group.get("nesterov", False))
+            if group.get("maximize", False):
+                g.neg_()
+            if wd:
+                torch.mul(prev, wd, out=g[C])
+            else:
+                g[C].zero_()
+            if mu:
+                if not self.started[n][key]:
+                    buf.copy_(g)
+                    self.started[n][key] = True
+                else:
+                    buf.mul_(mu).add_(g, alpha=1.0 - damp)
+                direction = g.add_(buf, alpha=mu) if nesterov else buf
+            else:
+                direction = g
+            acc.add_(direction, alpha=-lr)
+            pred = direction.sum(0, dtype=torch.float64).mul_(-lr)
+        else:
+            beta1 = group["betas"][0] if "betas" in group else float(group.get("momentum", 0.0))
+            decoupled = isinstance(self.opt, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+            rest = actual.clone()
+            g[C].zero_()
+            if wd and decoupled:
+                dec = prev * (-lr * wd)
+                acc[C] += dec
+                rest -= dec
+            elif wd:
+                torch.mul(prev, wd, out=g[C])
+            alpha = (1.0 - beta1) if "betas" in group else 1.0
+            if not self.started[n][key]:
+                torch.mul(g, alpha, out=buf)
+                self.started[n][key] = True
+            else:
+                buf.mul_(beta1).add_(g, alpha=alpha)
+            m = buf.sum(0, dtype=torch.float64)
+            eps = 1e-12 * float(m.abs().max()) + 1e-300
+            share = rest * (m / (m * m + eps * eps))
+            acc.add_(buf * share)
+            pred = (buf.sum(0, dtype=torch.float64) * share) + (actual - rest)
+        mismatch = actual - pred
+        scale = float(actual.abs().max())
+        if scale > 0:
+            self.max_mismatch = max(self.max_mismatch, float(mismatch.abs().max()) / scale)
+        acc[C + 2] += mismatch
+        self.prev[n][key] = now
+        if self.steps:
+            self._last_delta = getattr(self, "_last_delta", {})
+            self._last_delta.setdefault(n, {})[key] = actual
+
+    def _flush_steps(self) -> None:
+        if not self._step_chunk_ids:
+            return
+        blob = {"steps": torch.tensor(self._step_chunk_ids, dtype=torch.int64)}
+        for n in self.layers:
+            blob[n] = torch.stack(self._step_chunk[n])
+            self._step_chunk[n] = []
+        if self.out is not None:
+            _save_pt(self.out / "steps" / f"chunk_{self._chunks:05d}.pt", blob)
+        else:
+            self.windows.setdefault(("steps", self._chunks), blob)  # type: ignore[arg-type]
+        self._chunks += 1
+        self._step_chunk_ids = []
+
+    # ------------------------------------------------------------------ windows
+    def end_epoch(self, epoch: int) -> None:
+        """Close the epoch; writes the window ``[start, epoch]`` when ``epoch`` is a save epoch."""
+        epoch = int(epoch)
+        if self.save_epochs is not None and epoch not in self.save_epochs:
+            return
+        key = (self.window_start, epoch)
+        blob = {f"{n}.{k}": v for n, d in self.acc.items() for k, v in d.items()}
+        self.windows[key] = blob
+        if self.out is not None:
+            _save_pt(self.out / f"window_{key[0]:03d}_{key[1]:03d}.pt",
+                     {k: v.to(torch.float32) for k, v in blob.items()})
+            self._write_meta()
+        self.acc = self._zeros()
+        self.window_start = epoch
+
+    def finish(self) -> None:
+        """Flush the step chunks, per-example records and ``trace.json``; remove the hooks."""
+        if self.steps:
+            self._flush_steps()
+        if self.example_layers and self.out is not None:
+            _save_pt(self.out / "examples.pt", self.example_blob())
+        if self.out is not None:
+            self._write_meta()
+        self.detach()
+
+    def example_blob(self) -> dict[str, torch.Tensor]:
+        """Per-example records: ``steps``/``ids`` per row, ``<layer>`` gradient (or sketch) rows,
+        ``<layer>.norm`` their exact norms, and the per-step ``lr``, ``momentum``, ``dampening``."""
+        if not self._ex_meta:
+            return {}
+        blob = {"steps": torch.cat([torch.full((len(i),), s, dtype=torch.int64) for s, i in self._ex_meta]),
+                "ids": torch.cat([i for _, i in self._ex_meta]).to(torch.int64),
+                "lr": torch.tensor(self.lrs, dtype=torch.float64),
+                "momentum": torch.tensor([m for m, _ in self.momenta], dtype=torch.float64),
+                "dampening": torch.tensor([d for _, d in self.momenta], dtype=torch.float64)}
+        for n in self.example_layers:
+            g = torch.cat(self._ex[n])
+            blob[f"{n}.norm"] = g.norm(dim=1)
+            blob[n] = g @ self._proj[n].T if self.sketch else g
+        return blob
+
+    def meta(self) -> dict[str, Any]:
+        names = self.class_names or [str(c) for c in range(self.num_classes)]
+        return {
+            "layers": self.layers,
+            "layer_info": {n: {"kind": i.kind, "weight_shape": list(i.weight_shape), "has_bias": i.has_bias}
+                           for n, i in self.info.items()},
+            "num_classes": self.num_classes, "class_names": names, "extra_sources": list(_EXTRA),
+            "optimizer": self.opt_name, "exact": self.exact,
+            "windows": [list(k) for k in self.windows if isinstance(k[0], int)],
+            "steps_recorded": self.step_count, "max_mismatch": self.max_mismatch,
+            "max_kappa_deviation": self.kappa_dev, "per_step": self.steps,
+            "step_dtype": str(self.step_dtype).replace("torch.", ""),
+            "example_layers": self.example_layers, "sketch": self.sketch, "sketch_seed": self.sketch_seed,
+        }
+
+    def _write_meta(self) -> None:
+        path = self.out / "trace.json"
+        text = json.dumps(self.meta(), indent=2)
+        from .store import atomic_write
+
+        atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    def sources(self, layer: str, t: int, t2: int) -> LayerSources:
+        """Class sources of ``layer`` over the recorded windows covering ``[t, t']`` (in memory)."""
+        return _window_sources(self.meta(), lambda k: self.windows[k], layer, t, t2)
+
+
+def _save_pt(path: Path, blob: dict[str, torch.Tensor]) -> None:
+    from .store import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save(blob, tmp))
+
+
+def _window_sources(meta: dict, load: Callable[[tuple[int, int]], dict], layer: str, t: int, t2: int
+                    ) -> LayerSources:
+    if layer not in meta["layers"]:
+        raise LayerError(f"layer {layer!r} was not traced; traced layers: {meta['layers']}")
+    wins = sorted(tuple(w) for w in meta["windows"])
+    chain, e = [], int(t)
+    while e < int(t2):
+        nxt = [w for w in wins if w[0] == e and w[1] <= int(t2)]
+        if not nxt:
+            raise ConceptEvoError(f"recorded windows {wins} do not tile epochs {t} -> {t2} (stuck at {e})")
+        w = max(nxt, key=lambda w: w[1])
+        chain.append(w)
+        e = w[1]
+    names = list(meta["class_names"]) + list(meta["extra_sources"])
+    C = int(meta["num_classes"])
+    dws, dbs, rows = [], [], []
+    has_b = bool(meta["layer_info"][layer]["has_bias"])
+    for w in chain:
+        blob = load(w)
+        dws.append(blob[f"{layer}.weight"].double())
+        if has_b:
+            dbs.append(blob[f"{layer}.bias"].double())
+        for i, nm in enumerate(names):
+            kind = "class" if i < C else _EXTRA[i - C]
+            exact = bool(meta["exact"]) or kind == "weight_decay"
+            rows.append({"source": f"{'class ' + nm if i < C else nm} @{w[0]}->{w[1]}", "kind": kind,
+                         "class": i if i < C else -1, "epoch_from": w[0], "epoch_to": w[1],
+                         "exact": exact, "example": -1})
+    return LayerSources(layer, torch.cat(dws), torch.cat(dbs) if has_b else None, _meta(rows))
+
+
+def example_sources(meta: dict, blob: dict[str, torch.Tensor], layer: str, shape: tuple[int, ...], t_step: int,
+                    t2_step: int, labels: np.ndarray | None = None) -> tuple[torch.Tensor, pd.DataFrame]:
+    """Per-example updates of ``layer`` over optimiser steps ``[t_step, t2_step)``.
+
+    Returns ``(rows, meta)``: ``rows`` = ``coef_i · g_i`` flattened (weight then bias), one
+    row per (example, visit) merged per example id, so ``Σ rows`` is the class sources' sum
+    without ``weight_decay``/``prior_momentum``/``other`` (exact for SGD, no Nesterov)."""
+    if layer not in blob:
+        raise LayerError(f"layer {layer!r} has no per-example record; recorded: {meta.get('example_layers')}")
+    coef = _example_coefficients(blob, t_step, t2_step)               # per row
+    g = blob[layer].double() * coef[:, None]
+    ids = blob["ids"]
+    uniq, inv = torch.unique(ids, return_inverse=True)
+    rows = torch.zeros((len(uniq), g.shape[1]), dtype=torch.float64).index_add_(0, inv, g)
+    cls = labels[uniq.numpy()] if labels is not None else np.full(len(uniq), -1)
+    m = _meta([{"source": f"example {int(i)}", "kind": "example", "class": int(c), "epoch_from": -1,
+                "epoch_to": -1, "exact": not meta.get("sketch"), "example": int(i)} for i, c in zip(uniq, cls)])
+    return rows, m
+
+
+def _example_coefficients(blob: dict, t_step: int, t2_step: int) -> torch.Tensor:
+    """``−Σ_{s'∈[max(s,t),t')} lr_{s'} μ^{s'−s} f_s`` for every recorded row (seen at step ``s``)."""
+    lr, mu, damp = blob["lr"], blob["momentum"], blob["dampening"]
+    n = len(lr)
+    # c[s] = Σ_{s' >= s, in window} lr_s' mu^{s'-s} (one backward recursion; mu constant or not)
+    c = torch.zeros(n + 1, dtype=torch.float64)
+    for s in range(min(n, t2_step) - 1, -1, -1):
+        inside = lr[s] if s >= t_step else 0.0
+        nxt = mu[s + 1] * c[s + 1] if s + 1 < n else 0.0
+        c[s] = inside + nxt
+    steps = blob["steps"]
+    first = steps == 0
+    f = torch.where(first | (mu[steps] == 0), torch.ones_like(damp[steps]), 1.0 - damp[steps])
+    return -(c[steps] * f)
+
+
+def sketch_bound(k: int, delta: float) -> float:
+    """ε such that ``|⟨Su,Sv⟩ − ⟨u,v⟩| ≤ ε‖u‖‖v‖`` with probability ≥ 1−δ for a Gaussian
+    ``S`` (k × P, entries N(0, 1/k)), valid for ε ≤ 1/2: ``P(fail) ≤ 4 exp(−k ε²/8)``."""
+    return math.sqrt(8.0 * math.log(4.0 / delta) / k)
+
+
+# ------------------------------------------------------------------------- runs on disk
+class TraceRun:
+    """A training run directory (``run.json``, ``checkpoints/``, optionally ``trace/``)."""
+
+    def __init__(self, run_dir: str | Path, model_factory: Callable[[], nn.Module] | None = None):
+        from .train import run_checkpoints, run_model_factory
+
+        self.root = Path(run_dir)
+        self.checkpoints = run_checkpoints(self.root)
+        if not self.checkpoints:
+            raise CheckpointError(f"{self.root} has no checkpoints/epoch_*.pt")
+        self.factory = model_factory or run_model_factory(self.root)
+        self._states: dict[int, dict[str, torch.Tensor]] = {}
+        tj = self.root / "trace" / "trace.json"
+        self.trace_meta = json.loads(tj.read_text(encoding="utf-8")) if tj.exists() else None
+
+    @property
+    def epochs(self) -> list[int]:
+        return list(self.checkpoints)
+
+    def state(self, epoch: int) -> dict[str, torch.Tensor]:
+        from .adapter import load_state_dict_file
+
+        epoch = int(epoch)
+        if epoch not in self.checkpoints:
+            raise CheckpointError(f"{self.root}: no checkpoint for epoch {epoch}; saved: {self.epochs}")
+        if epoch not in self._states:
+            self._states[epoch] = load_state_dict_file(self.checkpoints[epoch])
+        return self._states[epoch]
+
+    def model(self, epoch: int) -> nn.Module:
+        m = self.factory()
+        m.load_state_dict(self.state(epoch))
+        return m.eval()
+
+    def has_classes(self) -> bool:
+        return self.trace_meta is not None and bool(self.trace_meta.get("windows"))
+
+    def sources(self, layer: str, t: int, t2: int, kind: str = "auto") -> LayerSources:
+        """Sources of ``layer`` over ``[t, t']``: ``"class"`` (recorded), ``"checkpoint"`` or ``"auto"``."""
+        if kind == "auto":
+            kind = "class" if self.has_classes() else "checkpoint"
+        if kind == "checkpoint":
+            return checkpoint_sources({e: self.state(e) for e in self.epochs if t <= e <= t2}, layer, t, t2)
+        if kind == "class":
+            if not self.has_classes():
+                raise ConceptEvoError(f"{self.root} has no recorded class sources (trace/trace.json); "
+                                      "train with a Tracer or use kind='checkpoint'")
+            tdir = self.root / "trace"
+            return _window_sources(self.trace_meta, lambda w: torch.load(
+                tdir / f"window_{w[0]:03d}_{w[1]:03d}.pt", map_location="cpu", weights_only=True), layer, t, t2)
+        raise ConceptEvoError(f"kind must be 'auto', 'class' or 'checkpoint', got {kind!r}")
+
+    def input_model(self, input_from: str, t: int, t2: int) -> nn.Module:
+        if input_from == "final":
+            return self.model(self.epochs[-1])
+        if input_from == "t_prime":
+            return self.model(t2)
+        if input_from == "t":
+            return self.model(t)
+        raise ConceptEvoError(f"input_from must be 'final', 't_prime' or 't', got {input_from!r}")
+
+
+def explain(run: TraceRun | str | Path, x: torch.Tensor, layer: str, t: int, t2: int, *, kind: str = "auto",
+            input_from: str = "final", by: str | None = None, channels: Sequence[int] | None = None
+            ) -> pd.DataFrame:
+    """The sources of ``layer``'s change ``t -> t'`` on input(s) ``x``: one row per source with
+    ``dot``, ``norm``, ``cos``, ``share`` (sorted by ``dot``, largest first).
+
+    ``Δz`` is computed from the checkpoints (``(W_t' − W_t) ⊛ a(x) + b_t' − b_t``), so the
+    table's ``attrs["residual"]`` = ``‖Σ_s c_s − Δz‖/‖Δz‖`` checks the sources. ``by="class"``
+    sums each class's sources over the recorded windows. A batch ``x`` is one long vector.
+    """
+    run = run if isinstance(run, TraceRun) else TraceRun(run)
+    x = x if x.dim() == 4 or x.dim() == 2 else x.unsqueeze(0)
+    src = run.sources(layer, t, t2, kind)
+    if by:
+        src = src.grouped(by)
+    model = run.input_model(input_from, t, t2)
+    info = layer_info(model, layer)
+    a = layer_input(model, layer, x)
+    ref = checkpoint_sources({t: run.state(t), t2: run.state(t2)}, layer, t, t2)
+    w, b = ref.total()
+    ch = list(range(info.weight_shape[0])) if channels is None else list(channels)
+    dz = info.apply(a.double(), w[ch], None if b is None else b[ch])
+    table, _ = decompose(info, a, src, dz, channels=ch)
+    table.attrs["input_from"] = input_from
+    return table.sort_values("dot", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def explain_examples(info: LayerInfo, a: torch.Tensor, dz: torch.Tensor, rows: torch.Tensor, meta: pd.DataFrame,
+                     proj: torch.Tensor | None = None) -> pd.DataFrame:
+    """Per-example scores: ``dot_i = ⟨ΔW_i, G(x)⟩`` with ``G(x)`` the weight(+bias)-gradient of
+    ``⟨z(x), Δz⟩`` (one weight-gradient for all examples). With ``proj`` (a sketch), ``rows``
+    are projected and so is ``G``; ``norm``/``cos`` are then left out (NaN)."""
+    a, dz = a.double(), dz.double()
+    G = info.weight_grad(a, dz).reshape(-1)
+    if info.has_bias:
+        G = torch.cat([G, info.bias_grad(dz).sum(0)])
+    if proj is not None:
+        G = proj.double() @ G
+    dots = rows.double() @ G
+    out = meta.copy()
+    out["dot"] = dots.numpy()
+    dzn = float(dz.norm())
+    if proj is None:
+        norms = []
+        W = int(np.prod(info.weight_shape))
+        for lo in range(0, rows.shape[0], 256):
+            r = rows[lo:lo + 256].double()
+            dw = r[:, :W].reshape(-1, *info.weight_shape)
+            db = r[:, W:] if info.has_bias else None
+            n = dw.shape[0]
+            o = info.apply(a, dw.reshape(n * info.weight_shape[0], *info.weight_shape[1:]),
+                           None if db is None else db.reshape(-1))
+            o = o.reshape(o.shape[0], n, -1).transpose(0, 1).reshape(n, -1)
+            norms.append(o.norm(dim=1))
+        out["norm"] = torch.cat(norms).numpy()
+        out["cos"] = np.where(out["norm"] > 0, out["dot"] / np.maximum(out["norm"] * dzn, 1e-300), 0.0)
+    else:
+        out["norm"] = np.nan
+        out["cos"] = np.nan
+    out["share"] = out["dot"] / (dzn * dzn) if dzn > 0 else 0.0
+    return out.sort_values("dot", ascending=False, kind="stable").reset_index(drop=True)
+
+
+# ------------------------------------------------------------------ joined with ConceptEvo
+def attribute_evolutions(run: TraceRun | str | Path, importance: pd.DataFrame, data, t: int, t2: int, *,
+                         top: int = 5, images_per_class: int = 32, kind: str = "auto", input_from: str = "t_prime",
+                         seed: int = 0, batch_size: int = 128) -> pd.DataFrame:
+    """For each class ``c`` of ``importance`` (``evolution_importance`` output: class, layer,
+    channel, score), its ``top`` most important evolutions, and for each the share of the
+    neuron's traced change ``Δz_n`` on class-c images explained by every training source:
+    ``share_s = Σ_x ⟨c_{s,n}(x), Δz_n(x)⟩ / Σ_x ‖Δz_n(x)‖²`` (sums to 1 over sources).
+
+    Columns: class, layer, channel, score, rank, source, kind, source_class, exact, share, dot, norm, cos.
+    """
+    from .importance import _as_dataset, _dataset_labels
+
+    run = run if isinstance(run, TraceRun) else TraceRun(run)
+    need = {"class", "layer", "channel", "score"}
+    if not need <= set(importance.columns):
+        raise ConceptEvoError(f"importance table needs columns {sorted(need)}, has {list(importance.columns)}")
+    ds = _as_dataset(data)
+    labels = _dataset_labels(data)
+    model = run.input_model(input_from, t, t2)
+    rng = np.random.default_rng(seed)
+    out = []
+    imp = importance.sort_values(["class", "score"], ascending=[True, False], kind="stable")
+    src_cache: dict[str, LayerSources] = {}
+    for c, part in imp.groupby("class", sort=True):
+        part = part.head(top).reset_index(drop=True)
+        idx = np.flatnonzero(labels == int(c))
+        if len(idx) == 0:
+            continue
+        if len(idx) > images_per_class:
+            idx = np.sort(rng.choice(idx, images_per_class, replace=False))
+        x = torch.stack([torch.as_tensor(ds[int(i)][0]) for i in idx])
+        for layer, rows in part.groupby("layer", sort=False):
+            if layer not in src_cache:
+                s = run.sources(layer, t, t2, kind)
+                src_cache[layer] = s.grouped("class") if s.meta["kind"].eq("class").any() else s
+            src = src_cache[layer]
+            info = layer_info(model, layer)
+            ref = checkpoint_sources({t: run.state(t), t2: run.state(t2)}, layer, t, t2)
+            w, b = ref.total()
+            for _, r in rows.iterrows():
+                ch = [int(r["channel"])]
+                tabs = []
+                for lo in range(0, len(x), batch_size):
+                    a = layer_input(model, layer, x[lo:lo + batch_size])
+                    dz = info.apply(a.double(), w[ch], None if b is None else b[ch])
+                    tab, _ = decompose(info, a, src, dz, channels=ch)
+                    tab["dz2"] = float(dz.norm()) ** 2
+                    tabs.append(tab)
+                dz2 = sum(tb["dz2"].iloc[0] for tb in tabs)
+                dot = sum(tb["dot"].to_numpy() for tb in tabs)
+                norm = np.sqrt(sum(tb["norm"].to_numpy() ** 2 for tb in tabs))
+                base = tabs[0]
+                for j in range(len(base)):
+                    out.append({"class": int(c), "layer": layer, "channel": int(r["channel"]),
+                                "score": float(r["score"]), "rank": int(r["rank"]) if "rank" in r else -1,
+                                "source": base["source"].iloc[j], "kind": base["kind"].iloc[j],
+                                "source_class": int(base["class"].iloc[j]), "exact": bool(base["exact"].iloc[j]),
+                                "share": float(dot[j] / dz2) if dz2 > 0 else 0.0, "dot": float(dot[j]),
+                                "norm": float(norm[j]),
+                                "cos": float(dot[j] / (norm[j] * math.sqrt(dz2))) if norm[j] * dz2 > 0 else 0.0})
+    return pd.DataFrame(out)
+
+
+def trace_run(run_dir: str | Path, out: str | Path | None = None, *, t: int | None = None, t2: int | None = None,
+              layers: Sequence[str] | None = None, importance: pd.DataFrame | None = None, data=None,
+              classes: Sequence[int] | None = None, top: int = 5, images_per_class: int = 32, seed: int = 0
+              ) -> dict[str, pd.DataFrame]:
+    """Write ``trace_sources.parquet`` (every layer's sources over ``[t, t']`` with the size of
+    their weight change) and ``trace_classes.parquet`` (:func:`attribute_evolutions`) to ``out``
+    (default: the run). Importance is computed (Eq. 2-4) on ``data`` when not given; ``data``
+    defaults to the run's built-in test split (same seed and size), refused for other data."""
+    from .store import RunStore
+
+    run = TraceRun(run_dir)
+    t = run.epochs[0] if t is None else int(t)
+    t2 = run.epochs[-1] if t2 is None else int(t2)
+    model = run.model(t2)
+    if layers is None:
+        layers = run.trace_meta["layers"] if run.has_classes() else _select(model, None)
+    rows = []
+    for layer in layers:
+        src = run.sources(layer, t, t2)
+        w, b = src.total()
+        tot = float(torch.sqrt((w ** 2).sum() + ((b ** 2).sum() if b is not None else 0)))
+        for i in range(src.dw.shape[0]):
+            n2 = float((src.dw[i] ** 2).sum()) + (float((src.db[i] ** 2).sum()) if src.db is not None else 0.0)
+            d = float((src.dw[i] * w).sum()) + (float((src.db[i] * b).sum()) if b is not None else 0.0)
+            rows.append({"layer": layer, **src.meta.iloc[i].to_dict(), "weight_norm": math.sqrt(n2),
+                         "weight_share": d / (tot * tot) if tot > 0 else 0.0})
+    sources = pd.DataFrame(rows)
+    if data is None:
+        from .data import builtin_dataset
+
+        card = json.loads((run.root / "run.json").read_text(encoding="utf-8"))
+        src = str(card.get("test_data", {}).get("source", ""))
+        if not src.startswith("builtin:"):
+            raise ConceptEvoError(f"{run.root} was not trained on the built-in data ({src or 'unknown'}); "
+                                  "pass data= (images of the classes to explain)")
+        # the run's held-out split: images of each class the evolutions are evaluated on
+        data = builtin_dataset("test", seed=int(card.get("seed", 0)), num_images=card["test_data"].get("size"))
+    if importance is None:
+        from .importance import evolution_importance
+
+        importance = evolution_importance(run.model(t), run.model(t2), data, classes=classes,
+                                          layers=list(layers), max_images_per_class=images_per_class, seed=seed)
+    elif classes is not None:
+        importance = importance[importance["class"].isin(list(classes))]
+    importance = importance[importance["layer"].isin(list(layers))]
+    cls = attribute_evolutions(run, importance, data, t, t2, top=top, images_per_class=images_per_class,
+                               seed=seed)
+    store = RunStore(out or run.root)
+    store.save_table("trace_sources", sources)
+    store.save_table("trace_classes", cls)
+    return {"sources": sources, "classes": cls}
+
+
+# -------------------------------------------------------------------------------- report
+def report_section(classes: pd.DataFrame, class_names: Sequence[str] | None = None, top_sources: int = 3) -> str:
+    """HTML fragment: for each class's important evolutions, the training classes that drove them."""
+    if classes is None or len(classes) == 0:
+        return ""
+    if class_names is None and "class_name" in classes.columns:
+        pairs = classes[classes["kind"] == "class"][["source_class", "class_name"]]
+        lookup = dict(zip(classes["class"], classes["class_name"])) | dict(pairs.itertuples(index=False, name=None))
+        class_names = [str(lookup.get(i, i)) for i in range(int(max(lookup)) + 1)] if lookup else None
+    name = (lambda c: class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c))
+    approx = not bool(classes["exact"].all())
+    parts = ['<section class="tracing"><h2>What in training drove the important evolutions</h2>',
+             ('<p class="note">Share of each neuron\'s traced change (t &rarr; t\', input map fixed) on the '
+              "class's images contributed by each training source (Pfahler &amp; Morik); shares sum to 1."
+              + (" <b>Approximate</b> (non-SGD optimiser): class split in proportion to gradient contribution."
+                 if approx else "") + "</p>"),
+             "<table><thead><tr><th>class</th><th>neuron</th><th>importance</th><th>top sources (share)</th>"
+             "</tr></thead><tbody>"]
+    for (c, layer, ch), g in classes.groupby(["class", "layer", "channel"], sort=False):
+        g = g.sort_values("share", ascending=False).head(top_sources)
+        cells = ", ".join(
+            f"{html.escape(name(int(r['source_class'])) if r['source_class'] >= 0 else str(r['source']))} "
+            f"{r['share']:.2f}" for _, r in g.iterrows())
+        parts.append(f"<tr><td>{html.escape(name(int(c)))}</td><td>{html.escape(str(layer))}:{int(ch)}</td>"
+                     f"<td>{g['score'].iloc[0]:.3f}</td><td>{cells}</td></tr>")
+    parts.append("</tbody></table></section>")
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------ storage
+def storage_bytes(params: int, sources: int, windows: int = 1, bytes_per: int = 4) -> int:
+    """Bytes of class accumulators: ``windows × sources × params × bytes_per``."""
+    return int(windows) * int(sources) * int(params) * int(bytes_per)
+
+
+def original_storage_bytes(params: int, steps: int, bytes_per: int = 4) -> int:
+    """Bytes of the original's per-step weight deltas (float32 HDF5): ``steps × params × 4``."""
+    return int(steps) * int(params) * int(bytes_per)
