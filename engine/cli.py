@@ -77,6 +77,8 @@ def run(
     except ConceptEvoError as exc:
         _fail(exc)
     console.print(f"report: {result.report}")
+    if result.report is not None and result.report.name == "index.html":  # a folder report
+        console.print(f"open it with: conceptevo serve {result.report.parent}")
 
 
 @app.command()
@@ -312,6 +314,23 @@ def report(
     except ConceptEvoError as exc:
         _fail(exc)
     console.print(f"report: {result.report}")
+
+
+@app.command()
+def serve(
+    folder: Annotated[Path, typer.Argument(help="A folder report (a run's report/ folder) or a run directory.")],
+    port: Annotated[int, typer.Option("--port", "-p", help="Port on 127.0.0.1 (0: any free port).")] = 8000,
+) -> None:
+    """Serve a folder report read-only on 127.0.0.1 (a local HTTP server with range requests); Ctrl-C stops it."""
+    from .errors import ConceptEvoError
+    from .report_folder import serve as serve_folder
+
+    if not (folder / "index.html").is_file() and (folder / "report" / "index.html").is_file():
+        folder = folder / "report"  # a run directory: its folder report
+    try:
+        serve_folder(folder, port=port, echo=console.print)
+    except ConceptEvoError as exc:
+        _fail(exc)
 
 
 def main() -> None:
