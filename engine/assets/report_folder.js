@@ -229,6 +229,12 @@ async function main() {
       stats.hover.push({point: g, ms: t1 - t0});
       sp.patches.dataset.shown = String(g);
     });
+    // the rest waits until the patches are drawn, so that its requests never delay them
+    shown.then(() => { if (token === showing) details(g, ch, j, c, token); });
+    return shown;
+  }
+
+  function details(g, ch, j, c, token) {
     // the same neuron across epochs: one Range request into across.bin, then up to 12 epochs spread
     const a = M.across[c.m], E = a.epochs.length, row = ch.neuron[j];
     fetchRange("across.bin", a.offset + row * E * 8, E * 8).then((buf) => {
@@ -263,7 +269,6 @@ async function main() {
       if (!items.length) items.push(el("li", "note", "no neighbours given"));
       sp.nbs.replaceChildren(...items);
     });
-    return shown;
   }
 
   async function pin(g) {
