@@ -38,6 +38,11 @@ Several nodes (here 2 nodes x 8 GPUs; run on every node, same rendezvous endpoin
 next to the results; otherwise each node keeps its ranks' progress locally and rank 0's node gets
 the results. From Python, call :func:`distributed_extract` inside a process group (or under
 torchrun, where it initialises the group from the environment).
+
+``--model`` takes what the config's ``model`` of ``conceptevo run`` takes: a built-in name,
+``torchvision:<name>``, or your own factory ``my_pkg.models:build`` (importable on every rank).
+To run the whole pipeline over the ranks (stimuli, importance, reversion check), launch
+``torchrun ... -m conceptevo run config.toml`` instead (see :mod:`conceptevo.distributed_pipeline`).
 """
 from __future__ import annotations
 
@@ -306,7 +311,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m conceptevo.distributed",
         description="Distributed stimulus extraction (run under torchrun; see the module docstring).",
     )
-    p.add_argument("--model", required=True, help="built-in model name (vgg_small, torchvision:vgg16, ...)")
+    p.add_argument("--model", required=True,
+                   help="model, as the config's `model` of `conceptevo run`: a built-in name (vgg_small), "
+                        "torchvision:<name>, or your factory package.module:function (called with no arguments)")
     p.add_argument("--num-classes", type=int, default=None, help="logits of the model (default: the data's classes)")
     p.add_argument("--checkpoints", nargs="+", required=True,
                    help="checkpoint files of that model (quoted glob patterns are expanded, sorted)")
@@ -345,7 +352,7 @@ def _load_data(spec: str, image_size: int, seed: int, cache_root: Path) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m conceptevo.distributed`` (under torchrun)."""
     args = _parse(argv)
-    from .models import build_model
+    from .pipeline import _model_factory
 
     logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
@@ -362,8 +369,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not found:
             raise ConceptEvoError(f"--checkpoints {pattern!r} matches no file")
         checkpoints += found
+    try:
+        factory = _model_factory(args.model, num_classes)  # exactly as `conceptevo run` resolves `model`
+    except ConceptEvoError as exc:
+        print(f"error: --model: {exc}", file=sys.stderr)
+        return 2
     results = distributed_extract(
-        lambda: build_model(args.model, num_classes=num_classes), checkpoints, dataset,
+        factory, checkpoints, dataset,
         layers=layers, k=args.k, k_i=args.k_i, batch_size=args.batch_size, device=args.device,
         store=RunStore(run), prefix=args.prefix, names=args.names, resume=not args.no_resume,
         save_every=args.save_every, amp=amp, backend=args.backend, progress=not args.quiet,
