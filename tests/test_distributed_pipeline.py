@@ -131,3 +131,61 @@ def test_distributed_cli_model_errors_are_clear(tmp_path, capsys):
         assert rc == 2
         err = capsys.readouterr().err
         assert "--model" in err and msg in err
+
+
+# ------------------------------------------------------------------ importance / reversion over 2 gloo ranks
+def _net(seed: int):
+    from torch import nn
+
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 7, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(7, 3))
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(23, 3, 8, 8, generator=g), torch.arange(23) % 3
+
+
+KW_IMP = dict(classes=[0, 1, 2], batch_size=3, max_images_per_class=6, seed=4)   # 18 images: 6 batches
+KW_REV = dict(classes=[0, 2], sample_size=3, repeats=3, batch_size=4, seed=5)     # 3 repeats on 2 ranks
+
+
+def _rank(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from conceptevo.distributed_pipeline import distributed_importance, distributed_reversion
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x, y = _data()
+        imp = distributed_importance(_net(0), _net(1), (x, y), **KW_IMP)
+        rev = distributed_reversion(_net(0), _net(1), (x, y), (x, y), **KW_REV)
+        if rank == 0:
+            imp.to_parquet(Path(out) / "imp.parquet")
+            rev.long.to_parquet(Path(out) / "long.parquet")
+            rev.importance.to_parquet(Path(out) / "rimp.parquet")
+            rev.summary.to_parquet(Path(out) / "summary.parquet")
+        else:
+            assert imp is None and rev is None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_importance_and_reversion_over_two_ranks_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    from conceptevo.importance import evolution_importance
+    from conceptevo.reversion import reversion_check
+
+    mp.spawn(_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    torch.set_num_threads(1)
+    x, y = _data()
+    imp = evolution_importance(_net(0), _net(1), (x, y), **KW_IMP)
+    rev = reversion_check(_net(0), _net(1), (x, y), (x, y), **KW_REV)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "imp.parquet"), imp, check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "long.parquet"), rev.long, check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "rimp.parquet"), rev.importance, check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "summary.parquet"), rev.summary, check_exact=True)
+    assert imp["score"].nunique() > 1 and set(rev.long["sample"]) == {0, 1, 2}
