@@ -500,6 +500,9 @@ def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summa
                                diagnostics=diag.table, verdicts=verdict_text, evolutions=top, reversion=rev_plot,
                                title="ConceptEvo report", facts=facts,
                                layer_order=list(next(iter(stims.values())).layers))
+    from .report_folder import report_format  # one file or a folder, and the threshold (shown in the report too)
+
+    store.update_manifest(report_format=report_format(len(points)))
     return report_mod.build_report(store.path("report.html"), rd, png_dir=store.path("figures"))
 
 

@@ -292,12 +292,13 @@ def _colourings(pts: pd.DataFrame, layers: list[str]) -> tuple[list[dict], list[
 def build_report_folder(out_dir: str | Path, data, *, png_dir: str | Path | None = None,
                         max_patches: int | None = None, max_evolutions: int = 10,
                         threshold: int | None = None, sprite_quality: int | None = 85,
-                        threads: int | None = None, seed: int = 0) -> Path:
+                        threads: int | None = None, seed: int = 0, ghost_budget: int = GHOST_BUDGET) -> Path:
     """Write the folder report of ``data`` (a :class:`~conceptevo.report.ReportData`) to ``out_dir``.
 
     Returns the path of its ``index.html``; open it with ``conceptevo serve out_dir``.
     ``sprite_quality``: WebP quality of the sprite sheets (None: lossless). ``seed`` fixes the
-    order of the grey context points (their level-of-detail sample).
+    order of the grey context points (their level-of-detail sample); ``ghost_budget`` is how many of them
+    the page draws at full view over all panels (zooming in draws more, keeping the density on screen).
     """
     from plotly.offline import get_plotlyjs
 
@@ -444,7 +445,7 @@ def build_report_folder(out_dir: str | Path, data, *, png_dir: str | Path | None
             "patches_per_point": p, "neighbours_per_point": int(nb_idx.shape[1]),
             "sprites": {"cell": cell, "grid": SHEET_GRID, "sheets": n_sheets, "distinct": len(sprites.items),
                         "quality": sprite_quality},
-            "ghost": {"models": ghost_meta, "budget": GHOST_BUDGET}, "across": across_meta,
+            "ghost": {"models": ghost_meta, "budget": int(ghost_budget)}, "across": across_meta,
             "figs": figs, "verdicts": verdicts, "evolutions": evolutions, "mapLayout": map_layout,
             "runColors": run_colours,
         }

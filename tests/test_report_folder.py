@@ -37,7 +37,8 @@ def data():
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, data):
     out = tmp_path_factory.mktemp("rf") / "report"
-    path = build_report_folder(out, data, sprite_quality=None)  # lossless: cells compare exactly
+    # lossless: cells compare exactly; a small grey budget so that zooming has more to fetch
+    path = build_report_folder(out, data, sprite_quality=None, ghost_budget=40)
     assert path == out / "index.html"
     return out
 
@@ -264,6 +265,17 @@ def test_folder_report_in_chromium(folder, server, tmp_path):
             for mi, a in enumerate(m["across"]):
                 c = next(c for c in m["chunks"] if c["m"] == mi and c["e"] == a["epochs"][-1])
                 assert by_axis["x" if mi == 0 else f"x{mi + 1}"] == set(range(c["start"], c["start"] + c["n"]))
+            # level of detail: a prefix of the grey sample at full view, more of it after zooming in
+            counts = [g["count"] for g in m["ghost"]["models"]]
+            per = int(40 / 2 ** 0.5)
+            assert page.evaluate("window.conceptevoReport.ghost.map(g => g.n)") == [min(c, per) for c in counts]
+            xr, yr = m["range"]["x"], m["range"]["y"]
+            page.evaluate(f"""() => Plotly.relayout('map', {{'xaxis.range': [{xr[0]}, {(xr[0] + xr[1]) / 2}],
+                'yaxis.range': [{yr[0]}, {(yr[0] + yr[1]) / 2}]}})""")
+            page.wait_for_function(f"window.conceptevoReport.ghost.every((g, i) => g.n === Math.min(g.count, {4 * per}))",
+                                   timeout=20_000)
+            page.evaluate("() => Plotly.relayout('map', {'xaxis.autorange': true, 'yaxis.autorange': true})")
+            page.wait_for_timeout(300)
             # hover: a real mouse move onto a point shows its patches, drawn from the sprite sheets
             pos = page.evaluate(PIXEL, 3)
             page.mouse.move(pos["px"], pos["py"])

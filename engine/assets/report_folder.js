@@ -307,7 +307,7 @@ async function main() {
   document.addEventListener("keydown", (ev) => { if (ev.key === "Escape" && state.pinned !== null) unpin(); });
 
   // first paint: the current epoch of every panel and a bounded prefix of the grey context
-  const perPanel = Math.max(2000, Math.floor(M.ghost.budget / Math.max(1, Math.sqrt(NM))));
+  const perPanel = Math.max(1, Math.floor(M.ghost.budget / Math.max(1, Math.sqrt(NM))));
   await Promise.all(M.models.map((_, mi) => growGhost(mi, perPanel)));
   await render();
   document.body.dataset.mapReady = "1";
