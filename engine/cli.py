@@ -76,8 +76,10 @@ def run(
         result = run_pipeline(load_config(config))
     except ConceptEvoError as exc:
         _fail(exc)
+    if result.report is None:  # a serving rank under torchrun: rank 0 reports
+        return
     console.print(f"report: {result.report}")
-    if result.report is not None and result.report.name == "index.html":  # a folder report
+    if result.report.name == "index.html":  # a folder report
         console.print(f"open it with: conceptevo serve {result.report.parent}")
 
 
