@@ -2,7 +2,8 @@
 
 Synthetic data shaped like VGG16 runs (13 conv layers, 4,224 neurons per checkpoint), ``--neurons``
 in all (1M = 3 runs x 79 checkpoints), 20,000 images, 4 patches per neuron and 6 neighbours. Patches are
-32 px crops of procedural images; each neuron's top stimuli drift between epochs (each slot changes with
+32 px crops of procedural images (every image its own colours, every layer its own window, so that
+equal patches are exactly the same stimulus seen again); each neuron's top stimuli drift between epochs (each slot changes with
 probability ``--drift`` per epoch), so equal patches repeat across epochs as in a real run and the
 sprite sheets de-duplicate them. Measured:
 
@@ -10,7 +11,8 @@ sprite sheets de-duplicate them. Measured:
 * first paint: page.goto -> the map drawn (every panel's current epoch + the grey level-of-detail
   sample), served by the real range server on 127.0.0.1, headless Chromium (software WebGL);
 * hover: a real mouse move onto a neuron -> its patches drawn from the sprite sheets (the page's
-  own clock, plotly_hover -> last patch drawn; and the wall clock of the test driver), over
+  own clock, from the last mouse move before Plotly's hover event to the last patch drawn; and the
+  wall clock of the test driver, which adds Playwright's round trips and polling), over
   ``--hovers`` neurons spread over the panels, each on a cold sprite sheet the first time.
 
 Prints one table: metric, size, this engine, goal, ratio. ``--quick``: 20k neurons (a smoke test).
@@ -61,6 +63,7 @@ def synthetic(neurons: int, runs: int, images: int, k: int, drift: float, nbrs: 
             cy, cx, rad = r.uniform(0, 96), r.uniform(0, 96), r.uniform(4, 20)
             arr[(yy - cy) ** 2 + (xx - cx) ** 2 < rad * rad] = r.integers(0, 256, 3)
         base_imgs.append(np.clip(arr + r.normal(0, 10, arr.shape), 0, 255).astype(np.uint8))
+    tint = np.random.default_rng(seed + 1).integers(-50, 51, (n_img, 1, 1, 3))  # every image its own colours
     cache: dict[tuple, str] = {}
 
     def patch(img: int, li: int, pos: int) -> str:
@@ -68,9 +71,8 @@ def synthetic(neurons: int, runs: int, images: int, k: int, drift: float, nbrs: 
         s = cache.get(key)
         if s is None:
             arr = base_imgs[img % 64]
-            oy, ox = (pos // 4) * 21, (pos % 4) * 21
-            crop = arr[oy:oy + 32, ox:ox + 32]
-            crop = crop[:, :, [(img // 64) % 3, (img // 192 + 1) % 3, 2 - (img // 64) % 3]] if img >= 64 else crop
+            oy, ox = ((pos // 4) * 16 + 3 * li) % 64, ((pos % 4) * 16 + 5 * li) % 64
+            crop = np.clip(arr[oy:oy + 32, ox:ox + 32].astype(np.int16) + tint[img], 0, 255).astype(np.uint8)
             buf = io.BytesIO()
             Image.fromarray(np.ascontiguousarray(crop)).save(buf, format="PNG", compress_level=1)
             s = cache[key] = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -142,6 +144,9 @@ def measure_browser(folder: Path, hovers: int, seed: int) -> dict:
             page.goto(url)
             page.wait_for_selector('body[data-map-ready="1"]', timeout=120_000)
             out["first_paint_s"] = time.perf_counter() - t0
+            out["marks"] = page.evaluate("""() => Object.fromEntries(performance.getEntriesByType('mark')
+                .map(m => [m.name, Math.round(m.startTime)]).concat(performance.getEntriesByType('navigation')
+                .map(n => ['domContentLoaded', Math.round(n.domContentLoadedEventEnd)])))""")
             out["paint_timing"] = page.evaluate(
                 "() => performance.getEntriesByType('paint').map(p => [p.name, p.startTime])")
             out["ghost_points"] = page.evaluate("window.conceptevoReport.ghost.map(g => g.n)")
@@ -211,6 +216,7 @@ def main() -> int:
     hw, hp = res["hover_wall_ms"], res["hover_page_ms"]
     print(f"\nfolder report, {n:,} neurons, {distinct:,} distinct patches; CPU {os.cpu_count()} cores, "
           f"load average {load0[0]:.1f} -> {load1[0]:.1f}; headless Chromium (software WebGL), 127.0.0.1")
+    print(f"page clock (ms from navigation): {res['marks']}")
     print(f"synthetic data: {t_data:.1f} s; grey LOD points drawn at first paint: {res['ghost_points']}; "
           f"page errors: {res['errors'] or 'none'}")
     rows = [

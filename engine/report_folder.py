@@ -56,7 +56,7 @@ FOLDER_THRESHOLD = 50_000
 Override with the environment variable ``CONCEPTEVO_REPORT_FOLDER_THRESHOLD``."""
 
 SHEET_GRID = 16  # 16 x 16 = 256 patches per sprite sheet
-GHOST_BUDGET = 60_000  # grey context points drawn per panel at full view
+GHOST_BUDGET = 40_000  # grey context points drawn at full view, over all panels
 FORMAT = "conceptevo-report-folder"
 VERSION = 1
 

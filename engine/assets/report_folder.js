@@ -22,7 +22,9 @@ async function fetchRange(url, start, bytes) {
 }
 
 async function main() {
+  performance.mark("ce-script");
   const M = await (await fetch("manifest.json")).json();
+  performance.mark("ce-manifest");
   const NM = M.models.length, P = M.patches_per_point, K = M.neighbours_per_point;
   const chunkOf = new Map();            // "m|e" -> chunk number
   M.chunks.forEach((c, ci) => chunkOf.set(c.m + "|" + c.e, ci));
@@ -308,11 +310,16 @@ async function main() {
 
   // first paint: the current epoch of every panel and a bounded prefix of the grey context
   const perPanel = Math.max(1, Math.floor(M.ghost.budget / Math.max(1, Math.sqrt(NM))));
-  await Promise.all(M.models.map((_, mi) => growGhost(mi, perPanel)));
+  await Promise.all([...M.models.map((_, mi) => growGhost(mi, perPanel)), currentChunks()]);
+  performance.mark("ce-data");
   await render();
+  performance.mark("ce-drawn");
   document.body.dataset.mapReady = "1";
+  // the mouse move that led to a hover: hover latency is counted from it, not from Plotly's event
+  let lastMove = 0;
+  gd.addEventListener("mousemove", () => { lastMove = performance.now(); }, true);
   gd.on("plotly_hover", (ev) => {
-    const t0 = performance.now(), g = pointOf(ev);
+    const t0 = Math.min(performance.now(), lastMove || Infinity), g = pointOf(ev);
     if (g !== null && state.pinned === null) showNeuron(g, t0);
   });
   gd.on("plotly_click", (ev) => {
