@@ -274,13 +274,21 @@ def test_folder_report_in_chromium(folder, server, tmp_path):
                 'yaxis.range': [{yr[0]}, {(yr[0] + yr[1]) / 2}]}})""")
             page.wait_for_function(f"window.conceptevoReport.ghost.every((g, i) => g.n === Math.min(g.count, {4 * per}))",
                                    timeout=20_000)
-            page.evaluate("() => Plotly.relayout('map', {'xaxis.autorange': true, 'yaxis.autorange': true})")
-            page.wait_for_timeout(300)
+            page.evaluate(f"() => Plotly.relayout('map', {{'xaxis.range': {xr}, 'yaxis.range': {yr}}})")
+            page.wait_for_timeout(200)
+            page.evaluate("() => window.conceptevoReport.idle()")
             # hover: a real mouse move onto a point shows its patches, drawn from the sprite sheets
             pos = page.evaluate(PIXEL, 3)
-            page.mouse.move(pos["px"], pos["py"])
-            page.wait_for_function(f"document.getElementById('sp-patches').dataset.shown === '{pos['point']}'",
-                                   timeout=20_000)
+            for attempt in range(3):  # a hover lost to a redraw under the pointer is retried, as a user would
+                page.mouse.move(pos["px"] - 30, pos["py"] - 30)
+                page.mouse.move(pos["px"], pos["py"])
+                try:
+                    page.wait_for_function(
+                        f"document.getElementById('sp-patches').dataset.shown === '{pos['point']}'", timeout=8_000)
+                    break
+                except Exception:
+                    if attempt == 2:
+                        raise
             ci = next(i for i, c in enumerate(m["chunks"]) if c["start"] <= pos["point"] < c["start"] + c["n"])
             j = pos["point"] - m["chunks"][ci]["start"]
             n_refs = int((chunks[ci]["patches"][j] >= 0).sum())

@@ -374,7 +374,7 @@ async function main() {
     show(E.classes[0]);
   }
   window.conceptevoReport = {manifest: M, state, render, showNeuron, pin, unpin, stats, loadChunk, ghost,
-    pointAt, currentChunks};
+    pointAt, currentChunks, idle: async () => { let r; do { r = rendering; await r; } while (r !== rendering); }};
 }
 
 main().catch((err) => {
