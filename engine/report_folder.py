@@ -17,8 +17,8 @@ browser through a local HTTP server (``conceptevo serve DIR``, :func:`serve`)::
                         draws a bounded prefix (level of detail) and fetches more as one zooms in
     across.bin          per model, per neuron, per saved epoch: (global point index, first patch ref),
                         int32 -- one Range request gives "the same neuron at each epoch"
-    sprites/s<i>.webp   distinct patches (equal images stored once), 256 per sheet in a 16 x 16 grid,
-                        fetched the first time a neuron that uses them is shown
+    sprites/s<i>.webp   distinct patches (equal images stored once), 64 per sheet in an 8 x 8 grid, numbered
+                        neuron by neuron over its epochs, fetched the first time a neuron that uses them is shown
     plotly.min.js, report_folder.js, report_folder.css   the page's code (no network needed)
 
 The map is drawn with Plotly ``scattergl`` (WebGL): the current epoch of each panel in full, the
@@ -55,7 +55,7 @@ FOLDER_THRESHOLD = 50_000
 """Plotted neurons above which the report is a folder (the demo's ~16k points stay one file).
 Override with the environment variable ``CONCEPTEVO_REPORT_FOLDER_THRESHOLD``."""
 
-SHEET_GRID = 16  # 16 x 16 = 256 patches per sprite sheet
+SHEET_GRID = 8  # 8 x 8 = 64 patches per sprite sheet: a hover decodes a few small sheets
 GHOST_BUDGET = 40_000  # grey context points drawn at full view, over all panels
 FORMAT = "conceptevo-report-folder"
 VERSION = 1
@@ -324,9 +324,13 @@ def build_report_folder(out_dir: str | Path, data, *, png_dir: str | Path | None
     pad_y = 0.04 * max(yr[1] - yr[0], extent * 0.1)
     rng_x, rng_y = [xr[0] - pad_x, xr[1] + pad_x], [yr[0] - pad_y, yr[1] + pad_y]
 
-    # patches -> sprite refs (N, P)
+    # patches -> sprite refs (N, P). Cells are numbered neuron by neuron over its epochs (model, layer,
+    # channel, epoch), so that one neuron's patches at every epoch share a sheet or two.
     keys = list(zip(pts["model"].astype(str), pts["_e"].tolist(), pts["layer"].astype(str), pts["_c"].tolist()))
-    ref_lists = [sprites.refs(patches.get(k), max_patches) for k in keys]
+    visit = np.lexsort((pts["_e"].to_numpy(), pts["_c"].to_numpy(), pts["_l"].to_numpy(), pts["_m"].to_numpy()))
+    ref_lists: list = [None] * n
+    for i in visit.tolist():
+        ref_lists[i] = sprites.refs(patches.get(keys[i]), max_patches)
     p = max((len(r) for r in ref_lists), default=0)
     refs = np.full((n, p), -1, np.int32)
     for i, r in enumerate(ref_lists):
@@ -569,6 +573,12 @@ def _range_handler(root: Path):
 
         def log_message(self, fmt, *args):  # quiet: one line per request is noise at 1M points
             pass
+
+        def handle(self):  # a browser closing a kept-alive connection is not an error
+            try:
+                super().handle()
+            except (ConnectionResetError, BrokenPipeError):
+                pass
 
         def list_directory(self, path):
             self.send_error(403, "no directory listings")

@@ -231,6 +231,21 @@ PIXEL = """(k) => { const gd = document.getElementById('map');
           point: t.customdata[k]}; }"""
 
 
+def _hover(page, pos) -> None:
+    """A real mouse move onto a point, until the side panel shows its patches (a hover lost to a redraw
+    under the pointer is retried, as a user would)."""
+    for attempt in range(3):
+        page.mouse.move(pos["px"] - 30, pos["py"] - 30)
+        page.mouse.move(pos["px"], pos["py"])
+        try:
+            page.wait_for_function(f"document.getElementById('sp-patches').dataset.shown === '{pos['point']}'",
+                                   timeout=8_000)
+            return
+        except Exception:
+            if attempt == 2:
+                raise
+
+
 @pytest.mark.browser
 def test_folder_report_in_chromium(folder, server, tmp_path):
     from test_report_browser import ARGS, CHROMIUM, _skip_loudly
@@ -279,16 +294,7 @@ def test_folder_report_in_chromium(folder, server, tmp_path):
             page.evaluate("() => window.conceptevoReport.idle()")
             # hover: a real mouse move onto a point shows its patches, drawn from the sprite sheets
             pos = page.evaluate(PIXEL, 3)
-            for attempt in range(3):  # a hover lost to a redraw under the pointer is retried, as a user would
-                page.mouse.move(pos["px"] - 30, pos["py"] - 30)
-                page.mouse.move(pos["px"], pos["py"])
-                try:
-                    page.wait_for_function(
-                        f"document.getElementById('sp-patches').dataset.shown === '{pos['point']}'", timeout=8_000)
-                    break
-                except Exception:
-                    if attempt == 2:
-                        raise
+            _hover(page, pos)
             ci = next(i for i, c in enumerate(m["chunks"]) if c["start"] <= pos["point"] < c["start"] + c["n"])
             j = pos["point"] - m["chunks"][ci]["start"]
             n_refs = int((chunks[ci]["patches"][j] >= 0).sum())
@@ -311,7 +317,9 @@ def test_folder_report_in_chromium(folder, server, tmp_path):
             assert page.text_content("#epoch-label") == "epoch 0"
             # click pins, Esc releases
             pos = page.evaluate(PIXEL, 0)
-            page.mouse.click(pos["px"], pos["py"])
+            _hover(page, pos)  # Plotly clicks the point it last hovered: hover first, as a hand does
+            page.mouse.down()
+            page.mouse.up()
             page.wait_for_function(f"window.conceptevoReport.state.pinned === {pos['point']}", timeout=20_000)
             page.keyboard.press("Escape")
             page.wait_for_function("window.conceptevoReport.state.pinned === null", timeout=20_000)

@@ -208,9 +208,9 @@ async function main() {
   const stats = {hover: []};
   let showing = 0;
 
-  function showNeuron(g, t0) {
+  function showNeuron(g, t0, tEvent) {
     const ci = chunkIndexOf(g), ch = loaded.get(ci);
-    if (!ch) return pointAt(g).then(() => showNeuron(g, t0));
+    if (!ch) return pointAt(g).then(() => showNeuron(g, t0, tEvent));
     const j = g - ch.start, c = M.chunks[ci], token = ++showing;
     t0 = t0 === undefined ? performance.now() : t0;
     sp.title.textContent = M.models[c.m] + " · epoch " + c.e;
@@ -228,7 +228,7 @@ async function main() {
     const shown = done.then(() => {
       if (token !== showing) return;
       const t1 = performance.now();
-      stats.hover.push({point: g, ms: t1 - t0});
+      stats.hover.push({point: g, ms: t1 - t0, event_ms: (tEvent || t0) - t0, draw_ms: t1 - (tEvent || t0)});
       sp.patches.dataset.shown = String(g);
     });
     // the rest waits until the patches are drawn, so that its requests never delay them
@@ -319,8 +319,8 @@ async function main() {
   let lastMove = 0;
   gd.addEventListener("mousemove", () => { lastMove = performance.now(); }, true);
   gd.on("plotly_hover", (ev) => {
-    const t0 = Math.min(performance.now(), lastMove || Infinity), g = pointOf(ev);
-    if (g !== null && state.pinned === null) showNeuron(g, t0);
+    const now = performance.now(), t0 = Math.min(now, lastMove || Infinity), g = pointOf(ev);
+    if (g !== null && state.pinned === null) showNeuron(g, t0, now);
   });
   gd.on("plotly_click", (ev) => {
     const g = pointOf(ev);
