@@ -85,7 +85,11 @@ def run(
         if SKIP_BAD_ADVICE in str(exc):  # the command line's own wording of the advice
             exc = type(exc)(str(exc).replace(SKIP_BAD_ADVICE, SKIP_BAD_CLI_ADVICE))
         _fail(exc)
+    if result.report is None:  # a serving rank under torchrun: rank 0 reports
+        return
     console.print(f"report: {result.report}")
+    if result.report.name == "index.html":  # a folder report
+        console.print(f"open it with: conceptevo serve {result.report.parent}")
 
 
 @app.command()
@@ -363,6 +367,23 @@ def trace(
                       .sort_values(["class", "score"], ascending=[True, False]).to_string(index=False))
     target = out or run
     console.print(f"-> {target / 'trace_sources.parquet'}  {target / 'trace_classes.parquet'}")
+
+
+@app.command()
+def serve(
+    folder: Annotated[Path, typer.Argument(help="A folder report (a run's report/ folder) or a run directory.")],
+    port: Annotated[int, typer.Option("--port", "-p", help="Port on 127.0.0.1 (0: any free port).")] = 8000,
+) -> None:
+    """Serve a folder report read-only on 127.0.0.1 (a local HTTP server with range requests); Ctrl-C stops it."""
+    from .errors import ConceptEvoError
+    from .report_folder import serve as serve_folder
+
+    if not (folder / "index.html").is_file() and (folder / "report" / "index.html").is_file():
+        folder = folder / "report"  # a run directory: its folder report
+    try:
+        serve_folder(folder, port=port, echo=console.print)
+    except ConceptEvoError as exc:
+        _fail(exc)
 
 
 def main() -> None:

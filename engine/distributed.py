@@ -38,6 +38,11 @@ Several nodes (here 2 nodes x 8 GPUs; run on every node, same rendezvous endpoin
 next to the results; otherwise each node keeps its ranks' progress locally and rank 0's node gets
 the results. From Python, call :func:`distributed_extract` inside a process group (or under
 torchrun, where it initialises the group from the environment).
+
+``--model`` takes what the config's ``model`` of ``conceptevo run`` takes: a built-in name,
+``torchvision:<name>``, or your own factory ``my_pkg.models:build`` (importable on every rank).
+To run the whole pipeline over the ranks (stimuli, importance, reversion check), launch
+``torchrun ... -m conceptevo run config.toml`` instead (see :mod:`conceptevo.distributed_pipeline`).
 """
 from __future__ import annotations
 
@@ -180,6 +185,8 @@ def distributed_extract(
     dataset_key: str | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     group: Any = None,
+    accuracy: bool = False,
+    on_diverged: str = "raise",
 ) -> list[Stimuli] | None:
     """:func:`~conceptevo.stimuli.extract_stimuli` over the ranks of a process group.
 
@@ -192,7 +199,7 @@ def distributed_extract(
     """
     kwargs = dict(layers=layers, k=k, k_i=k_i, batch_size=batch_size, names=names, amp=amp, backend=backend,
                   num_workers=num_workers, swap_weights=swap_weights, input_shape=input_shape,
-                  dataset_key=dataset_key)
+                  dataset_key=dataset_key, accuracy=accuracy, on_diverged=on_diverged)
     if not dist.is_available() or (not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) <= 1):
         dev = _rank_device(device, int(os.environ.get("LOCAL_RANK", "0")))
         return extract_stimuli(model_factory, checkpoints, dataset, device=dev, store=store, prefix=prefix,
@@ -274,15 +281,32 @@ def _run(model_factory, checkpoints, dataset, dev, store, prefix, resume, save_e
 
     times: list[Any] | None = [None] * world if rank == 0 else None
     dist.gather_object(seconds, times, dst=root, group=group)
+    # Diverged checkpoints and accuracy hits of every shard: a checkpoint diverged if it did on any
+    # rank (the first rank's reason is kept); hits add up over the shards.
+    findings: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object((plan.diverged, plan.hits), findings, dst=root, group=group)
+    if rank == 0:
+        plan.diverged, plan.hits = {}, {}
+        for div, hits in findings:  # type: ignore[union-attr]
+            for name, why in div.items():
+                plan.diverged.setdefault(name, why)
+            for name, h in hits.items():
+                plan.hits[name] = [a + b for a, b in zip(plan.hits.get(name, [0, 0, 0]), h)]
     for i, spec, layer_states in zip(pending, specs, states):  # one checkpoint at a time bounds rank 0's memory
         gathered: list[Any] | None = [None] * world if rank == 0 else None
         dist.gather_object(_payload(plan, layer_states, start, stop), gathered, dst=root, group=group)
         if rank == 0:
-            stim = _merge_payloads(plan, spec.name, gathered)  # type: ignore[arg-type]
+            if spec.name in plan.diverged:
+                stim = Stimuli(layers={}, num_images=plan.num_images, name=spec.name,
+                               diverged=plan.diverged[spec.name])
+            else:
+                stim = _merge_payloads(plan, spec.name, gathered)  # type: ignore[arg-type]
+                stim.accuracy = plan.accuracy_of(spec)
             results[i] = stim
             if store is not None:
                 plan.record(store, prefix, spec, stim, max(times), len(specs),  # type: ignore[arg-type]
-                            extra={"world_size": world, "rank_seconds": [round(t, 4) for t in times]})
+                            extra={"world_size": world, "rank_seconds": [round(t, 4) for t in times],
+                                   **({"diverged": stim.diverged} if stim.diverged else {})})
         del gathered
     del states
     # Results are safe on rank 0 before any rank drops its progress.
@@ -308,7 +332,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m conceptevo.distributed",
         description="Distributed stimulus extraction (run under torchrun; see the module docstring).",
     )
-    p.add_argument("--model", required=True, help="built-in model name (vgg_small, torchvision:vgg16, ...)")
+    p.add_argument("--model", required=True,
+                   help="model, as the config's `model` of `conceptevo run`: a built-in name (vgg_small), "
+                        "torchvision:<name>, or your factory package.module:function (called with no arguments)")
     p.add_argument("--num-classes", type=int, default=None, help="logits of the model (default: the data's classes)")
     p.add_argument("--checkpoints", nargs="+", required=True,
                    help="checkpoint files of that model (quoted glob patterns are expanded, sorted)")
@@ -347,7 +373,7 @@ def _load_data(spec: str, image_size: int, seed: int, cache_root: Path) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m conceptevo.distributed`` (under torchrun)."""
     args = _parse(argv)
-    from .models import build_model
+    from .models import model_factory
 
     logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
@@ -364,8 +390,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not found:
             raise ConceptEvoError(f"--checkpoints {pattern!r} matches no file")
         checkpoints += found
+    try:
+        factory = model_factory(args.model, num_classes)  # exactly as `conceptevo run` resolves `model`
+    except ConceptEvoError as exc:
+        print(f"error: --model: {exc}", file=sys.stderr)
+        return 2
     results = distributed_extract(
-        lambda: build_model(args.model, num_classes=num_classes), checkpoints, dataset,
+        factory, checkpoints, dataset,
         layers=layers, k=args.k, k_i=args.k_i, batch_size=args.batch_size, device=args.device,
         store=RunStore(run), prefix=args.prefix, names=args.names, resume=not args.no_resume,
         save_every=args.save_every, amp=amp, backend=args.backend, progress=not args.quiet,

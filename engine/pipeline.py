@@ -272,20 +272,38 @@ def checkpoint_accuracy(factory: Callable[[], torch.nn.Module], checkpoints: Map
 
 
 def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Mapping[str, RunSpec] | None = None,
-                 report: bool = True) -> RunResult:
-    """Run stimuli -> space -> alignment -> importance -> reversion -> diagnostics -> report."""
+                 report: bool = True, _world=None) -> RunResult:
+    """Run stimuli -> space -> alignment -> importance -> reversion -> diagnostics -> report.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank calls it: the stimulus pass, importance and the
+    reversion check run over all ranks, the rest on rank 0 (see :mod:`conceptevo.distributed_pipeline`);
+    the other ranks return a RunResult without a report."""
     from . import alignment, data, diagnostics, importance, patches
     from . import report as report_mod
     from . import reversion
     from .space import UnifiedSpace
     from .stimuli import extract_stimuli
 
+    world = _world
+    if world is None:
+        from .distributed_pipeline import pipeline_world
+
+        world = pipeline_world()
+        if world is not None:
+            def serve_ctx():
+                tr, te = _datasets(cfg, train_set, test_set)
+                n_cls = cfg.num_classes or len(tr.class_names)
+                return {"train_set": tr, "test_set": te,
+                        "runs": dict(runs) if runs is not None else resolve_runs(cfg, n_cls)}
+            return world.run(cfg, lambda: run_pipeline(cfg, train_set=train_set, test_set=test_set, runs=runs,
+                                                       report=report, _world=world), serve_ctx)
+
     t_all = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     store = RunStore(cfg.out)
     seconds: dict[str, float] = {}
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device) if world is None else world.device(cfg.device)
     chosen = {kind: backends.select(kind, cfg.backends.get(kind, "auto")) for kind in backends.KINDS}
     store.update_manifest(config=_jsonable(asdict(cfg)), backends=chosen, device=str(device))
 
@@ -317,7 +335,7 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
     with _Timer(seconds, "stimuli"):
         for name, spec in runs.items():
             epochs = sorted(spec.checkpoints)
-            out = extract_stimuli(
+            out = (extract_stimuli if world is None else world.extractor(name))(
                 spec.factory, [spec.checkpoints[e] for e in epochs], train_set, layers=cfg.layers, k=cfg.k,
                 k_i=cfg.k_i, batch_size=cfg.batch_size, device=device, store=store, prefix=f"stimuli/{name}",
                 names=[f"epoch_{e:03d}" for e in epochs], amp=cfg.amp, backend=cfg.backends.get("topk", "auto"),
@@ -398,7 +416,8 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
             imp = store.load_table("importance")
         else:
             t0 = time.perf_counter()
-            imp = importance.evolution_importance(model_t, model_t2, train_set, classes=classes,
+            imp = (importance.evolution_importance if world is None else world.importance(base_run, t, t2))(
+                model_t, model_t2, train_set, classes=classes,
                                                   layers=cfg.layers, batch_size=cfg.batch_size, device=device,
                                                   max_images_per_class=cfg.importance_images, seed=cfg.seed,
                                                   gradient_at=cfg.importance_gradient_at)
@@ -423,7 +442,8 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
             rev_summary, rev_long = store.load_table("reversion"), store.load_table("reversion_long")
         else:
             t0 = time.perf_counter()
-            rev = reversion.reversion_check(model_t, model_t2, train_set, test_set, classes=rev_classes,
+            rev = (reversion.reversion_check if world is None else world.reversion(base_run, t, t2))(
+                model_t, model_t2, train_set, test_set, classes=rev_classes,
                                             layers=cfg.layers, sample_size=cfg.reversion_sample_size,
                                             repeats=cfg.reversion_repeats, batch_size=cfg.batch_size,
                                             device=device, seed=cfg.seed, gradient_at=cfg.importance_gradient_at)
@@ -467,6 +487,21 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
     seconds["total"] = total
     store.update_manifest(pipeline_seconds={k: round(v, 2) for k, v in seconds.items()})
     return RunResult(cfg.out, report_path, seconds, diag.verdicts)
+
+
+def _datasets(cfg: PipelineConfig, train_set=None, test_set=None):
+    """The config's train (and test) datasets unless given (as run_pipeline loads them; for serving ranks)."""
+    from . import data
+
+    if train_set is None:
+        if cfg.dataset == "builtin":
+            train_set = data.builtin_dataset("train", seed=cfg.seed, root=cfg.out / "data")
+            test_set = test_set or data.builtin_dataset("test", seed=cfg.seed, root=cfg.out / "data")
+        else:
+            train_set, _ = _image_folder(cfg.dataset, cfg.image_size, cfg.skip_bad)
+            if cfg.test_dataset:
+                test_set, _ = _image_folder(cfg.test_dataset, cfg.image_size, cfg.skip_bad)
+    return train_set, test_set
 
 
 def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summary, diag, align, base, tt, patches,
@@ -539,6 +574,9 @@ def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summa
                                diagnostics=diag.table, verdicts=verdict_text, evolutions=top, reversion=rev_plot,
                                title="ConceptEvo report", facts=facts,
                                layer_order=list(next(iter(stims.values())).layers))
+    from .report_folder import report_format  # one file or a folder, and the threshold (shown in the report too)
+
+    store.update_manifest(report_format=report_format(len(points)))
     return report_mod.build_report(store.path("report.html"), rd, png_dir=store.path("figures"))
 
 

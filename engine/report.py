@@ -666,12 +666,26 @@ def build_report(
 ) -> Path:
     """Write the self-contained HTML report of ``data`` to ``out_html`` (atomically) and return its path.
 
+    Above :data:`conceptevo.report_folder.FOLDER_THRESHOLD` points the report is a folder instead
+    (``out_html`` without ``.html``; see :mod:`conceptevo.report_folder`) and its ``index.html`` is returned.
+
     ``max_patches`` caps the patches shown per neuron, ``max_evolutions`` the rows per
     class. With ``png_dir``, static PNG figures are written there too
     (:func:`write_static_figures`).
     """
     from plotly.offline import get_plotlyjs
 
+    from .report_folder import build_report_folder, report_format
+
+    fmt = report_format(len(data.points) if isinstance(data, ReportData) else 0)
+    if fmt["mode"] == "folder":  # large runs: a folder served by `conceptevo serve` (see report_folder)
+        out = Path(out_html)
+        return build_report_folder(out.with_suffix("") if out.suffix == ".html" else out, data, png_dir=png_dir,
+                                   max_patches=max_patches, max_evolutions=max_evolutions)
+    if isinstance(data, ReportData):  # the header names the size switch
+        from .report_folder import threshold_note
+
+        data = dataclasses.replace(data, facts={**(data.facts or {}), "report format": threshold_note(fmt)})
     data = _checked(data)
     payload = _payload(data, max_patches, max_evolutions)
     text = _html(payload, data, get_plotlyjs())

@@ -184,6 +184,7 @@ def reversion_check(
     seed: int = 0,
     progress: bool = False,
     gradient_at: str = "t",
+    samples: Sequence[int] | None = None,
 ) -> ReversionResult:
     """Fig. 7: accuracy change when reverting each importance bin (and a random set).
 
@@ -204,6 +205,9 @@ def reversion_check(
         seed: seeds the image samples and the random baselines.
         gradient_at: which model's gradient ranks the neurons (see
             :func:`~conceptevo.importance.evolution_importance`; ``"t"`` is the paper's Eq. 3).
+        samples: run only these of the ``repeats`` samples (each is seeded by ``[seed, sample]``
+            alone, so a subset gives exactly those rows of the full run; used to spread the
+            repeats over ranks).
 
     Returns:
         :class:`ReversionResult` with the long table, the summary and the importance tables.
@@ -236,7 +240,7 @@ def reversion_check(
 
     rows_out: list[pd.DataFrame] = []
     imp_tables: list[pd.DataFrame] = []
-    reps = range(repeats)
+    reps = range(repeats) if samples is None else [int(r) for r in samples]
     if progress:
         from tqdm.auto import tqdm
 
