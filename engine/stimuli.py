@@ -580,11 +580,16 @@ class Extraction:
         save_at_end: bool = False,
         desc: str = "stimuli",
         prepared: tuple[list[nn.Module], list[dict[str, torch.Tensor]]] | None = None,
+        on_logits: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> list[dict[str, Any]]:
         """Stream ids ``[start, stop)`` through every checkpoint of ``specs``; return their states.
 
         ``prepared``: the result of :meth:`prepare_models` for these specs, to reuse built models
         (otherwise they are built here).
+
+        ``on_logits(j, ids, logits, labels)``: when given, every forward runs to the end (instead of
+        stopping after the last chosen layer) and its output is handed over for checkpoint ``j``
+        (the live monitor takes the probe accuracy from it). The stimuli do not change.
 
         Returns one ``{layer: TopKState}`` per spec (tensors on ``self.device``). The responsive
         rows outside ``[start, stop)`` stay empty. ``on_batch(batches_done, next_image_id)`` is
@@ -617,7 +622,7 @@ class Extraction:
 
         if processed < stop:
             batches = self._stream(specs, weights, models, states, processed, stop, batches, saver,
-                                   save_every, progress, on_batch, start, desc)
+                                   save_every, progress, on_batch, start, desc, on_logits)
         else:
             log.info("%s: shard [%d, %d) already complete", desc, start, stop)
         if saver is not None and save_at_end and saver.saved < stop:
@@ -625,7 +630,7 @@ class Extraction:
         return states
 
     def _stream(self, specs, weights, models, states, processed, stop, batches, saver, save_every, progress,
-                on_batch, start, desc) -> int:
+                on_batch, start, desc, on_logits=None) -> int:
         """The loop over batches; returns the number of batches done in the shard so far."""
         from . import kernels
         from .data import indexed_loader
@@ -647,7 +652,7 @@ class Extraction:
                 kernels.update(states[j][layer], out, current["ids"], backend=backend)
             except ActivationError as exc:
                 raise _activation_error(exc, specs[j].name, layer, out, current["ids"]) from None
-            if len(fired) == n_layers:
+            if len(fired) == n_layers and on_logits is None:
                 raise _StopForward
 
         swap = self.swap_weights
@@ -677,7 +682,9 @@ class Extraction:
                         model = models[0] if swap else models[j]
                         try:
                             with autocast():
-                                model(x)
+                                logits = model(x)
+                            if on_logits is not None:
+                                on_logits(j, ids, logits, _y)
                         except _StopForward:
                             pass
                         if len(current["fired"]) != n_layers:
