@@ -383,7 +383,7 @@ class Monitor:
         self.model = model
         self.every, self.name, self.layout = int(every), str(name), layout
         self.base_from, self.refit_every, self.seed = int(base_from), refit_every, int(seed)
-        self.space_kw = {"threads": 1, **dict(space_kw or {})}
+        self.space_kw = {"threads": 1, "progress": False, **dict(space_kw or {})}
         self.alert_params = alerts or AlertParams()
         self.peak_from = self.base_from if self.alert_params.peak_from is None else int(self.alert_params.peak_from)
         self.html_refresh = int(html_refresh)
