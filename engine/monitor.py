@@ -293,6 +293,27 @@ def _png_base64(img: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _save_stimuli(path: Path, stim: Any) -> None:
+    """One checkpoint's stimuli as ONE ``.npz`` (one atomic write, not a file per array)."""
+    from .stimuli import FIELDS
+
+    arrays = {f"{li}.{f}": np.ascontiguousarray(getattr(s, f)) for li, s in enumerate(stim.layers.values())
+              for f in FIELDS}
+    meta = {"name": stim.name, "num_images": int(stim.num_images), "layers": list(stim.layers)}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
+
+
+def _load_stimuli(path: Path) -> Any:
+    """Read :func:`_save_stimuli`'s file back as a :class:`~conceptevo.stimuli.Stimuli`."""
+    from .stimuli import FIELDS, LayerStimuli, Stimuli
+
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+        layers = {n: LayerStimuli(**{f: z[f"{li}.{f}"] for f in FIELDS}) for li, n in enumerate(meta["layers"])}
+    return Stimuli(layers=layers, num_images=meta["num_images"], name=meta["name"])
+
+
 def _load_probe(probe: Any, image_size: int):
     """Probe -> ImageSet; every image of a folder is decoded now (errors name the files)."""
     from .data import as_image_set, image_folder
@@ -452,7 +473,6 @@ class Monitor:
 
     def _restore(self) -> None:
         from .space import UnifiedSpace
-        from .stimuli import Stimuli
 
         p = self.store.path(_STATE)
         if not p.exists():
@@ -473,7 +493,7 @@ class Monitor:
         self.alerts = [Alert(**a) for a in doc["alerts"]]
         for e in self.entries:
             if e.get("stimuli"):
-                self._stimuli[e["index"]] = Stimuli.load(self.store, e["stimuli"])
+                self._stimuli[e["index"]] = _load_stimuli(self.store.path(e["stimuli"]))
         if self.base is not None and self.store.exists("space_base/space.json"):
             self.space = UnifiedSpace.load(self.store.path("space_base"))
             for e in self.entries:
@@ -555,8 +575,8 @@ class Monitor:
             stim = None
         key = None
         if stim is not None:
-            key = f"stimuli/{label}"
-            stim.save(self.store, key)
+            key = f"stimuli/{label}.npz"
+            _save_stimuli(self.store.path(key), stim)
             self._stimuli[index] = stim
         seconds["stimuli"] = time.perf_counter() - t
 
@@ -791,7 +811,8 @@ updated {time.strftime('%Y-%m-%d %H:%M:%S')}; refreshes every {self.html_refresh
 
 
 def _svg_chart(table: pd.DataFrame, col: str, w: int = 260, h: int = 120) -> str:
-    d = table[["epoch", col]].dropna()
+    d = table[["epoch", col]].astype({col: np.float64})
+    d = d[np.isfinite(d[col].to_numpy())]
     if d.empty:
         return ""
     x, y = d["epoch"].to_numpy(np.float64), d[col].to_numpy(np.float64)
