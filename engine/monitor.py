@@ -365,6 +365,9 @@ class Monitor:
         html_refresh: seconds between the report page's refreshes.
         resume: continue the state found in ``out`` (False: start afresh, clearing it).
         image_size: size of images decoded from a probe folder.
+        probe_accuracy: run the probe's forward to the logits for its top-1 accuracy. None
+            (default): only when the caller passes no ``train_acc`` (the stimuli need no logits,
+            and the head is skipped otherwise).
     """
 
     def __init__(
@@ -390,6 +393,7 @@ class Monitor:
         html_refresh: int = 10,
         resume: bool = True,
         image_size: int = 32,
+        probe_accuracy: bool | None = None,
     ) -> None:
         from .stimuli import Extraction
 
@@ -408,6 +412,7 @@ class Monitor:
         self.alert_params = alerts or AlertParams()
         self.peak_from = self.base_from if self.alert_params.peak_from is None else int(self.alert_params.peak_from)
         self.html_refresh = int(html_refresh)
+        self.probe_accuracy = probe_accuracy
         self.probe = _load_probe(probe, image_size)
         param = next(model.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
@@ -551,8 +556,9 @@ class Monitor:
 
             self.model.eval()
             try:
+                want = self.probe_accuracy if self.probe_accuracy is not None else train_acc is None
                 states = self._plan.run_shard([spec], prepared=([self.model], []), progress=False,
-                                              on_logits=on_logits, desc="monitor")
+                                              on_logits=on_logits if want else None, desc="monitor")
                 stim = self._plan.to_stimuli(spec, states[0])
             except ActivationError as exc:
                 why = str(exc)
