@@ -74,7 +74,7 @@ def test_monitor_equals_post_hoc_chain(data, tmp_path):
     """Stimuli, space positions and diagnostics of the monitored checkpoints = a post-hoc run over them."""
     train, probe = data
     model = _model(train.num_classes)
-    mon = Monitor(model, probe, out=tmp_path / "mon", name="live", **KW)
+    mon = Monitor(model, probe, out=tmp_path / "mon", name="live", probe_accuracy=True, **KW)
     _loop(model, train, mon, epochs=3)
     assert [e["index"] for e in mon.entries] == [0, 1, 2, 3] and mon.base == 1
     ckpts = [tmp_path / "mon" / e["checkpoint"] for e in mon.entries]
