@@ -124,6 +124,28 @@ def test_monitor_equals_post_hoc_chain(data, tmp_path):
     assert 'http-equiv="refresh"' in page and "data:image/png;base64," in page
 
 
+def test_refit_policy_and_step_mode(data, tmp_path):
+    """refit_every moves the base to the newest checkpoint and re-projects the rest; step() every N."""
+    train, probe = data
+    model = _model(train.num_classes)
+    mon = Monitor(model, probe, out=tmp_path / "mon", refit_every=2, every=3, **KW)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    for s in range(0, 10):
+        if s:
+            _train_epoch(model, opt, train.subset(np.arange(16)), gen)
+        assert mon.step(s, train_acc=0.01 * s) == []
+    assert [e["index"] for e in mon.entries] == [0, 3, 6, 9] and mon.unit == "step"
+    assert mon.base == 9  # fitted at 3, refitted two observations later at 9
+    stims = {e["index"]: _load_stimuli(tmp_path / "mon" / e["stimuli"]) for e in mon.entries}
+    space = UnifiedSpace.fit(stims[9], model="run", epoch=9, seed=0, threads=1, progress=False, **SPACE)
+    for i in (0, 3, 6):
+        space.add("run", i, stims[i])
+    np.testing.assert_array_equal(np.stack(space.embeddings()["vector"]), np.stack(mon.space.embeddings()["vector"]))
+    with pytest.raises(ConceptEvoError, match="mix"):
+        mon.epoch_end(12)
+
+
 # ------------------------------------------------------------------------- no side effects
 def test_monitor_leaves_training_alone(data, tmp_path):
     """Mode, RNG states and gradients untouched; train_run's weights bitwise equal with and without it."""
