@@ -12,6 +12,7 @@ call, the median seconds of each stage (checkpoint, stimuli, space, layout, diag
 
     python benchmarks/bench_monitor.py                 # full size
     python benchmarks/bench_monitor.py --quick         # 600 images, 2 epochs, probe 300
+    python benchmarks/bench_monitor.py --regimes       # when each alert fires on the three regimes
 """
 from __future__ import annotations
 
@@ -43,6 +44,36 @@ def warm_up(tmp: Path) -> None:
     mon.close()
 
 
+def regimes(args) -> None:
+    """Train the built-in regimes with a Monitor each; print every alert with its epoch and accuracies."""
+    from conceptevo.train import train_regimes  # noqa: F401  (the settings are REGIMES)
+
+    n_train = args.train_images
+    train = builtin_dataset("train", seed=args.seed, root=args.data_root, num_images=n_train)
+    test = builtin_dataset("test", seed=args.seed, root=args.data_root)
+    probe = train.subset(np.arange(min(args.probe or 2000, len(train))))
+    root = Path(args.out or tempfile.mkdtemp())
+    for name in args.regime_names.split(","):
+        cfg = dict(REGIMES[name])
+        if "train_subset" in cfg and n_train is not None:
+            cfg["train_subset"] = max(1, round(cfg["train_subset"] * len(train) / 6000))
+        model_name = cfg.pop("model_name")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            kw = {"dropout": cfg.pop("dropout")} if "dropout" in cfg else {}
+            net = build_model(model_name, num_classes=train.num_classes, **kw)
+        mon = Monitor(net, probe, out=root / name / "monitor", layout=args.layout, resume=False)
+        t = time.perf_counter()
+        train_run(root / name, model_name, train, test, seed=args.seed, model=net, monitor=mon, progress=False,
+                  resume=False, overwrite=True, **cfg)
+        tab = mon.table
+        print(f"\n{name} ({len(train)} train images, probe {len(probe)}, layout {args.layout}; "
+              f"{time.perf_counter() - t:.0f} s)")
+        print(tab[["epoch", "train_top1", "test_top1", "diversity", "movement", "alerts"]].to_string(index=False))
+        for a in mon.alerts:
+            print(f"  ALERT {a.kind} at epoch {a.epoch} (margin {a.margin:.3f}): {a.message}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -54,7 +85,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
+    ap.add_argument("--regimes", action="store_true", help="alerts on the built-in regimes instead")
+    ap.add_argument("--regime-names", default="high_lr,well_trained,overfit")
     args = ap.parse_args()
+    if args.regimes:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        regimes(args)
+        return
     n_train = args.train_images or (600 if args.quick else None)
     probe_n = args.probe or (300 if args.quick else 2000)
     if args.threads:
