@@ -35,8 +35,9 @@ Each observation (``epoch_end(epoch)``, or ``step(step)`` every ``every`` steps)
    training accuracy climbs and held-out accuracy stalls) and ``diverged`` (NaN/inf in the
    weights, the activations or the logits: an alert, never a crash). Alerts are returned and
    logged;
-6. **logs** -- ``metrics.jsonl`` (one line per observation) and ``metrics.parquet`` (the whole
-   current table), ``alerts.jsonl``, a self-refreshing ``monitor.html``, TensorBoard scalars
+6. **logs** -- ``metrics.jsonl`` (append-only: one line per observation, as it was then; a
+   re-observed index appears again) and ``metrics.parquet`` (the whole current table: past
+   rows change when a refit re-projects them), ``alerts.jsonl``, a self-refreshing ``monitor.html``, TensorBoard scalars
    and the map image when ``tensorboard`` is importable; :func:`lightning_callback` adapts
    the monitor to Lightning when ``lightning`` (or ``pytorch_lightning``) is importable.
 
@@ -77,8 +78,15 @@ from . import diagnostics
 from .errors import ActivationError, ConceptEvoError, DataError, EmbeddingError
 from .store import RunStore, atomic_write, json_default
 
-__all__ = ["Monitor", "Alert", "AlertParams", "decide_alerts", "lightning_callback", "tensorboard_available",
-           "lightning_available"]
+__all__ = [
+    "Alert",
+    "AlertParams",
+    "Monitor",
+    "decide_alerts",
+    "lightning_available",
+    "lightning_callback",
+    "tensorboard_available",
+]
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +246,7 @@ def _keep_modes(model: nn.Module) -> Iterator[None]:
 def tensorboard_available() -> bool:
     try:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-    except Exception:  # ImportError, or a broken install
+    except Exception:  # noqa: BLE001 -- ImportError, or a broken install
         return False
     return True
 
@@ -595,13 +603,10 @@ class Monitor:
 
         # 3. space: fit / refit the base, project, lay out
         t = time.perf_counter()
-        refit = False
-        if stim is not None:
-            if self.space is None and index >= self.base_from:
-                refit = True
-            elif (self.space is not None and self.refit_every is not None
-                  and self.calls - self.fitted_at_call >= self.refit_every):
-                refit = True
+        first = self.space is None and index >= self.base_from
+        due = (self.space is not None and self.refit_every is not None
+               and self.calls - self.fitted_at_call >= self.refit_every)
+        refit = stim is not None and (first or due)
         try:
             if refit:
                 self._fit_base(index)
@@ -749,8 +754,7 @@ class Monitor:
             fh.write(line)
         if alerts:
             with open(self.store.path("alerts.jsonl"), "a", encoding="utf-8") as fh:
-                for a in alerts:
-                    fh.write(json.dumps(a.to_dict()) + "\n")
+                fh.writelines(json.dumps(a.to_dict()) + "\n" for a in alerts)
         self.store.save_table("metrics", table)
         img = None
         if emb is not None and {"x", "y"} <= set(emb.columns):

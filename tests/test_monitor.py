@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conceptevo import diagnostics
 from conceptevo.data import builtin_dataset
 from conceptevo.errors import ConceptEvoError, DataError, LayerError
@@ -29,7 +28,7 @@ from conceptevo.train import train_run
 
 TINY = {"channels": (4, 8, 8, 8), "hidden": 16}
 SPACE = {"dim": 8, "repeats": 3, "epochs": 3}
-KW = dict(k=5, k_i=3, batch_size=32, space_kw=SPACE, tensorboard=False)
+KW = {"k": 5, "k_i": 3, "batch_size": 32, "space_kw": SPACE, "tensorboard": False}
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -131,7 +130,7 @@ def test_refit_policy_and_step_mode(data, tmp_path):
     mon = Monitor(model, probe, out=tmp_path / "mon", refit_every=2, every=3, **KW)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
-    for s in range(0, 10):
+    for s in range(10):
         if s:
             _train_epoch(model, opt, train.subset(np.arange(16)), gen)
         assert mon.step(s, train_acc=0.01 * s) == []
