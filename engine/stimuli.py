@@ -629,11 +629,16 @@ class Extraction:
         save_at_end: bool = False,
         desc: str = "stimuli",
         prepared: tuple[list[nn.Module], list[dict[str, torch.Tensor]]] | None = None,
+        on_logits: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> list[dict[str, Any]]:
         """Stream ids ``[start, stop)`` through every checkpoint of ``specs``; return their states.
 
         ``prepared``: the result of :meth:`prepare_models` for these specs, to reuse built models
         (otherwise they are built here).
+
+        ``on_logits(j, ids, logits, labels)``: when given, every forward runs to the end (instead of
+        stopping after the last chosen layer) and its output is handed over for checkpoint ``j``
+        (the live monitor takes the probe accuracy from it). The stimuli do not change.
 
         Returns one ``{layer: TopKState}`` per spec (tensors on ``self.device``). The responsive
         rows outside ``[start, stop)`` stay empty. ``on_batch(batches_done, next_image_id)`` is
@@ -681,7 +686,7 @@ class Extraction:
 
         if processed < stop:
             batches = self._stream(specs, weights, models, states, processed, stop, batches, saver,
-                                   save_every, progress, on_batch, start, desc, dead, hits)
+                                   save_every, progress, on_batch, start, desc, dead, hits, on_logits)
         else:
             log.info("%s: shard [%d, %d) already complete", desc, start, stop)
         if saver is not None and save_at_end and saver.saved < stop:
@@ -702,7 +707,7 @@ class Extraction:
                 "hits": {key: h for key, h in zip(saver.keys, hits)}}
 
     def _stream(self, specs, weights, models, states, processed, stop, batches, saver, save_every, progress,
-                on_batch, start, desc, dead: dict[int, str], hits: list[list[int]]) -> int:
+                on_batch, start, desc, dead: dict[int, str], hits: list[list[int]], on_logits=None) -> int:
         """The loop over batches; returns the number of batches done in the shard so far."""
         from . import kernels
         from .data import indexed_loader
@@ -710,7 +715,7 @@ class Extraction:
         n_layers = len(self.layer_names)
         current = {"j": 0, "ids": None, "fired": set()}
         backend = self.backend
-        want_logits = self.accuracy
+        want_logits = self.accuracy or on_logits is not None
 
         def hook(layer: str, out: torch.Tensor) -> None:
             fired = current["fired"]
@@ -766,7 +771,9 @@ class Extraction:
                             pass
                         if j in dead:
                             continue
-                        if want_logits and out is not None:
+                        if on_logits is not None and out is not None:
+                            on_logits(j, ids, out, y)
+                        if self.accuracy and out is not None:
                             self._count_hits(out, y, hits[j], dead, j)
                         if len(current["fired"]) != n_layers:
                             missing = [n for n in self.layer_names if n not in current["fired"]]

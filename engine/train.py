@@ -193,6 +193,7 @@ def train_run(
     overwrite: bool = False,
     desc: str | None = None,
     tracer: Any | None = None,
+    monitor: Any = None,
 ) -> TrainLog:
     """Train ``model_name`` with SGD + momentum and write a run directory (module docstring).
 
@@ -221,6 +222,8 @@ def train_run(
         ``end_epoch``, ``finish``): it is attached to the model and optimiser, called after
         every optimiser step with the batch's labels and ids, closes a window at every saved
         epoch and writes ``<run>/trace/``. It observes only: the weights are the same with it.
+    monitor : a :class:`conceptevo.monitor.Monitor` built on ``model`` (pass both): called at every
+        logged epoch end with the train / test top-1 (it does not change the training).
     """
     run_dir = Path(run_dir)
     train_set = as_image_set(train_set)
@@ -310,6 +313,8 @@ def train_run(
             net = build_model(model_name, num_classes=int(num_classes), **kw)
         else:
             net = model
+        if monitor is not None and getattr(monitor, "model", net) is not net:
+            raise ConceptEvoError("monitor must be built on the model passed as model= (the one trained)")
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(net.parameters(), lr=float(lr), momentum=float(momentum),
@@ -353,6 +358,8 @@ def train_run(
             if epoch in saves:
                 _save_torch(ckpt_dir / f"epoch_{epoch:03d}.pt", _plain_state_dict(net))
             _save_log(log_path, rows)
+            if monitor is not None:
+                monitor.epoch_end(epoch, train_acc=tr1, test_acc=te1)
             if epoch < epochs:  # what an interrupted run needs to continue exactly
                 _save_torch(resume_path, {"model": _plain_state_dict(net), "optimizer": opt.state_dict(),
                                           "torch_rng": torch.get_rng_state(), "shuffle_rng": gen.get_state(),

@@ -21,7 +21,8 @@ import pandas as pd
 import pytest
 
 from conceptevo.errors import ConceptEvoError
-from conceptevo.report import ReportData, build_report, synthetic_report_data
+from conceptevo._reference import synthetic_report_data
+from conceptevo.report import ReportData, build_report
 from conceptevo.report_folder import build_report_folder, make_server, report_format
 
 LAYERS = (("features.0", 12), ("features.3", 16))

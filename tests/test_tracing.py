@@ -377,7 +377,8 @@ def test_train_run_records_classes_and_explains_exactly(traced_run):
     assert set(cls["kind"]) == {"class", "weight_decay", "prior_momentum", "other"}
     frag = tracing.report_section(cls, te_set.class_names)
     assert "<table>" in frag and "features.conv2_1:3" in frag and te_set.class_names[1] in frag
-    from conceptevo.report import _html, synthetic_report_data
+    from conceptevo._reference import synthetic_report_data
+    from conceptevo.report import _html
 
     rd = synthetic_report_data(runs=("a",), epochs=(0, 1), num_images=40)
     rd.tracing = cls

@@ -1,0 +1,365 @@
+"""conceptevo.monitor: live monitoring equals the post-hoc chain, leaves training alone, alerts, resumes."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conceptevo import diagnostics
+from conceptevo.data import builtin_dataset
+from conceptevo.errors import ConceptEvoError, DataError, LayerError
+from conceptevo.models import build_model
+from conceptevo.monitor import (
+    Alert,
+    AlertParams,
+    Monitor,
+    _load_stimuli,
+    decide_alerts,
+    lightning_available,
+    lightning_callback,
+    tensorboard_available,
+)
+from conceptevo.space import UnifiedSpace
+from conceptevo.stimuli import extract_stimuli
+from conceptevo.train import train_run
+
+TINY = {"channels": (4, 8, 8, 8), "hidden": 16}
+SPACE = {"dim": 8, "repeats": 3, "epochs": 3}
+KW = {"k": 5, "k_i": 3, "batch_size": 32, "space_kw": SPACE, "tensorboard": False}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Tiny 16x16 images: the monitor's work, not the model's, is under test."""
+    return (builtin_dataset("train", seed=3, num_images=64, image_size=16),
+            builtin_dataset("test", seed=3, num_images=40, image_size=16))
+
+
+def _model(num_classes, seed=0):
+    torch.manual_seed(seed)
+    return build_model("vgg_small", num_classes=num_classes, **TINY)
+
+
+def _train_epoch(model, opt, ds, gen):
+    model.train()
+    perm = torch.randperm(len(ds), generator=gen)
+    for b in range(0, len(ds), 32):
+        x, y = ds.batch(perm[b:b + 32])
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _loop(model, train, monitor, epochs, start=0):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    out = {}
+    if start == 0 and monitor is not None:
+        out[0] = monitor.epoch_end(0)
+    for ep in range(1, epochs + 1):
+        _train_epoch(model, opt, train, gen)
+        if ep > start and monitor is not None:
+            out[ep] = monitor.epoch_end(ep, train_acc=0.1 * ep)
+    return out
+
+
+# ------------------------------------------------------------------------------ post-hoc
+def test_monitor_equals_post_hoc_chain(data, tmp_path):
+    """Stimuli, space positions and diagnostics of the monitored checkpoints = a post-hoc run over them."""
+    train, probe = data
+    model = _model(train.num_classes)
+    mon = Monitor(model, probe, out=tmp_path / "mon", name="live", probe_accuracy=True, **KW)
+    _loop(model, train, mon, epochs=3)
+    assert [e["index"] for e in mon.entries] == [0, 1, 2, 3] and mon.base == 1
+    ckpts = [tmp_path / "mon" / e["checkpoint"] for e in mon.entries]
+    assert all(p.suffix == ".safetensors" and p.is_file() for p in ckpts)
+
+    def factory():
+        return build_model("vgg_small", num_classes=train.num_classes, **TINY)
+
+    post = extract_stimuli(factory, ckpts, probe, k=5, k_i=3, batch_size=32, progress=False,
+                           names=[f"e{i}" for i in range(4)])
+    for e, s in zip(mon.entries, post):
+        live = _load_stimuli(tmp_path / "mon" / e["stimuli"])
+        assert live.equals(s), e["index"]
+    # the probe accuracy comes from the pass' logits: compare with a plain evaluation
+    m3 = factory()
+    from safetensors.torch import load_file
+
+    m3.load_state_dict(load_file(ckpts[-1]))
+    m3.eval()
+    with torch.no_grad():
+        x, y = probe.batch(torch.arange(len(probe)))
+        acc = float((m3(x).argmax(1) == y).float().mean())
+    assert mon.entries[-1]["probe_top1"] == pytest.approx(acc)
+
+    space = UnifiedSpace.fit(post[1], model="live", epoch=1, seed=0, threads=1, progress=False, **SPACE)
+    for i in (0, 2, 3):
+        space.add("live", i, post[i])
+    space.layout_2d("pca", seed=0)
+    emb, live_emb = space.embeddings(), mon.space.embeddings()
+    np.testing.assert_array_equal(np.stack(emb["vector"]), np.stack(live_emb["vector"]))
+    np.testing.assert_array_equal(emb[["x", "y"]].to_numpy(), live_emb[["x", "y"]].to_numpy())
+    train_top1 = [mon.entries[0]["probe_top1"], *(0.1 * e for e in (1, 2, 3))]
+    logs = {"live": pd.DataFrame({"epoch": [0, 1, 2, 3], "train_top1": train_top1,
+                                  "test_top1": [np.nan] * 4})}
+    diag = diagnostics.diagnose(emb, logs, reference="live")
+    pd.testing.assert_frame_equal(diag.table, mon.diagnosis.table)
+    assert diag.verdicts["live"]["diversity_last"] == mon.diagnosis.verdicts["live"]["diversity_last"]
+    # logs: one JSONL line per observation, the Parquet table, the self-refreshing page
+    lines = (tmp_path / "mon" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["epoch"] for s in lines] == [0, 1, 2, 3]
+    assert set(json.loads(lines[-1])["seconds"]) == {"checkpoint", "stimuli", "space", "layout", "diagnostics"}
+    assert "logs" in mon.entries[-1]["seconds"]
+    table = pd.read_parquet(tmp_path / "mon" / "metrics.parquet")
+    np.testing.assert_allclose(table["diversity"].to_numpy()[1:],
+                               diag.table["diversity"].to_numpy()[1:])
+    page = (tmp_path / "mon" / "monitor.html").read_text()
+    assert 'http-equiv="refresh"' in page and "data:image/png;base64," in page
+
+
+def test_refit_policy_and_step_mode(data, tmp_path):
+    """refit_every moves the base to the newest checkpoint and re-projects the rest; step() every N."""
+    train, probe = data
+    model = _model(train.num_classes)
+    mon = Monitor(model, probe, out=tmp_path / "mon", refit_every=2, every=3, **KW)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    for s in range(10):
+        if s:
+            _train_epoch(model, opt, train.subset(np.arange(16)), gen)
+        assert mon.step(s, train_acc=0.01 * s) == []
+    assert [e["index"] for e in mon.entries] == [0, 3, 6, 9] and mon.unit == "step"
+    assert mon.base == 9  # fitted at 3, refitted two observations later at 9
+    stims = {e["index"]: _load_stimuli(tmp_path / "mon" / e["stimuli"]) for e in mon.entries}
+    space = UnifiedSpace.fit(stims[9], model="run", epoch=9, seed=0, threads=1, progress=False, **SPACE)
+    for i in (0, 3, 6):
+        space.add("run", i, stims[i])
+    np.testing.assert_array_equal(np.stack(space.embeddings()["vector"]), np.stack(mon.space.embeddings()["vector"]))
+    with pytest.raises(ConceptEvoError, match="mix"):
+        mon.epoch_end(12)
+
+
+# ------------------------------------------------------------------------- no side effects
+def test_monitor_leaves_training_alone(data, tmp_path):
+    """Mode, RNG states and gradients untouched; train_run's weights bitwise equal with and without it."""
+    train, probe = data
+    model = _model(train.num_classes)
+    model.train()
+    model.classifier.eval()  # a mixed mode must come back as it was
+    x, y = train.batch(torch.arange(16))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    mon = Monitor(model, probe, out=tmp_path / "mon", **KW)
+    modes = {n: m.training for n, m in model.named_modules()}
+    torch.manual_seed(123)
+    np.random.seed(5)
+    random.seed(7)
+    states = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    mon.epoch_end(0)
+    mon.epoch_end(1)
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert np.array_equal(np.random.get_state()[1], states[1]) and random.getstate() == states[2]
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+
+    def run(folder, with_monitor):
+        m = _model(train.num_classes, seed=4)
+        mo = Monitor(m, probe, out=tmp_path / f"m_{folder}", **KW) if with_monitor else None
+        train_run(tmp_path / folder, "vgg_small", train, probe, epochs=2, lr=0.05, seed=4, batch_size=32,
+                  model=m, model_kw=TINY, progress=False, monitor=mo)
+        return m.state_dict(), mo
+
+    plain, _ = run("plain", False)
+    watched, mo = run("watched", True)
+    assert all(torch.equal(plain[k], watched[k]) for k in plain)
+    assert [e["index"] for e in mo.entries] == [0, 1, 2]
+    assert mo.entries[-1]["train_acc_source"] == "caller" and mo.entries[-1]["test_top1"] is not None
+    with pytest.raises(ConceptEvoError, match="model passed"):
+        train_run(tmp_path / "x", "vgg_small", train, probe, epochs=1, lr=0.05, model=_model(train.num_classes),
+                  model_kw=TINY, progress=False, monitor=mo)
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_bad_input_fails_at_construction(data, tmp_path):
+    train, probe = data
+    model = _model(train.num_classes)
+    with pytest.raises(LayerError, match="features.nope"):
+        Monitor(model, probe, layers=["features.nope"], out=tmp_path / "a", **KW)
+    folder = tmp_path / "imgs" / "cls"
+    folder.mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(folder / "ok.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    with pytest.raises(DataError, match="broken.png"):
+        Monitor(model, tmp_path / "imgs", out=tmp_path / "b", **KW)
+    with pytest.raises(DataError, match="empty"):
+        Monitor(model, probe.subset(np.zeros(0, dtype=np.int64)), out=tmp_path / "c", **KW)
+    with pytest.raises(ConceptEvoError, match="every"):
+        Monitor(model, probe, every=0, out=tmp_path / "d", **KW)
+    # a folder probe that decodes works, named per file order
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(folder / "broken.png")
+    mon = Monitor(model, tmp_path / "imgs", out=tmp_path / "e", **KW)
+    assert len(mon.probe) == 2
+
+
+# ---------------------------------------------------------------------------------- resume
+def test_resume_continues_state(data, tmp_path):
+    train, probe = data
+    a = _model(train.num_classes)
+    full = Monitor(a, probe, out=tmp_path / "full", **KW)
+    _loop(a, train, full, epochs=2)
+
+    b = _model(train.num_classes)
+    first = Monitor(b, probe, out=tmp_path / "split", **KW)
+    _loop(b, train, first, epochs=1)
+    del first
+    again = Monitor(b, probe, out=tmp_path / "split", **KW)  # a restarted loop: same out, same settings
+    assert [e["index"] for e in again.entries] == [0, 1] and again.base == 1
+    b.load_state_dict(a.state_dict())  # continue with the weights the uninterrupted run had at epoch 2
+    again.epoch_end(2, train_acc=0.2)
+    drop = [c for c in full.table if c.startswith("seconds_")]
+    pd.testing.assert_frame_equal(full.table.drop(columns=drop), again.table.drop(columns=drop))
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["epoch"] for s in lines] == [0, 1, 2]
+    # observing an earlier epoch again (a loop restarted from a checkpoint) replaces the later ones
+    again.epoch_end(1, train_acc=0.1)
+    assert [e["index"] for e in again.entries] == [0, 1]
+    with pytest.raises(ConceptEvoError, match="other settings"):
+        Monitor(b, probe, out=tmp_path / "split", **{**KW, "k": 4})
+    fresh = Monitor(b, probe, out=tmp_path / "split", resume=False, **KW)
+    assert fresh.entries == [] and not (tmp_path / "split" / "metrics.jsonl").exists()
+
+
+# -------------------------------------------------------------------------------- alerts
+def test_diverged_weights_alert_not_crash(data, tmp_path):
+    train, probe = data
+    model = _model(train.num_classes)
+    mon = Monitor(model, probe, out=tmp_path / "mon", **KW)
+    assert mon.epoch_end(0) == [] and mon.epoch_end(1) == []
+    with torch.no_grad():
+        model.features.conv2_1.weight[0, 0, 0, 0] = float("nan")
+    alerts = mon.epoch_end(2)
+    assert [a.kind for a in alerts] == ["diverged"]
+    assert "features.conv2_1.weight" in alerts[0].evidence["nonfinite_tensors"] and alerts[0].margin > 0
+    assert mon.entries[-1]["diverged"] and mon.entries[-1]["stimuli"] is None
+    with torch.no_grad():  # finite weights, infinite activations and logits
+        model.features.conv2_1.weight.fill_(1e38)
+    alerts = mon.epoch_end(3)
+    assert [a.kind for a in alerts] == ["diverged"] and alerts[0].epoch == 3
+    logged = [json.loads(s)["kind"] for s in (tmp_path / "mon" / "alerts.jsonl").read_text().splitlines()]
+    assert logged == ["diverged", "diverged"]
+
+
+def _table(train, test, movement):
+    n = len(train)
+    return pd.DataFrame({"model": "r", "epoch": np.arange(n), "diversity": 1.0, "train_top1": train,
+                         "test_top1": test, "movement": movement})
+
+
+def test_decide_alerts_signatures():
+    p = AlertParams(window=2)
+    ok = {"r": {"diversity_collapses": False}}
+    # overfitting: train climbs, test stalls, movement per gain falls to a third of the early climb
+    t = _table([0.1, 0.4, 0.6, 0.8, 0.95], [0.1, 0.35, 0.5, 0.5, 0.5], [np.nan, 3.0, 2.0, 0.4, 0.3])
+    a = decide_alerts(diagnostics.Diagnosis(t, pd.DataFrame(), ok), "r", 4, p, peak_from=1)
+    assert [x.kind for x in a] == ["overfitting"]
+    ev = a[0].evidence
+    assert ev["movement_per_gain"] == pytest.approx(0.7 / 0.35) and ev["reference_movement_per_gain"] == \
+        pytest.approx(2.0 / 0.2)
+    assert a[0].margin == pytest.approx(0.85 - (0.7 / 0.35) / (2.0 / 0.2))
+    # the same movement with held-out accuracy still climbing: no alert; nor with a fast-moving run
+    t2 = t.assign(test_top1=[0.1, 0.35, 0.5, 0.6, 0.7])
+    assert decide_alerts(diagnostics.Diagnosis(t2, pd.DataFrame(), ok), "r", 4, p, 1) == []
+    t3 = t.assign(movement=[np.nan, 3.0, 2.0, 2.0, 2.0])
+    assert decide_alerts(diagnostics.Diagnosis(t3, pd.DataFrame(), ok), "r", 4, p, 1) == []
+    # lr too high: the post-hoc verdict decides; its numbers are the evidence and margin
+    v = {"r": {"diversity_collapses": True, "spread_vs_peak": 0.5, "accuracy_fall": 0.3, "diversity_peak": 2.0,
+               "diversity_peak_epoch": 2, "diversity_last": 1.3, "last_epoch": 5, "train_top1_best": 0.45,
+               "train_top1_last": 0.15}}
+    flat = _table([0.1, 0.3, 0.45, 0.3, 0.2, 0.15], [np.nan] * 6, [np.nan, 1, 1, 1, 1, 1])
+    a = decide_alerts(diagnostics.Diagnosis(flat, pd.DataFrame(), v), "r", 5, AlertParams(), 1)
+    assert [x.kind for x in a] == ["lr_too_high"]
+    assert a[0].margin == pytest.approx(min(0.75 - 0.5, 0.3 - 0.05)) and a[0].evidence["last_epoch"] == 5
+    assert isinstance(a[0], Alert) and json.dumps(a[0].to_dict())
+
+
+def test_high_lr_run_alerts(data, tmp_path):
+    """A run whose learning rate destroys what it learned: the collapse alert fires, nothing crashes."""
+    train, probe = data
+    model = _model(train.num_classes, seed=1)
+    mon = Monitor(model, probe, out=tmp_path / "mon", **KW)
+    # a healthy climb, then a collapse: simulated by reinitialising the deeper layers to one filter
+    mon.epoch_end(0, train_acc=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    for ep in (1, 2):
+        _train_epoch(model, opt, train, gen)
+        assert mon.epoch_end(ep, train_acc=0.2 * ep) == []
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Conv2d):
+                mod.weight.copy_(mod.weight[:1].expand_as(mod.weight).clone())
+                mod.bias.zero_()
+    alerts = mon.epoch_end(3, train_acc=0.08)
+    assert "lr_too_high" in [a.kind for a in alerts], mon.diagnosis.verdicts
+    a = next(a for a in alerts if a.kind == "lr_too_high")
+    assert a.evidence["spread_vs_peak"] < 0.75 and a.evidence["accuracy_fall"] >= 0.05 and a.margin > 0
+
+
+# ------------------------------------------------------------------- optional integrations
+@pytest.mark.skipif(not tensorboard_available(), reason="tensorboard is not installed (pip install tensorboard)")
+def test_tensorboard_scalars_and_map(data, tmp_path):
+    train, probe = data
+    model = _model(train.num_classes)
+    mon = Monitor(model, probe, out=tmp_path / "mon", **{**KW, "tensorboard": True})
+    mon.epoch_end(0)
+    mon.epoch_end(1)
+    mon.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "mon" / "tensorboard"))
+    acc.Reload()
+    assert "conceptevo/diversity" in acc.Tags()["scalars"] and "conceptevo/map" in acc.Tags()["images"]
+    assert [e.step for e in acc.Scalars("conceptevo/probe_top1")] == [0, 1]
+
+
+@pytest.mark.skipif(not lightning_available(), reason="lightning / pytorch_lightning is not installed")
+def test_lightning_callback(data, tmp_path):
+    from conceptevo.monitor import _lightning
+
+    pl = _lightning()
+    train, probe = data
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _model(train.num_classes)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, _i):
+            x, y = batch
+            out = self(x)
+            self.log("train_acc", (out.argmax(1) == y).float().mean(), on_epoch=True, on_step=False)
+            return torch.nn.functional.cross_entropy(out, y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    module = Module()
+    mon = Monitor(module, probe, out=tmp_path / "mon", **KW)
+    cb = lightning_callback(mon)
+    loader = torch.utils.data.DataLoader(train, batch_size=32)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(module, loader)
+    assert [e["index"] for e in mon.entries] == [1, 2]
+    assert mon.entries[-1]["train_acc_source"] == "caller"
