@@ -43,6 +43,9 @@ def test_pipeline_end_to_end_and_cache(tiny_runs):
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"space", "importance", "reversion"} <= set(manifest["stages"])
     assert manifest["backends"]["umap"] == "umap-learn"
+    graph = manifest["neighbour_graph"]  # the one graph: exact at this size, recorded with its threshold
+    assert graph["method"] == "exact" and graph["recall_at_k"] == 1.0 and graph["thresholds"]["exact_max_rows"] > 0
+    assert (out / "space" / "neighbours.npy").exists() and "exact (FAISS flat)" in html
     # second run: every cached stage is reloaded (the space fit is not redone)
     before = manifest["stages"]["space"]["finished_at"], manifest["stages"]["importance"]["finished_at"]
     res2 = run_pipeline(cfg, train_set=tr, test_set=te)
