@@ -15,7 +15,7 @@ n           index                      why
 <= 20,000   ``IndexFlatL2`` (exact)    all rows against all rows costs at most a few seconds
                                        on 2 cores (n^2 d = 1.2e10 flops at the threshold)
 > 20,000    ``IndexIVFFlat``           k-means coarse quantiser with ``nlist = 2 sqrt(n)``
-            (approximate)              lists (clipped to [64, 8192]) trained on at most
+            (approximate)              lists (clipped to [64, 8192]; at most n/39) trained on at most
                                        ``64 nlist`` rows; ``nprobe`` starts at 8 and doubles
                                        until recall@k on the sample reaches the target
 =========== ========================== =====================================================
@@ -80,7 +80,8 @@ def _faiss(gpu: bool = False):
 
 
 def _ivf_nlist(n: int) -> int:
-    return int(min(8192, max(64, round(2 * math.sqrt(n)))))
+    """``2 sqrt(n)`` lists, within [64, 8192] and never fewer than 39 training rows per list."""
+    return int(max(1, min(8192, max(64, round(2 * math.sqrt(n))), n // 39)))
 
 
 def _bitmap_selector(faiss, mask: np.ndarray):
