@@ -101,11 +101,13 @@ def brute_force_knn(x: np.ndarray, k: int, queries: np.ndarray | None = None) ->
     q = np.arange(len(x)) if queries is None else np.asarray(queries, dtype=np.int64)
     ids = np.full((q.size, k), -1, np.int64)
     dist = np.full((q.size, k), np.nan)
-    for s in range(0, q.size, 1024):
-        qq = q[s:s + 1024]
-        d2 = ((x[qq, None, :] - x[None, :, :]) ** 2).sum(-1)
+    sq = (x * x).sum(axis=1)
+    for s in range(0, q.size, 512):
+        qq = q[s:s + 512]
+        d2 = np.maximum(sq[qq, None] + sq[None, :] - 2.0 * (x[qq] @ x.T), 0.0)
         d2[np.arange(qq.size), qq] = np.inf
-        order = np.lexsort((np.broadcast_to(np.arange(len(x)), d2.shape), d2), axis=1)[:, :k]
+        d2[np.isnan(d2)] = np.inf  # dead (NaN) rows are never neighbours
+        order = np.argsort(d2, axis=1, kind="stable")[:, :k]  # ties: the smaller id first
         dd = np.take_along_axis(d2, order, axis=1)
         ok = np.isfinite(dd)
         ids[s:s + qq.size, : order.shape[1]] = np.where(ok, order, -1)

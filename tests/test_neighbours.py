@@ -52,18 +52,18 @@ def test_exact_graph_ties_and_dead_rows(rng):
 
 
 def test_approximate_graph_recall_against_brute_force(rng):
-    x = clustered(rng, 6000, d=16, clusters=60)
+    x = clustered(rng, 5000, d=16, clusters=60)
     g = nbm.build_graph(x, 10, exact_max_rows=1000, recall_sample=500, seed=1)
     assert g.method == "ivf" and g.recall >= 0.95
-    ref_ids, ref_d = nbm.brute_force_knn(x, 10, queries=np.arange(0, 6000, 7))
-    rec = nbm.recall_at_k(g.distances[::7], ref_d)
+    ref_ids, ref_d = nbm.brute_force_knn(x, 10, queries=np.arange(0, 5000, 5))
+    rec = nbm.recall_at_k(g.distances[::5], ref_d)
     assert rec >= 0.95, rec
-    assert not (g.ids == np.arange(len(x))[:, None]).any()
+    assert not (g.ids == np.arange(len(x))[:, None]).any() and (g.ids >= 0).all()
     doc = g.to_dict()
     assert doc["thresholds"]["exact_max_rows"] == 1000 and doc["params"]["nlist"] >= 64
     # HNSW by name reaches the target as well
-    h = nbm.build_graph(x[:3000], 10, method="hnsw", recall_sample=300)
-    ref_ids, ref_d = nbm.brute_force_knn(x[:3000], 10, queries=np.arange(0, 3000, 5))
+    h = nbm.build_graph(x[:2000], 10, method="hnsw", recall_sample=300)
+    ref_ids, ref_d = nbm.brute_force_knn(x[:2000], 10, queries=np.arange(0, 2000, 5))
     assert h.recall >= 0.95 and nbm.recall_at_k(h.distances[::5], ref_d) >= 0.95
 
 
