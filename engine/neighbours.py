@@ -174,7 +174,7 @@ class NeighbourGraph:
         live = np.isfinite(vectors).all(axis=1)
         self._rows = np.flatnonzero(live)
         self._x = np.ascontiguousarray(vectors[live])
-        self._index = None
+        self._index = self._pos_of = None
         return self
 
     def _approx_index(self):
@@ -197,8 +197,11 @@ class NeighbourGraph:
         faiss = _faiss()
         q_rows = np.asarray(q_rows, np.int64).ravel()
         m = len(self.ids)
-        pos_of = np.full(m, -1, np.int64)
-        pos_of[self._rows] = np.arange(self._rows.size)
+        pos_of = getattr(self, "_pos_of", None)
+        if pos_of is None or pos_of.size != m:  # space row -> position among the live rows (cached)
+            pos_of = np.full(m, -1, np.int64)
+            pos_of[self._rows] = np.arange(self._rows.size)
+            self._pos_of = pos_of
         if (pos_of[q_rows] < 0).any():
             raise EmbeddingError("a query row is a dead neuron (no stimuli): it has no place in the space")
         live_mask = pos_of >= 0
