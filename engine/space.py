@@ -652,7 +652,8 @@ class UnifiedSpace:
         self._layout = out
         self.backends["layout"] = used
         self.layout_params = {"params": params, "backend": used, "seconds": time.perf_counter() - t,
-                              "rows": int(valid.sum()), "full_fit_max_rows": full_max, "sampled": False,
+                              "rows": int(valid.sum()), "full_fit_max_rows": full_max,
+                              "sample_rows_above_threshold": n_sample, "sampled": False,
                               **extra, "description": desc}
         return out.copy()
 
