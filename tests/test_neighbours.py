@@ -79,10 +79,10 @@ def test_filtered_search_exact_and_approximate(rng):
     ref_d[q[:, None] == sub[None, :]] = np.inf
     ref_d = np.sort(ref_d, axis=1)[:, :5]
     assert nbm.recall_at_k(dist, ref_d) >= 0.95
-    h = nbm.build_graph(x[:2000], 10, method="hnsw", exact_max_rows=100, recall_sample=200)
-    hq = q[q < 2000]
-    ids, dist, counts = h.search(hq, 5, candidates=cand[:2000])
-    sub = np.flatnonzero(cand[:2000])
+    h = nbm.build_graph(x[:1000], 10, method="hnsw", exact_max_rows=100, recall_sample=200)
+    hq = q[q < 1000]
+    ids, dist, counts = h.search(hq, 5, candidates=cand[:1000])
+    sub = np.flatnonzero(cand[:1000])
     ref_h = np.sqrt(((x[hq, None, :].astype(np.float64) - x[None, sub, :]) ** 2).sum(-1))
     ref_h[hq[:, None] == sub[None, :]] = np.inf
     assert cand[ids].all() and nbm.recall_at_k(dist, np.sort(ref_h, axis=1)[:, :5]) >= 0.95
