@@ -151,22 +151,28 @@ def peak_rss_gib() -> float:
 
 
 def run_size(n: int, args) -> dict:
-    """Every stage at one size, in this process."""
+    """Every stage at one size, in this process (wall seconds, and CPU seconds of all threads)."""
     set_threads(args.threads)
     times: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     shape = dict(channels=args.channels, images=args.images, concepts=args.concepts)
+    c = time.process_time()
     space, _tags = build_space(n, seed=args.seed, runs=args.runs, threads=args.threads, times=times, **shape)
-    t = time.perf_counter()
-    g = space.neighbour_graph(k=10, **args.graph_kw)
-    times["neighbours"] = time.perf_counter() - t
-    t = time.perf_counter()
-    space.layout_2d(args.layout, seed=args.seed, **(args.layout_kw if args.layout == "umap" else {}))
-    times["layout"] = time.perf_counter() - t
-    t = time.perf_counter()
-    space.groups(min(30, int(space.valid.sum())), seed=args.seed)
-    times["groups"] = time.perf_counter() - t
+    cpu["synthesis+fit+add"] = time.process_time() - c
+
+    def stage(name, fn):
+        t, c = time.perf_counter(), time.process_time()
+        out = fn()
+        times[name], cpu[name] = time.perf_counter() - t, time.process_time() - c
+        print(f"  {n:,}: {name} {times[name]:.1f} s wall, {cpu[name]:.1f} s CPU", file=sys.stderr, flush=True)
+        return out
+
+    g = stage("neighbours", lambda: space.neighbour_graph(k=10, **args.graph_kw))
+    stage("layout", lambda: space.layout_2d(args.layout, seed=args.seed,
+                                             **(args.layout_kw if args.layout == "umap" else {})))
+    stage("groups", lambda: space.groups(min(30, int(space.valid.sum())), seed=args.seed))
     return {"neurons": len(space), "live": int(space.valid.sum()), "checkpoints": len(space.checkpoints),
-            "seconds": times, "peak_rss_gib": round(peak_rss_gib(), 3), "graph": g.to_dict(),
+            "seconds": times, "cpu_seconds": cpu, "peak_rss_gib": round(peak_rss_gib(), 3), "graph": g.to_dict(),
             "layout": {k: v for k, v in space.layout_params.items() if k != "params"}}
 
 
@@ -259,6 +265,8 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {st} | " + " | ".join(vals) + f" | {e} |")
     tot = [sum(r["seconds"].get(s, 0) for s in STAGES) for r in results]
     lines.append("| **fit+add+neighbours+layout+groups** | " + " | ".join(f"{t:.1f} s" for t in tot) + " | |")
+    lines.append("| CPU seconds (all threads) | " + " | ".join(
+        f"{sum(r.get('cpu_seconds', {}).values()):.1f} s" for r in results) + " | |")
     lines.append("| peak RSS | " + " | ".join(f"{r['peak_rss_gib']:.2f} GiB" for r in results) + " | |")
     lines.append("| neighbours method | " + " | ".join(
         f"{r['graph']['method']}" + (f" (recall@10 {r['graph']['recall_at_k']:.3f})"
@@ -321,9 +329,8 @@ def main(argv=None) -> int:
             if args.sample_rows:
                 cmd += ["--sample-rows", str(args.sample_rows)]
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "NUMBA_NUM_THREADS": str(args.threads)}
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)  # stderr: progress
             if proc.returncode:
-                print(proc.stderr, file=sys.stderr)
                 return proc.returncode
             r = json.loads(proc.stdout.strip().splitlines()[-1])
         r["load_after"] = round(os.getloadavg()[0], 1)
