@@ -285,7 +285,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=1, help="training runs the checkpoints are spread over")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layout", choices=["umap", "pca"], default="umap")
-    p.add_argument("--transform", choices=["umap", "knn"], default="knn")
+    p.add_argument("--transform", choices=["umap", "knn"], default="umap")
     p.add_argument("--sample-rows", type=int, default=None, help="rows of the sampled UMAP fit")
     p.add_argument("--quality", default=None, help="a size: full vs sampled layout quality at that size")
     p.add_argument("--quality-variants", default=None, help="comma-separated: sampled+knn,sampled+umap,full")
