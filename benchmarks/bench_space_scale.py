@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -40,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_line  # noqa: E402
+from _common import machine_line
 
 VGG16_CHANNELS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
 STAGES = ["fit", "add", "neighbours", "layout", "groups"]
@@ -191,9 +190,8 @@ def _as_space_with(space, vectors):
 
 def layout_quality(space, xy, graph, tags, seed=0, n_trust=5000, n_knn=2000, n_align=5000) -> dict:
     import faiss
-    from sklearn.manifold import trustworthiness
-
     from conceptevo.alignment import alignment_report
+    from sklearn.manifold import trustworthiness
 
     rng = np.random.default_rng(seed)
     live = np.flatnonzero(space.valid)
@@ -329,7 +327,7 @@ def main(argv=None) -> int:
             if args.sample_rows:
                 cmd += ["--sample-rows", str(args.sample_rows)]
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "NUMBA_NUM_THREADS": str(args.threads)}
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)  # stderr: progress
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, check=False)  # stderr: progress
             if proc.returncode:
                 return proc.returncode
             r = json.loads(proc.stdout.strip().splitlines()[-1])

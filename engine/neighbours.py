@@ -55,8 +55,16 @@ import numpy as np
 
 from .errors import EmbeddingError
 
-__all__ = ["EXACT_MAX_ROWS", "RECALL_TARGET", "RECALL_SAMPLE", "NeighbourGraph", "build_graph",
-           "choose_method", "brute_force_knn", "recall_at_k"]
+__all__ = [
+    "EXACT_MAX_ROWS",
+    "RECALL_SAMPLE",
+    "RECALL_TARGET",
+    "NeighbourGraph",
+    "brute_force_knn",
+    "build_graph",
+    "choose_method",
+    "recall_at_k",
+]
 
 EXACT_MAX_ROWS = 20_000
 RECALL_TARGET = 0.95
@@ -249,7 +257,7 @@ class NeighbourGraph:
         """Method, parameters, thresholds, recall and timings (JSON-ready)."""
         live = int((self.ids[:, 0] >= 0).sum()) if self.ids.size else 0
         return {"format": _FORMAT, "k": int(self.k), "method": self.method, "backend": self.backend,
-                "rows": int(len(self.ids)), "rows_with_neighbours": live, "params": dict(self.params),
+                "rows": len(self.ids), "rows_with_neighbours": live, "params": dict(self.params),
                 "thresholds": dict(self.thresholds), "recall_at_k": round(float(self.recall), 4),
                 "recall_sample": int(self.recall_sample),
                 "seconds": {k: round(float(v), 3) for k, v in self.seconds.items()}}
