@@ -7,7 +7,8 @@ texture). For every neuron and family:
 * its *dominant concept* is the most common code among its valid stimuli (ties:
   the smallest code) and its *purity* the share of stimuli that carry it;
 * its *share* is the fraction of its ``k`` nearest neighbours in the unified space
-  (Euclidean, exact FAISS search) whose dominant concept is the same;
+  (Euclidean; searched on the space's one neighbour graph index, exact FAISS below its
+  size threshold, see :mod:`conceptevo.neighbours`) whose dominant concept is the same;
 * its *chance* is what that share would be if the neighbours were drawn uniformly
   from the same candidates: the base rate of the neuron's dominant concept among
   them (the expectation under a random permutation of the candidates' positions).
@@ -133,6 +134,7 @@ def alignment_report(
     seed: int = 0,
     metric: str = "l2",
     backend: str = "auto",
+    graph: Any = None,
 ) -> AlignmentReport:
     """Alignment of a :class:`~conceptevo.space.UnifiedSpace` with ground-truth concept tags.
 
@@ -142,6 +144,10 @@ def alignment_report(
     ``min_purity``: only neurons whose dominant concept covers at least this share of
     their stimuli ask (per family). ``shuffles``: image-tag permutations for the
     ``shuffled`` column (0 = skip). See the module docstring for the definitions.
+    ``graph``: the space's :class:`~conceptevo.neighbours.NeighbourGraph` whose index
+    answers the scoped searches (default ``space.neighbour_graph()``, the one graph the
+    report also reads; exact below its size threshold, approximate above it). With
+    ``metric="cosine"`` the space's exact :meth:`~conceptevo.space.UnifiedSpace.knn` is used.
     """
     import pandas as pd
 
@@ -171,6 +177,16 @@ def alignment_report(
     stim = space.stimuli()
     ckpts = list(dict.fromkeys(zip(model.tolist(), epoch.tolist())))
 
+    if metric == "l2" and graph is None and hasattr(space, "neighbour_graph"):
+        graph = space.neighbour_graph(k=k, backend=backend)
+    if metric != "l2":
+        graph = None
+
+    def search(q_rows, cand, exclude_self):
+        if graph is not None:
+            return graph.search(q_rows, k, candidates=cand, exclude_self=exclude_self)
+        return space.knn(q_rows, k, within=cand, metric=metric, backend=backend, exclude_self=exclude_self)
+
     # Neighbours once per (checkpoint, scope): the candidates are the same for every query of a checkpoint.
     nbrs: dict[str, tuple[list, list, list]] = {s: ([], [], []) for s in scopes}
     for mdl, ep in ckpts:
@@ -187,8 +203,7 @@ def alignment_report(
             cand = cand_of[s] & live
             if not cand.any():
                 continue
-            nb, _, counts = space.knn(q_rows, k, within=cand, metric=metric, backend=backend,
-                                      exclude_self=(s == "within"))
+            nb, _, counts = search(q_rows, cand, s == "within")
             qi, slot = np.nonzero(nb >= 0)
             nbrs[s][0].append(q_rows[counts > 0])  # queries that found a neighbour
             nbrs[s][1].append(q_rows[qi])

@@ -8,7 +8,8 @@ pass also resumes mid-way after a crash). Layout of a run directory::
     data/                        the built-in dataset cache (demo only)
     training/<run>/              checkpoints/epoch_XXX.pt, log.parquet, run.json (demo only)
     stimuli/<run>/epoch_XXX/...  stimuli per checkpoint and layer (.npy)
-    space/                       the fitted UnifiedSpace (save/load)
+    space/                       the fitted UnifiedSpace (save/load) and its one neighbour graph
+                                 (neighbours.npy, neighbour_distances.npy, neighbours.json)
     neurons.parquet              model, epoch, layer, channel, vector, x, y (+ concept tags)
     alignment.parquet            alignment report (built-in data)
     importance.parquet           important evolutions (class, layer, channel, score, ...)
@@ -377,6 +378,8 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
             for (name, epoch), s in sorted(stims.items()):
                 space.add(name, epoch, s, replace=True)
             space.layout_2d(seed=cfg.seed, backend=cfg.backends.get("umap", "auto"))
+            # the ONE neighbour graph (saved with the space), read by the alignment and the report
+            space.neighbour_graph(k=max(10, cfg.neighbours), backend=cfg.backends.get("faiss", "auto"))
             space.save(store.path("space"))
             space.to_parquet(store.path("neurons.parquet"))
             fit = space.info.get("image_embedding") or {}
@@ -385,6 +388,8 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
                             fit={"in_sample_rmse": fit.get("rmse"), "in_sample_rel_rmse": fit.get("rel_rmse"),
                                  "holdout": {k: v for k, v in (space.info.get("holdout") or {}).items()
                                              if k != "neurons"} or None})
+        graph = space.neighbour_graph(k=max(10, cfg.neighbours), backend=cfg.backends.get("faiss", "auto"))
+        store.update_manifest(neighbour_graph=graph.to_dict(), layout=_jsonable(space.layout_params))
         console.print(f"{len(space)} neurons from {len(space.checkpoints)} checkpoints; "
                       f"image-embedding fit: {space.info.get('image_embedding', {})}")
 
@@ -392,7 +397,7 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
     align = None
     if getattr(train_set, "tags", None):
         with _Timer(seconds, "alignment"):
-            align = alignment.alignment_report(space, train_set.tags, seed=cfg.seed,
+            align = alignment.alignment_report(space, train_set.tags, seed=cfg.seed, graph=graph,
                                                backend=cfg.backends.get("faiss", "auto"))
             store.save_table("alignment", align.table)
             align.print(console)
@@ -532,7 +537,8 @@ def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summa
     # nearest neighbours in other models and epochs (precomputed; the report shows them on hover)
     rows = np.flatnonzero(valid)
     keys = emb[["model", "epoch", "layer", "channel"]].to_numpy()
-    nb_idx, nb_dist, _ = space.knn(rows, cfg.neighbours, backend=cfg.backends.get("faiss", "auto"))
+    graph = space.neighbour_graph(k=cfg.neighbours, backend=cfg.backends.get("faiss", "auto"))  # the shared one
+    nb_idx, nb_dist = graph.ids[rows, : cfg.neighbours], graph.distances[rows, : cfg.neighbours]
     neighbours = {}
     for r, idxs, ds in zip(rows, nb_idx, nb_dist):
         k0 = tuple(keys[r])
@@ -568,6 +574,9 @@ def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summa
         facts["unreadable images left out (skip_bad)"] = (
             f"{len(files)}: " + ", ".join(Path(f).name for f in files[:5]) + (" ..." if len(files) > 5 else "")
             + " (full list: manifest.json, skipped_files)")
+    facts["neighbours"] = graph.describe()
+    if space.layout_params.get("description"):
+        facts["2-D map"] = space.layout_params["description"]
     if align is not None:
         facts["alignment lift (mean)"] = round(float(align.table["lift"].mean()), 2)
     rd = report_mod.ReportData(points=points, patches=pats, neighbours=neighbours, accuracy=accuracy,

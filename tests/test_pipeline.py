@@ -72,6 +72,9 @@ def test_pipeline_end_to_end_and_cache(tiny_runs):
     assert fit["in_sample_rmse"] == space.info["image_embedding"]["rmse"] > 0
     assert fit["holdout"]["rmse"] == space.info["holdout"]["rmse"] > 0 and fit["holdout"]["n_neurons"] >= 1
     assert manifest["skipped_files"] == []
+    graph = manifest["neighbour_graph"]  # the one graph: exact at this size, recorded with its threshold
+    assert graph["method"] == "exact" and graph["recall_at_k"] == 1.0 and graph["thresholds"]["exact_max_rows"] > 0
+    assert (out / "space" / "neighbours.npy").exists() and "exact (FAISS flat)" in html
     # second run: every cached stage is reloaded (the space fit is not redone)
     before = manifest["stages"]["space"]["finished_at"], manifest["stages"]["importance"]["finished_at"]
     res2 = run_pipeline(cfg, train_set=tr, test_set=te)

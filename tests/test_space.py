@@ -322,6 +322,43 @@ def test_layout_umap_small_real_run(rng):
     np.testing.assert_array_equal(again, xy)
 
 
+def test_layout_sample_holds_the_base_and_is_stratified(rng):
+    from conceptevo.space import _water_fill
+
+    assert _water_fill(np.array([5, 100, 100]), 65).tolist() == [5, 30, 30]
+    assert _water_fill(np.array([3, 3, 3]), 100).tolist() == [3, 3, 3]
+    assert _water_fill(np.array([10, 10, 10]), 2).tolist() == [1, 1, 0]
+    base = np.argsort(rng.random((40, 50)), axis=1)[:, :4]  # distinct images per neuron
+    sp = UnifiedSpace.fit(base, num_images=50, dim=4, repeats=2, epochs=1, model="a", epoch=9)
+    for e in range(6):
+        sp.add("a" if e < 3 else "b", e, rng.integers(0, 50, size=(40 if e else 7, 4)))
+    pick = sp._layout_sample(sp.valid, 100, seed=0)
+    keys = sp.keys().iloc[pick]
+    assert len(pick) == 100 and (keys["epoch"] == 9).sum() == 40  # the whole base
+    per = keys[keys["epoch"] != 9].groupby(["model", "epoch"]).size()
+    assert per[("a", 0)] == 7 and per.drop(("a", 0)).between(10, 11).all()  # equal shares, small one full
+    assert np.array_equal(pick, sp._layout_sample(sp.valid, 100, seed=0))  # seeded
+
+
+@pytest.mark.parametrize("transform", ["knn", "umap"])
+def test_layout_sampled_fit_then_transform(rng, transform):
+    pytest.importorskip("umap")
+    sp, truth, _ = clustered_space(rng, n_clusters=3, per=40, epochs=(0, 1))
+    xy = sp.layout_2d(seed=0, n_neighbors=10, n_epochs=60, backend="cpu", full_fit_max_rows=100,
+                      sample_rows=60, transform=transform)
+    lp = sp.layout_params
+    assert lp["sampled"] and lp["sample_rows"] == 60 and lp["transformed_rows"] == len(sp) - 60
+    assert "60 sampled" in lp["description"] and np.isfinite(xy).all()
+    d = ((xy[:, None] - xy[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    assert (truth[d.argmin(1)] == truth).mean() > 0.9  # planted clusters stay apart after the transform
+    if transform == "knn":  # seeded sample + deterministic placement: the same map again
+        sp._layout = None
+        again = sp.layout_2d(seed=0, n_neighbors=10, n_epochs=60, backend="cpu", full_fit_max_rows=100,
+                             sample_rows=60, transform=transform)
+        np.testing.assert_array_equal(again, xy)
+
+
 # ----------------------------------------------------------------------------- files
 def test_save_load_round_trip(rng, tmp_path):
     base = make_stimuli(rng, [10, 14], 120)

@@ -1,0 +1,120 @@
+"""The one neighbour graph: exact path = NumPy brute force, approximate path recall, save/load, sharing."""
+import json
+
+import numpy as np
+import pytest
+from conceptevo import neighbours as nbm
+from conceptevo.errors import EmbeddingError
+from conceptevo.space import UnifiedSpace
+
+
+def clustered(rng, n, d=16, clusters=40, spread=1.0):
+    centres = rng.normal(size=(clusters, d)) * 4
+    return (centres[rng.integers(0, clusters, n)] + rng.normal(size=(n, d)) * spread).astype(np.float32)
+
+
+def check_equal_to_brute(x, g, k):
+    ref_ids, ref_d = nbm.brute_force_knn(x, k)
+    live = np.isfinite(x).all(axis=1)
+    # distances agree everywhere; ids agree except where two candidates are tied
+    np.testing.assert_allclose(g.distances, ref_d, rtol=1e-4, atol=1e-4, equal_nan=True)
+    tie = np.zeros_like(ref_ids, bool)
+    tie[:, 1:] |= np.isclose(ref_d[:, 1:], ref_d[:, :-1], rtol=1e-5, atol=1e-5)
+    tie[:, :-1] |= tie[:, 1:]
+    assert np.array_equal(np.where(tie, 0, g.ids), np.where(tie, 0, ref_ids))
+    assert not (g.ids == np.arange(len(x))[:, None]).any()  # never its own neighbour
+    assert (g.ids[~live] == -1).all()
+
+
+@pytest.mark.parametrize("n,k", [(0, 3), (1, 3), (2, 3), (5, 10), (97, 10), (301, 7)])
+def test_exact_graph_equals_numpy_brute_force(rng, n, k):
+    x = clustered(rng, n, d=5, clusters=6)
+    g = nbm.build_graph(x, k)
+    assert g.method == "exact" and g.recall == 1.0
+    assert g.ids.shape == (n, k) and g.distances.shape == (n, k)
+    if n:
+        ref_ids, _ = nbm.brute_force_knn(x, k)
+        assert ((g.ids >= 0).sum(axis=1) == (ref_ids >= 0).sum(axis=1)).all()  # n < k: n-1 neighbours
+        check_equal_to_brute(x, g, k)
+
+
+def test_exact_graph_ties_and_dead_rows(rng):
+    # duplicated points (exact ties) and NaN (dead) rows
+    base = rng.integers(0, 3, size=(40, 3)).astype(np.float32)  # a small grid: many equal distances
+    x = np.concatenate([base, base[:10]])
+    x[[3, 17]] = np.nan
+    g = nbm.build_graph(x, 6)
+    check_equal_to_brute(np.where(np.isfinite(x), x, np.nan), g, 6)
+    _, ref_d = nbm.brute_force_knn(np.nan_to_num(x, nan=1e6), 6)  # dead rows far away: never chosen
+    live = np.isfinite(x).all(axis=1)
+    np.testing.assert_allclose(g.distances[live], ref_d[live], rtol=1e-5, atol=1e-5)
+
+
+def test_approximate_graph_recall_against_brute_force(rng):
+    x = clustered(rng, 5000, d=16, clusters=60)
+    g = nbm.build_graph(x, 10, exact_max_rows=1000, recall_sample=500, seed=1)
+    assert g.method == "ivf" and g.recall >= 0.95
+    _, ref_d = nbm.brute_force_knn(x, 10, queries=np.arange(0, 5000, 5))
+    rec = nbm.recall_at_k(g.distances[::5], ref_d)
+    assert rec >= 0.95, rec
+    assert not (g.ids == np.arange(len(x))[:, None]).any() and (g.ids >= 0).all()
+    doc = g.to_dict()
+    assert doc["thresholds"]["exact_max_rows"] == 1000 and doc["params"]["nlist"] >= 64
+    # HNSW by name reaches the target as well
+    h = nbm.build_graph(x[:2000], 10, method="hnsw", recall_sample=300)
+    ref_ids, ref_d = nbm.brute_force_knn(x[:2000], 10, queries=np.arange(0, 2000, 5))
+    assert h.recall >= 0.95 and nbm.recall_at_k(h.distances[::5], ref_d) >= 0.95
+
+
+def test_filtered_search_exact_and_approximate(rng):
+    x = clustered(rng, 4000, d=8, clusters=30)
+    g = nbm.build_graph(x, 10, exact_max_rows=500, recall_sample=300)
+    cand = rng.random(4000) < 0.6
+    q = np.arange(0, 4000, 13)
+    ids, dist, counts = g.search(q, 5, candidates=cand)
+    assert cand[ids].all() and (counts == 5).all()
+    sub = np.flatnonzero(cand)
+    ref_d = np.sqrt(((x[q, None, :].astype(np.float64) - x[None, sub, :]) ** 2).sum(-1))
+    ref_d[q[:, None] == sub[None, :]] = np.inf
+    ref_d = np.sort(ref_d, axis=1)[:, :5]
+    assert nbm.recall_at_k(dist, ref_d) >= 0.95
+    h = nbm.build_graph(x[:1000], 10, method="hnsw", exact_max_rows=100, recall_sample=200)
+    hq = q[q < 1000]
+    ids, dist, counts = h.search(hq, 5, candidates=cand[:1000])
+    sub = np.flatnonzero(cand[:1000])
+    ref_h = np.sqrt(((x[hq, None, :].astype(np.float64) - x[None, sub, :]) ** 2).sum(-1))
+    ref_h[hq[:, None] == sub[None, :]] = np.inf
+    assert cand[ids].all() and nbm.recall_at_k(dist, np.sort(ref_h, axis=1)[:, :5]) >= 0.95
+    small = np.zeros(4000, bool)
+    small[:300] = True  # few candidates: an exact flat search over them
+    ids, dist, counts = g.search(q, 5, candidates=small, exclude_self=False)
+    ref = np.sort(np.sqrt(((x[q, None, :].astype(np.float64) - x[None, :300, :]) ** 2).sum(-1)), axis=1)[:, :5]
+    np.testing.assert_allclose(dist, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_space_graph_is_shared_saved_and_matches_knn(rng, tmp_path):
+    u = clustered(rng, 300, d=6, clusters=5)
+    sp = UnifiedSpace(u)
+    for e in range(3):
+        sp.add("a", e, rng.integers(0, 300, size=(50, 4)))
+    g = sp.neighbour_graph(k=8)
+    assert sp.neighbour_graph(k=5) is g  # computed once, consumers slice
+    nb, dist, _ = sp.knn(np.arange(len(sp)), 8)
+    np.testing.assert_allclose(g.distances, dist, rtol=1e-5, atol=1e-5)
+    sp.save(tmp_path / "s")
+    doc = json.loads((tmp_path / "s" / "neighbours.json").read_text())
+    assert doc["method"] == "exact" and doc["recall_at_k"] == 1.0 and doc["k"] == 8
+    back = UnifiedSpace.load(tmp_path / "s")
+    g2 = back.neighbour_graph(k=8)
+    assert np.array_equal(g2.ids, g.ids)
+    ids, _, _ = g2.search(np.arange(10), 3, candidates=back.mask({"epoch": 1}))
+    assert np.array_equal(ids, back.knn(np.arange(10), 3, within={"epoch": 1})[0])
+    sp.add("a", 9, rng.integers(0, 300, size=(5, 4)))
+    assert sp.neighbour_graph(k=8) is not g  # new rows: recomputed
+
+
+def test_errors():
+    with pytest.raises(EmbeddingError):
+        nbm.build_graph(np.zeros((4, 2), np.float32), 0)
+    with pytest.raises(EmbeddingError):
+        nbm.choose_method(10, "lsh")
