@@ -31,12 +31,8 @@ class rules); its names are re-exported here for convenience.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,17 +44,17 @@ from .errors import DataError
 
 __all__ = [
     "ImageSet",
-    "builtin_dataset",
-    "render_concept_images",
-    "FINE_PAIRS",
+    "builtin_dataset",  # noqa: F822 (conceptevo.builtin, re-exported by __getattr__)
+    "render_concept_images",  # noqa: F822 (conceptevo.builtin, re-exported by __getattr__)
+    "FINE_PAIRS",  # noqa: F822 (conceptevo.builtin, re-exported by __getattr__)
     "image_folder",
     "tensor_dataset",
     "as_image_set",
     "indexed_loader",
-    "CLASS_RULES",
-    "CLASS_NAMES",
-    "CONCEPTS",
-    "MARKER_OFFSET",
+    "CLASS_RULES",  # noqa: F822 (conceptevo.builtin, re-exported by __getattr__)
+    "CLASS_NAMES",  # noqa: F822 (conceptevo.builtin, re-exported by __getattr__)
+    "CONCEPTS",  # noqa: F822 (conceptevo.builtin, re-exported by __getattr__)
+    "MARKER_OFFSET",  # noqa: F822 (conceptevo.builtin, re-exported by __getattr__)
     "MEAN",
     "STD",
     "IMAGE_EXTENSIONS",

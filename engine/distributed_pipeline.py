@@ -177,8 +177,8 @@ def distributed_importance(model_t, model_t2, data, classes=None, layers=None, b
     the others None. Batches are dealt round robin and their sensitivities reduced on rank 0 in the
     single-process order.
     """
-    from .importance import (_EvalMode, _load_batch, _model_device_dtype, _prepare, batch_sensitivities,
-                             importance_table)
+    from .adapter import EvalMode, model_device_dtype
+    from .importance import _prepare, batch_sensitivities, importance_table, load_batch
     from .errors import ActivationError
 
     if batch_size < 1:
@@ -188,7 +188,7 @@ def distributed_importance(model_t, model_t2, data, classes=None, layers=None, b
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     data, ad_t, ad_t2, labels_all, idx, cls = _prepare(model_t, model_t2, data, classes, layers,
                                                        max_images_per_class, seed, indices, device)
-    dev, dtype = _model_device_dtype(ad_t.model)
+    dev, dtype = model_device_dtype(ad_t.model)
     lut = {c: i for i, c in enumerate(cls)}
     row_of = torch.as_tensor(np.array([lut[int(v)] for v in labels_all[idx]], dtype=np.int64))
     ncls = len(cls)
@@ -197,14 +197,14 @@ def distributed_importance(model_t, model_t2, data, classes=None, layers=None, b
         sums = {n: torch.zeros(ncls, ad_t.channels[n], dtype=torch.float64, device=dev) for n in ad_t.layer_names}
     starts = list(range(0, len(idx), batch_size))
     rounds = -(-len(starts) // world)
-    with _EvalMode(ad_t.model, ad_t2.model):
+    with EvalMode(ad_t.model, ad_t2.model):
         for i in range(rounds):
             b = i * world + rank
             mine = None
             if b < len(starts):
                 s = starts[b]
                 b_idx = idx[s: s + batch_size]
-                x, y = _load_batch(data, b_idx, labels_all[b_idx])
+                x, y = load_batch(data, b_idx, labels_all[b_idx])
                 x, y = x.to(dev, dtype), y.to(dev)
                 if gradient_at == "t":
                     sens = batch_sensitivities(ad_t, ad_t2, x, y)

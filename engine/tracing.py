@@ -972,14 +972,14 @@ def attribute_evolutions(run: TraceRun | str | Path, importance: pd.DataFrame, d
 
     Columns: class, layer, channel, score, rank, source, kind, source_class, exact, share, dot, norm, cos.
     """
-    from .importance import _as_dataset, _dataset_labels
+    from .importance import as_dataset, dataset_labels
 
     run = run if isinstance(run, TraceRun) else TraceRun(run)
     need = {"class", "layer", "channel", "score"}
     if not need <= set(importance.columns):
         raise ConceptEvoError(f"importance table needs columns {sorted(need)}, has {list(importance.columns)}")
-    ds = _as_dataset(data)
-    labels = _dataset_labels(data)
+    ds = as_dataset(data)
+    labels = dataset_labels(data)
     model = run.input_model(input_from, t, t2)
     rng = np.random.default_rng(seed)
     out = []

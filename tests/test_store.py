@@ -136,7 +136,6 @@ def _age(path, seconds=3600):
 def test_checkpoint_fingerprint_is_the_content(tmp_path, monkeypatch):
     import hashlib
 
-    import conceptevo.store as store_mod
     from conceptevo.store import content_hash, fingerprint
 
     ck = tmp_path / "epoch_001.pt"
