@@ -1,0 +1,694 @@
+"""Concept directions by SVD across training (Graziani et al., TMLR 2023; code: CDISCO).
+
+A concept need not live in one channel: it may be a *direction* across the channels of a layer.
+For one layer and one checkpoint, over N images:
+
+1. ``Ā``: the (N, C) matrix of spatially averaged activations (a Linear output is a 1x1 map).
+2. Directions: the right singular vectors of ``Ā`` (rows of ``Vh``, unit C-vectors), with the
+   singular values ``S``. They are computed WITHOUT storing ``Ā``: the engine streams the Gram
+   matrix ``ĀᵀĀ`` (C x C, float64) and the column sums ``Σ Ā`` over the data, and the
+   directions are the eigenvectors of that matrix (``torch.linalg.eigh``, batched over layers and
+   checkpoints of one width), ``S = sqrt(eigenvalue)``.
+
+   * ``center=False`` (default, as the authors' code): SVD of ``Ā`` itself.
+     ``center=True``: SVD of ``Ā - mean`` (Gram ``ĀᵀĀ - s sᵀ / N``), i.e. PCA.
+   * Sign: an eigenvector's sign is arbitrary. Each direction is flipped so that the mean
+     projection of the (uncentred) activations on it, ``mean(Ā)·v``, is positive: a direction
+     points towards what the images *have*. When that projection is ~0 (|m·v| <= 1e-12 |m|) the
+     largest-magnitude component is made positive instead (a deterministic tie-break).
+3. Relevance per image (gradient pass over a sample): ``P = mean_spatial(ReLU(g) ⊙ A) @ Vhᵀ``,
+   ``g = ∂loss/∂A`` of the cross-entropy for the image's label (``gradient="loss"``, as the
+   issue and the authors' code), or ``g = ∂logit_c/∂A`` of the label's logit (``gradient="logit"``).
+   The projection is onto the directions (``@ Vh.T``: rows of Vh are directions); the authors' code
+   mixes rows and columns there, this one does not.
+4. Per class k and direction j::
+
+       z_k[j] = (mean_{I_k} P[:, j] - mean_{¬I_k} P[:, j]) / std_{¬I_k} P[:, j]
+
+   with ``I_k`` the images *predicted* as k (default, as the original) or labelled k
+   (``by="label"``); ``std`` is the population standard deviation (ddof=0, NumPy's default).
+   Only per-class sums, sums of squares and counts are needed, so they are streamed.
+   A class's concept candidates are its directions by descending z (rank 1 = largest z).
+   z is NaN where the class or its complement has no image or the complement's std is 0.
+5. Concept map of an image for direction v: ``v · A(x)[:, p]`` at every position p, upsampled
+   bilinearly to the image size, thresholded at a percentile of its own pixels:
+   :data:`MAP_PERCENTILE` = 90 (the map's top 10% of pixels), a tight mask that still covers a
+   small object part at 32x32; change it per call.
+6. Outliers of a class along a direction: the robust z of the projection ``Ā·v`` within the
+   class, ``(x - median) / (1.4826 MAD)``; images with ``|robust z| >= 3.5`` (Iglewicz & Hoaglin's
+   cut) are outliers, listed with label and prediction.
+7. Neuron alignment: ``|cos|`` of each direction with each channel axis is ``|v_c|``; a direction
+   is "one neuron" when the largest is close to 1. ``effective_channels = 1 / Σ v_c⁴`` (the
+   participation ratio: 1 for one channel, C for a uniform mix) says how many it mixes.
+
+Across epochs
+    Each checkpoint's directions are matched to the previous checkpoint's by the Hungarian
+    assignment (``scipy.optimize.linear_sum_assignment``) on ``|cos|``; the matched direction,
+    its signed cosine and the angle are kept, plus the principal angles between the two
+    leading subspaces (``scipy.linalg.subspace_angles``). A direction's status: ``stable``
+    (|cos| >= 0.9), ``rotating`` (0.5 <= |cos| < 0.9) or ``born`` (|cos| < 0.5: no predecessor
+    resembles it); the first checkpoint's directions are ``first``.
+
+Streaming in the stimulus pass
+    :class:`GramAccumulator` folds one layer output at a time; :func:`gram_observer` gives the
+    callback that :func:`conceptevo.stimuli.extract_stimuli` calls (``observer=``) so the Gram
+    matrices come out of the very pass that ranks the stimuli. The top images of a direction need
+    the directions first, hence a second, forward-only pass (:func:`direction_stimuli`): the
+    projections ``Ā·Vhᵀ`` (and their negations, for the bottom images) are fed to the stimulus
+    top-k kernels as extra (1x1) channels, so ties and order are the stimuli's: value desc,
+    image id asc.
+
+Virtual neurons
+    A direction's top-k images are its stimuli; :func:`project_directions` places it in the
+    unified space like any neuron (``UnifiedSpace.project``), and :func:`direction_importance`
+    scores its evolution with Eq. 2-4 on the activation change projected on the direction:
+    ``S_v(x) = Σ_hw (v·g)(v·ΔZ)`` with ``g = ∂logit_c/∂Z^t`` (the gradient in the epoch-t model),
+    ``I_v`` = the fraction of class images with ``S_v > 0``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import LayerSpec, ModelAdapter
+from .errors import ActivationError, ConceptEvoError, DataError, LayerError
+
+__all__ = [
+    "MAP_PERCENTILE",
+    "OUTLIER_Z",
+    "GramAccumulator",
+    "gram_observer",
+    "gram_pass",
+    "directions_from_gram",
+    "batched_directions",
+    "neuron_alignment",
+    "match_directions",
+    "principal_angles",
+    "track",
+    "RelevanceStats",
+    "relevance_pass",
+    "class_zscores",
+    "robust_z",
+    "ConceptDirections",
+    "direction_stimuli",
+    "project_directions",
+    "direction_importance",
+    "directions_report_section",
+]
+
+#: Default percentile threshold of a concept map (keep the map's top 10% of pixels).
+MAP_PERCENTILE = 90.0
+#: Default robust-z cut of an outlier (Iglewicz & Hoaglin).
+OUTLIER_Z = 3.5
+_STABLE, _ROTATING = 0.9, 0.5
+GRADIENTS = ("loss", "logit")
+GROUPINGS = ("predicted", "label")
+
+
+# =============================================================================== Gram
+def pooled(out: torch.Tensor, layer: str = "?") -> torch.Tensor:
+    """Spatial mean (B, C) of a (B, C, H, W) output; a (B, C) output is returned as is."""
+    if out.dim() == 4:
+        return out.float().mean(dim=(2, 3))
+    if out.dim() == 2:
+        return out.float()
+    raise LayerError(f"layer {layer!r} outputs shape {tuple(out.shape)}; only (B, C, H, W) and (B, C) have channels")
+
+
+class GramAccumulator:
+    """Streamed ``ĀᵀĀ`` (float64, C x C), column sums and image count, per layer.
+
+    ``update(layer, out)`` folds one batch of a layer's output; the sum is exact up to float64
+    rounding and independent of how the images are split into batches (up to that rounding).
+    """
+
+    def __init__(self, channels: Mapping[str, int], device: str | torch.device = "cpu") -> None:
+        self.channels = {str(n): int(c) for n, c in channels.items()}
+        self.device = torch.device(device)
+        self.gram = {n: torch.zeros(c, c, dtype=torch.float64, device=self.device) for n, c in self.channels.items()}
+        self.sums = {n: torch.zeros(c, dtype=torch.float64, device=self.device) for n, c in self.channels.items()}
+        self.count = {n: 0 for n in self.channels}
+
+    def update(self, layer: str, out: torch.Tensor) -> None:
+        if layer not in self.gram:
+            raise LayerError(f"layer {layer!r} is not accumulated (layers: {list(self.gram)})")
+        a = pooled(out.detach(), layer)
+        if a.shape[1] != self.channels[layer]:
+            raise LayerError(f"layer {layer!r} has {a.shape[1]} channels, expected {self.channels[layer]}")
+        a = a.to(self.device, torch.float64)
+        if not torch.isfinite(a).all():
+            raise ActivationError(f"layer {layer!r}: non-finite activations in the Gram accumulation")
+        self.gram[layer].addmm_(a.T, a)
+        self.sums[layer] += a.sum(0)
+        self.count[layer] += int(a.shape[0])
+
+    def merge(self, other: GramAccumulator) -> GramAccumulator:
+        """Add another accumulator's sums (e.g. another rank's shard); returns self."""
+        if other.channels != self.channels:
+            raise LayerError(f"cannot merge Gram accumulators of different layers: {other.channels} vs {self.channels}")
+        for n in self.gram:
+            self.gram[n] += other.gram[n].to(self.device)
+            self.sums[n] += other.sums[n].to(self.device)
+            self.count[n] += other.count[n]
+        return self
+
+    def arrays(self) -> dict[str, dict[str, np.ndarray]]:
+        """``{layer: {"gram", "sums", "count"}}`` as NumPy arrays (float64, float64, int64)."""
+        return {n: {"gram": self.gram[n].cpu().numpy(), "sums": self.sums[n].cpu().numpy(),
+                    "count": np.asarray(self.count[n], np.int64)} for n in self.gram}
+
+
+def gram_observer(channels: Mapping[str, int], num_checkpoints: int,
+                  device: str | torch.device = "cpu") -> tuple[Callable[[int, str, torch.Tensor], None],
+                                                                list[GramAccumulator]]:
+    """``(observer, accumulators)`` for :func:`conceptevo.stimuli.extract_stimuli`'s ``observer=``.
+
+    The observer is called as ``observer(j, layer, output)`` for checkpoint ``j`` (index among the
+    checkpoints computed in that pass) and folds the output into ``accumulators[j]``.
+    """
+    accs = [GramAccumulator(channels, device) for _ in range(num_checkpoints)]
+
+    def observer(j: int, layer: str, out: torch.Tensor) -> None:
+        accs[j].update(layer, out)
+
+    return observer, accs
+
+
+class _Stop(Exception):
+    pass
+
+
+def _forward_layers(model: nn.Module, adapter: ModelAdapter, x: torch.Tensor, fn: Callable[[str, torch.Tensor], None],
+                    need_logits: bool = False):
+    """Forward with ``fn(layer, out)`` on every chosen layer; stops after the last one unless logits are needed."""
+    fired: set[str] = set()
+    last = len(adapter.layer_names)
+
+    def hook(name: str, out: torch.Tensor):
+        fn(name, out)
+        fired.add(name)
+        if not need_logits and len(fired) == last:
+            raise _Stop
+        return None
+
+    try:
+        with adapter.hooks(hook):
+            return model(x)
+    except _Stop:
+        return None
+
+
+def gram_pass(models: Sequence[nn.Module] | nn.Module, data: Any, layers: LayerSpec = None, batch_size: int = 64,
+              device: str | torch.device = "cpu", indices: np.ndarray | None = None, progress: bool = False,
+              input_shape: Sequence[int] | None = None) -> list[GramAccumulator]:
+    """Gram matrices of every model (same architecture) in ONE forward-only pass over ``data``.
+
+    Each batch is loaded once and fed to every model; nothing of size N x C is kept.
+    """
+    from .data import as_image_set
+
+    ds = as_image_set(data)
+    models = [models] if isinstance(models, nn.Module) else list(models)
+    if not models:
+        raise ConceptEvoError("gram_pass needs at least one model")
+    dev = torch.device(device)
+    shape = tuple(input_shape) if input_shape is not None else tuple(torch.as_tensor(ds[0][0]).shape)
+    adapters = [ModelAdapter(m.to(dev).eval(), layers=layers, input_shape=shape) for m in models]
+    accs = [GramAccumulator(a.channels, dev) for a in adapters]
+    idx = np.arange(len(ds)) if indices is None else np.asarray(indices, np.int64)
+    starts = range(0, len(idx), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"gram x{len(models)}", unit="batch", leave=False)
+    with torch.inference_mode():
+        for s in starts:
+            x, _y = ds.batch(torch.as_tensor(idx[s:s + batch_size]))
+            x = x.to(dev)
+            for m, ad, acc in zip(models, adapters, accs):
+                _forward_layers(m, ad, x, acc.update)
+    return accs
+
+
+# ========================================================================= eigh
+def _fix_signs(vh: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Flip rows of ``vh`` (..., D, C) so that ``mean·v > 0``; tie-break: largest |component| positive."""
+    proj = (vh * mean.unsqueeze(-2)).sum(-1)  # (..., D)
+    tol = 1e-12 * mean.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    big = vh.gather(-1, vh.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    sign = torch.where(proj.abs() > tol, torch.sign(proj), torch.sign(big))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return vh * sign.unsqueeze(-1)
+
+
+def _decompose(grams: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, center: bool):
+    """Batched: grams (B, C, C), sums (B, C), counts (B,) -> vh (B, C, C) rows desc, s (B, C)."""
+    counts = counts.to(grams.dtype).clamp_min(1)
+    m = grams
+    if center:
+        m = grams - sums.unsqueeze(-1) * sums.unsqueeze(-2) / counts.view(-1, 1, 1)
+    m = 0.5 * (m + m.transpose(-1, -2))
+    w, u = torch.linalg.eigh(m)  # ascending
+    w, u = w.flip(-1), u.flip(-1)
+    vh = u.transpose(-1, -2)
+    s = w.clamp_min(0).sqrt()
+    vh = _fix_signs(vh, sums / counts.view(-1, 1))
+    return vh, s
+
+
+def directions_from_gram(gram, sums=None, count=None, center: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Directions ``vh`` (C, C) float64 (rows, by descending singular value) and singular values (C,).
+
+    ``gram`` = ĀᵀĀ, ``sums`` = Σ Ā (needed for the sign and for ``center=True``), ``count`` = N.
+    """
+    g = torch.as_tensor(np.asarray(gram, np.float64))
+    if g.dim() != 2 or g.shape[0] != g.shape[1]:
+        raise ConceptEvoError(f"gram must be square (C, C), got shape {tuple(g.shape)}")
+    s = torch.zeros(g.shape[0], dtype=torch.float64) if sums is None else torch.as_tensor(np.asarray(sums, np.float64))
+    if center and (sums is None or count is None):
+        raise ConceptEvoError("center=True needs the column sums and the image count")
+    n = torch.tensor([1.0 if count is None else float(count)], dtype=torch.float64)
+    vh, sv = _decompose(g[None], s[None], n, center)
+    return vh[0].numpy(), sv[0].numpy()
+
+
+def batched_directions(items: Sequence[tuple[Any, Any, Any]], center: bool = False,
+                       device: str | torch.device = "cpu") -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`directions_from_gram` of many ``(gram, sums, count)``: one batched ``eigh`` per width.
+
+    On a GPU (``device="cuda"``) the batches run there; results are NumPy float64.
+    """
+    dev = torch.device(device)
+    out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(items)
+    by_width: dict[int, list[int]] = {}
+    for i, (g, _s, _n) in enumerate(items):
+        by_width.setdefault(int(np.shape(g)[0]), []).append(i)
+    for c, idx in by_width.items():
+        g = torch.stack([torch.as_tensor(np.asarray(items[i][0], np.float64)) for i in idx]).to(dev)
+        s = torch.stack([torch.as_tensor(np.asarray(items[i][1], np.float64)) for i in idx]).to(dev)
+        n = torch.tensor([float(items[i][2]) for i in idx], dtype=torch.float64, device=dev)
+        vh, sv = _decompose(g, s, n, center)
+        vh, sv = vh.cpu().numpy(), sv.cpu().numpy()
+        for j, i in enumerate(idx):
+            out[i] = (vh[j], sv[j])
+    return out  # type: ignore[return-value]
+
+
+def neuron_alignment(vh: np.ndarray) -> pd.DataFrame:
+    """Per direction: the channel it is closest to, that |cos|, and the participation ratio."""
+    a = np.abs(np.asarray(vh, np.float64))
+    norm = np.linalg.norm(a, axis=1, keepdims=True)
+    a = a / np.where(norm > 0, norm, 1)
+    return pd.DataFrame({
+        "direction": np.arange(a.shape[0]),
+        "aligned_channel": a.argmax(1),
+        "alignment": a.max(1),
+        "effective_channels": 1.0 / np.maximum((a ** 4).sum(1), 1e-300),
+    })
+
+
+# ====================================================================== tracking
+def principal_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Principal angles (radians, descending as SciPy gives them) between the spans of the rows of a and b."""
+    from scipy.linalg import subspace_angles
+
+    return subspace_angles(np.asarray(a, np.float64).T, np.asarray(b, np.float64).T)
+
+
+def match_directions(prev: np.ndarray, cur: np.ndarray) -> pd.DataFrame:
+    """Match each row of ``cur`` (D2, C) to a row of ``prev`` (D1, C) by Hungarian assignment on |cos|.
+
+    Returns per current direction: ``prev_direction`` (-1 when unmatched, D2 > D1), ``cos_prev``
+    (signed cosine with it), ``angle`` (degrees, of the lines: arccos |cos|) and ``status``.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    prev = np.asarray(prev, np.float64)
+    cur = np.asarray(cur, np.float64)
+    if prev.ndim != 2 or cur.ndim != 2 or prev.shape[1] != cur.shape[1]:
+        raise ConceptEvoError(f"directions to match must be (D, C) with one C; got {prev.shape} and {cur.shape}")
+
+    def unit(v):
+        n = np.linalg.norm(v, axis=1, keepdims=True)
+        return v / np.where(n > 0, n, 1)
+
+    cos = unit(cur) @ unit(prev).T
+    rows, cols = linear_sum_assignment(-np.abs(cos))
+    match = np.full(cur.shape[0], -1, np.int64)
+    match[rows] = cols
+    c = np.where(match >= 0, cos[np.arange(cur.shape[0]), np.maximum(match, 0)], np.nan)
+    ac = np.abs(c)
+    angle = np.degrees(np.arccos(np.clip(ac, 0.0, 1.0)))
+    status = np.where(ac >= _STABLE, "stable", np.where(ac >= _ROTATING, "rotating", "born"))
+    status = np.where(match < 0, "born", status)
+    return pd.DataFrame({"direction": np.arange(cur.shape[0]), "prev_direction": match, "cos_prev": c,
+                         "angle": angle, "status": status})
+
+
+def track(vhs: Sequence[np.ndarray]) -> list[pd.DataFrame]:
+    """:func:`match_directions` of each checkpoint's directions to the previous one's (first: ``status="first"``)."""
+    out = []
+    for i, vh in enumerate(vhs):
+        if i == 0:
+            d = vh.shape[0]
+            out.append(pd.DataFrame({"direction": np.arange(d), "prev_direction": np.full(d, -1, np.int64),
+                                     "cos_prev": np.full(d, np.nan), "angle": np.full(d, np.nan),
+                                     "status": np.full(d, "first", dtype=object)}))
+        else:
+            out.append(match_directions(vhs[i - 1], vh))
+    return out
+
+
+# ===================================================================== relevance
+@dataclass
+class RelevanceStats:
+    """Streamed per-class statistics of the relevance P, and per-image values of the sample.
+
+    ``sums[by][layer]`` float64 (K, D), ``sumsq`` likewise, ``counts[by]`` int64 (K,) with
+    ``by`` in ("predicted", "label"). Per image (the sample only): ``ids``, ``labels``, ``preds``,
+    ``P[layer]`` (n, D) and ``proj[layer]`` (n, D) = Ā·Vhᵀ.
+    """
+
+    num_classes: int
+    sums: dict[str, dict[str, np.ndarray]]
+    sumsq: dict[str, dict[str, np.ndarray]]
+    counts: dict[str, np.ndarray]
+    ids: np.ndarray
+    labels: np.ndarray
+    preds: np.ndarray
+    P: dict[str, np.ndarray] = field(default_factory=dict)
+    proj: dict[str, np.ndarray] = field(default_factory=dict)
+    gradient: str = "loss"
+
+
+def _sample_indices(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
+    if per_class is None:
+        return np.arange(len(labels), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if idx.size > per_class:
+            idx = np.sort(rng.choice(idx, size=per_class, replace=False))
+        out.append(idx)
+    return np.sort(np.concatenate(out)).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def relevance_pass(model: nn.Module, data: Any, directions: Mapping[str, np.ndarray], *, gradient: str = "loss",
+                   batch_size: int = 64, device: str | torch.device | None = None, indices=None,
+                   max_images_per_class: int | None = None, seed: int = 0, keep_images: bool = True,
+                   num_classes: int | None = None, progress: bool = False) -> RelevanceStats:
+    """One forward + backward per batch: ``P = mean_spatial(ReLU(g) ⊙ A) @ Vhᵀ`` for every layer of ``directions``.
+
+    ``directions``: ``{layer: vh (D, C)}``. The model is run in eval mode (per-image gradients from
+    one backward of the batch sum, as in :mod:`conceptevo.importance`); its mode is restored.
+    """
+    from .data import as_image_set
+    from .importance import _EvalMode
+
+    if gradient not in GRADIENTS:
+        raise ConceptEvoError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    ds = as_image_set(data)
+    labels_all = ds.labels.numpy().astype(np.int64)
+    idx = (np.asarray(indices, np.int64) if indices is not None
+           else _sample_indices(labels_all, max_images_per_class, seed))
+    if idx.size == 0:
+        raise DataError("the relevance pass has no images")
+    if device is not None:
+        model.to(device)
+    p0 = next(model.parameters(), None)
+    dev = p0.device if p0 is not None else torch.device("cpu")
+    layers = list(directions)
+    adapter = ModelAdapter(model, layers=layers, input_shape=tuple(torch.as_tensor(ds[0][0]).shape))
+    vhs = {}
+    for n in layers:
+        v = torch.as_tensor(np.asarray(directions[n]), dtype=torch.float32, device=dev)
+        if v.dim() != 2 or v.shape[1] != adapter.channels[n]:
+            raise LayerError(f"directions of layer {n!r} have shape {tuple(v.shape)}; the layer has "
+                             f"{adapter.channels[n]} channels")
+        vhs[n] = v
+    K = int(num_classes) if num_classes is not None else len(getattr(ds, "class_names", None) or []) or int(labels_all.max()) + 1
+    sums = {by: {n: torch.zeros(K, vhs[n].shape[0], dtype=torch.float64, device=dev) for n in layers} for by in GROUPINGS}
+    sumsq = {by: {n: torch.zeros(K, vhs[n].shape[0], dtype=torch.float64, device=dev) for n in layers} for by in GROUPINGS}
+    counts = {by: torch.zeros(K, dtype=torch.int64, device=dev) for by in GROUPINGS}
+    keepP: dict[str, list[np.ndarray]] = {n: [] for n in layers}
+    keepA: dict[str, list[np.ndarray]] = {n: [] for n in layers}
+    preds_all = []
+    starts = range(0, len(idx), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="relevance", unit="batch", leave=False)
+    with _EvalMode(model):
+        for s in starts:
+            b = idx[s:s + batch_size]
+            x, y = ds.batch(torch.as_tensor(b))
+            x, y = x.to(dev), y.to(dev)
+            acts: dict[str, torch.Tensor] = {}
+
+            def keep(name: str, out: torch.Tensor) -> torch.Tensor:
+                acts[name] = out
+                return out.clone()  # in-place ops downstream leave the kept tensor intact
+
+            with torch.enable_grad(), adapter.hooks(keep):
+                logits = model(x.detach().requires_grad_(True))
+                if logits.dim() != 2:
+                    raise LayerError(f"the model returns shape {tuple(logits.shape)}; expected logits (B, classes)")
+                if int(y.max()) >= logits.shape[1]:
+                    raise DataError(f"label {int(y.max())} but the model has only {logits.shape[1]} logits")
+                if gradient == "loss":
+                    obj = F.cross_entropy(logits.float(), y, reduction="sum")
+                else:
+                    obj = logits.gather(1, y.view(-1, 1)).sum()
+                grads = torch.autograd.grad(obj, [acts[n] for n in layers], allow_unused=True)
+            pred = logits.detach().argmax(1)
+            if int(pred.max()) >= K:
+                raise DataError(f"the model predicts class {int(pred.max())}; only {K} classes are known")
+            preds_all.append(pred.cpu().numpy())
+            for n, g in zip(layers, grads):
+                a = acts[n].detach()
+                if g is None:
+                    g = torch.zeros_like(a)
+                r = pooled(F.relu(g) * a, n)
+                P = (r @ vhs[n].T).double()
+                if not torch.isfinite(P).all():
+                    raise ActivationError(f"layer {n!r}: non-finite relevance (NaN/inf activations or gradients)")
+                for by, grp in (("predicted", pred), ("label", y)):
+                    sums[by][n].index_add_(0, grp, P)
+                    sumsq[by][n].index_add_(0, grp, P * P)
+                if keep_images:
+                    keepP[n].append(P.cpu().numpy())
+                    keepA[n].append((pooled(a, n) @ vhs[n].T).double().cpu().numpy())
+            for by, grp in (("predicted", pred), ("label", y)):
+                counts[by] += torch.bincount(grp, minlength=K)
+    return RelevanceStats(
+        num_classes=K,
+        sums={by: {n: t.cpu().numpy() for n, t in d.items()} for by, d in sums.items()},
+        sumsq={by: {n: t.cpu().numpy() for n, t in d.items()} for by, d in sumsq.items()},
+        counts={by: t.cpu().numpy() for by, t in counts.items()},
+        ids=idx.copy(), labels=labels_all[idx].copy(), preds=np.concatenate(preds_all),
+        P={n: np.concatenate(v) for n, v in keepP.items()} if keep_images else {},
+        proj={n: np.concatenate(v) for n, v in keepA.items()} if keep_images else {},
+        gradient=gradient,
+    )
+
+
+def class_zscores(sums: np.ndarray, sumsq: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """z (K, D) of step 4 from per-class sums, sums of squares (K, D) and counts (K,); NaN where undefined."""
+    sums = np.asarray(sums, np.float64)
+    sumsq = np.asarray(sumsq, np.float64)
+    n_in = np.asarray(counts, np.float64)[:, None]
+    tot_s, tot_q, tot_n = sums.sum(0, keepdims=True), sumsq.sum(0, keepdims=True), n_in.sum()
+    n_out = tot_n - n_in
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_in = sums / n_in
+        s_out = tot_s - sums
+        mean_out = s_out / n_out
+        var_out = (tot_q - sumsq) / n_out - mean_out ** 2
+        # Cancellation can leave a tiny negative variance: clamp at 0 (then z is NaN).
+        std_out = np.sqrt(np.maximum(var_out, 0.0))
+        z = (mean_in - mean_out) / std_out
+    z[~np.isfinite(z)] = np.nan
+    return z
+
+
+def robust_z(x: np.ndarray) -> np.ndarray:
+    """``(x - median) / (1.4826 MAD)``; 0 where MAD = 0 and x = median, ±inf where MAD = 0 otherwise."""
+    x = np.asarray(x, np.float64)
+    med = np.median(x)
+    mad = 1.4826 * np.median(np.abs(x - med))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = (x - med) / mad
+    return np.where(np.isnan(z), 0.0, z)
+
+
+# ============================================================ the class API
+class ConceptDirections:
+    """Concept directions of one model (one checkpoint): fit / transform / class_concepts / concept_map / outliers.
+
+    >>> cd = ConceptDirections(layers=["features.8"]).fit(model, images)
+    >>> rel = cd.relevance(model, images, max_images_per_class=64)
+    >>> cd.class_concepts(rel).head()           # class, layer, direction, z, rank
+    >>> cd.concept_map(model, x, "features.8", direction=3)   # maps, masks
+    >>> cd.outliers(rel, "features.8", direction=3, cls=5)
+
+    Attributes after fit: ``vh[layer]`` (D, C) float64 rows = directions (descending singular
+    value), ``singular_values[layer]`` (D,), ``mean[layer]`` (C,), ``count``.
+    """
+
+    def __init__(self, layers: LayerSpec = None, center: bool = False, gradient: str = "loss",
+                 by: str = "predicted", batch_size: int = 64, device: str | torch.device = "cpu") -> None:
+        if gradient not in GRADIENTS:
+            raise ConceptEvoError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+        if by not in GROUPINGS:
+            raise ConceptEvoError(f"by must be one of {GROUPINGS}, got {by!r}")
+        self.layers, self.center, self.gradient, self.by = layers, bool(center), gradient, by
+        self.batch_size, self.device = int(batch_size), torch.device(device)
+        self.vh: dict[str, np.ndarray] = {}
+        self.singular_values: dict[str, np.ndarray] = {}
+        self.mean: dict[str, np.ndarray] = {}
+        self.count = 0
+
+    # ------------------------------------------------------------------- fit
+    def fit(self, model: nn.Module, data: Any, indices=None) -> ConceptDirections:
+        """One streamed Gram pass over ``data`` (or ``indices`` of it), then the eigendecomposition."""
+        (acc,) = gram_pass(model, data, layers=self.layers, batch_size=self.batch_size, device=self.device,
+                           indices=indices)
+        return self.fit_gram(acc)
+
+    def fit_gram(self, acc: GramAccumulator | Mapping[str, Mapping[str, Any]]) -> ConceptDirections:
+        """Directions from an accumulator (or ``{layer: {"gram", "sums", "count"}}``)."""
+        arrays = acc.arrays() if isinstance(acc, GramAccumulator) else acc
+        names = list(arrays)
+        res = batched_directions([(arrays[n]["gram"], arrays[n]["sums"], int(arrays[n]["count"])) for n in names],
+                                 center=self.center, device=self.device)
+        for n, (vh, s) in zip(names, res):
+            cnt = int(arrays[n]["count"])
+            if cnt == 0:
+                raise DataError(f"layer {n!r}: the Gram matrix saw no image")
+            self.vh[n], self.singular_values[n] = vh, s
+            self.mean[n] = np.asarray(arrays[n]["sums"], np.float64) / cnt
+            self.count = cnt
+        return self
+
+    def _check_layer(self, layer: str) -> None:
+        if layer not in self.vh:
+            raise LayerError(f"no directions for layer {layer!r} (fitted layers: {list(self.vh)})")
+
+    # ------------------------------------------------------------- transform
+    def transform(self, activations: Mapping[str, torch.Tensor | np.ndarray]) -> dict[str, np.ndarray]:
+        """Projections ``Ā·Vhᵀ`` (B, D) of layer outputs ``{layer: (B, C, H, W) or (B, C)}``."""
+        out = {}
+        for n, a in activations.items():
+            self._check_layer(n)
+            t = torch.as_tensor(a)
+            out[n] = (pooled(t, n).double().cpu().numpy() - (self.mean[n] if self.center else 0.0)) @ self.vh[n].T
+        return out
+
+    def relevance(self, model: nn.Module, data: Any, indices=None, max_images_per_class: int | None = None,
+                  seed: int = 0, keep_images: bool = True, num_classes: int | None = None) -> RelevanceStats:
+        """The gradient pass of step 3 over a sample (see :func:`relevance_pass`)."""
+        if not self.vh:
+            raise ConceptEvoError("fit the directions first")
+        return relevance_pass(model, data, self.vh, gradient=self.gradient, batch_size=self.batch_size,
+                              device=self.device, indices=indices, max_images_per_class=max_images_per_class,
+                              seed=seed, keep_images=keep_images, num_classes=num_classes)
+
+    def class_concepts(self, rel: RelevanceStats, by: str | None = None, top: int | None = None) -> pd.DataFrame:
+        """``class, layer, direction, z, rank`` (rank 1 = largest z of its class and layer; NaN z ranks last)."""
+        by = by or self.by
+        if by not in GROUPINGS:
+            raise ConceptEvoError(f"by must be one of {GROUPINGS}, got {by!r}")
+        frames = []
+        for n in rel.sums[by]:
+            z = class_zscores(rel.sums[by][n], rel.sumsq[by][n], rel.counts[by])
+            K, D = z.shape
+            key = np.where(np.isnan(z), -np.inf, z)
+            order = np.argsort(-key, axis=1, kind="stable")
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.arange(1, D + 1)[None].repeat(K, 0), axis=1)
+            frames.append(pd.DataFrame({"class": np.repeat(np.arange(K), D), "layer": n,
+                                        "direction": np.tile(np.arange(D), K), "z": z.ravel(),
+                                        "rank": rank.ravel(), "count": np.repeat(rel.counts[by], D)}))
+        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+            columns=["class", "layer", "direction", "z", "rank", "count"])
+        if top is not None:
+            df = df[df["rank"] <= top]
+        return df.sort_values(["layer", "class", "rank"], kind="stable").reset_index(drop=True)
+
+    # ------------------------------------------------------------ concept map
+    def concept_map(self, model: nn.Module, x: torch.Tensor, layer: str, direction: int,
+                    percentile: float = MAP_PERCENTILE) -> tuple[np.ndarray, np.ndarray]:
+        """Maps (B, H, W) float32 of ``v · A(x)[:, p]`` upsampled to the image, and masks (B, H, W) bool.
+
+        ``x``: normalised images (B, 3, H, W) or one image (3, H, W). The mask keeps the pixels at or
+        above the map's own ``percentile`` (default :data:`MAP_PERCENTILE`).
+        """
+        self._check_layer(layer)
+        if not 0 <= direction < self.vh[layer].shape[0]:
+            raise ConceptEvoError(f"direction {direction} out of range for layer {layer!r} "
+                                  f"({self.vh[layer].shape[0]} directions)")
+        if not 0 <= percentile <= 100:
+            raise ConceptEvoError(f"percentile must be in [0, 100], got {percentile}")
+        x = torch.as_tensor(x)
+        if x.dim() == 3:
+            x = x[None]
+        p0 = next(model.parameters(), None)
+        dev = p0.device if p0 is not None else torch.device("cpu")
+        adapter = ModelAdapter(model, layers=[layer], input_shape=tuple(x.shape[1:]))
+        got = {}
+        from .importance import _EvalMode
+
+        with torch.inference_mode(), _EvalMode(model):
+            _forward_layers(model, adapter, x.to(dev), lambda n, o: got.__setitem__(n, o.detach().float()))
+        a = got[layer]
+        if a.dim() == 2:
+            a = a[:, :, None, None]
+        v = torch.as_tensor(self.vh[layer][direction], dtype=torch.float32, device=a.device)
+        m = torch.einsum("c,bchw->bhw", v, a)[:, None]
+        m = F.interpolate(m, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
+        thr = np.percentile(m.reshape(m.shape[0], -1), percentile, axis=1)
+        return m.astype(np.float32), m >= thr[:, None, None]
+
+    # --------------------------------------------------------------- outliers
+    def outliers(self, rel: RelevanceStats, layer: str, direction: int, cls: int | None = None,
+                 by: str = "label", threshold: float = OUTLIER_Z) -> pd.DataFrame:
+        """Images of the sample with extreme projections on a direction, by robust z within their class.
+
+        ``cls=None``: every class. ``by="label"`` (default) groups by label, ``"predicted"`` by
+        prediction. Columns: image, label, predicted, projection, robust_z; sorted by |robust_z| desc.
+        """
+        self._check_layer(layer)
+        if layer not in rel.proj:
+            raise ConceptEvoError(f"the relevance pass kept no per-image projections for layer {layer!r} "
+                                  "(keep_images=False?)")
+        proj = rel.proj[layer][:, direction]
+        grp = rel.labels if by == "label" else rel.preds
+        classes = np.unique(grp) if cls is None else [int(cls)]
+        rows = []
+        for c in classes:
+            sel = np.flatnonzero(grp == c)
+            if sel.size == 0:
+                continue
+            z = robust_z(proj[sel])
+            hit = np.abs(z) >= threshold
+            rows.append(pd.DataFrame({"class": int(c), "image": rel.ids[sel][hit], "label": rel.labels[sel][hit],
+                                      "predicted": rel.preds[sel][hit], "projection": proj[sel][hit],
+                                      "robust_z": z[hit]}))
+        if not rows:
+            return pd.DataFrame(columns=["class", "image", "label", "predicted", "projection", "robust_z"])
+        df = pd.concat(rows, ignore_index=True)
+        return df.iloc[np.argsort(-np.abs(df["robust_z"].to_numpy()), kind="stable")].reset_index(drop=True)
+
+    def alignment(self) -> pd.DataFrame:
+        """:func:`neuron_alignment` of every layer (a ``layer`` column added)."""
+        return pd.concat([neuron_alignment(v).assign(layer=n) for n, v in self.vh.items()], ignore_index=True)

@@ -1,0 +1,209 @@
+"""Concept directions (conceptevo.directions), each against an independent reference."""
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import subspace_angles
+from torch import nn
+
+from conceptevo import directions as D
+from conceptevo.errors import ConceptEvoError, LayerError
+
+
+def _stream(acts: torch.Tensor, rng, layer="l") -> D.GramAccumulator:
+    acc = D.GramAccumulator({layer: acts.shape[1]})
+    n, lo = acts.shape[0], 0
+    while lo < n:  # random, odd batch sizes
+        hi = min(n, lo + int(rng.integers(1, 40)))
+        acc.update(layer, acts[lo:hi])
+        lo = hi
+    return acc
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_streamed_gram_matches_numpy_svd(rng, center):
+    n, c = int(rng.integers(150, 300)), int(rng.integers(5, 20))
+    acts = torch.from_numpy(rng.standard_normal((n, c, 3, 5)) + rng.random(c)[None, :, None, None]).float()
+    acc = _stream(acts, rng)
+    vh, s = D.directions_from_gram(**{k: v for k, v in acc.arrays()["l"].items()}, center=center)
+    # the stored N x C matrix Ā (the engine pools float32 maps in float32; the reference keeps Ā)
+    abar = acts.mean(dim=(2, 3)).double().numpy()
+    ref = abar - abar.mean(0) if center else abar
+    _u, s_ref, vh_ref = np.linalg.svd(ref, full_matrices=False)
+    np.testing.assert_allclose(s, s_ref, rtol=1e-8, atol=1e-8)
+    for j in range(c):  # every direction, one by one (distinct singular values on random data)
+        ang = subspace_angles(vh[j][:, None], vh_ref[j][:, None])
+        assert ang.max() <= 1e-6, (j, ang)
+    # sign rule: the mean activation projects positively on every direction
+    assert np.all(abar.mean(0) @ vh.T > 0)
+    # the batched path (several layers / checkpoints of mixed widths) gives the same
+    other = np.eye(3) * 2.0
+    res = D.batched_directions([(other, np.ones(3), 4), (acc.arrays()["l"]["gram"], acc.arrays()["l"]["sums"], n)],
+                               center=center)
+    np.testing.assert_allclose(res[1][0], vh, atol=1e-10)
+    np.testing.assert_allclose(res[1][1], s, atol=1e-10)
+
+
+def _numpy_z(P, groups, k):
+    inside, outside = P[groups == k], P[groups != k]
+    return (inside.mean(0) - outside.mean(0)) / outside.std(0)
+
+
+def test_zscores_match_plain_numpy(rng):
+    n, d, kk = 400, 7, 5
+    P = rng.standard_normal((n, d)) * rng.random(d) + rng.random(d)
+    grp = rng.integers(0, kk, n)
+    sums = np.zeros((kk, d)); sq = np.zeros((kk, d))
+    np.add.at(sums, grp, P); np.add.at(sq, grp, P * P)
+    z = D.class_zscores(sums, sq, np.bincount(grp, minlength=kk))
+    for k in range(kk):
+        np.testing.assert_allclose(z[k], _numpy_z(P, grp, k), rtol=1e-9, atol=1e-9)
+    # an empty class has no z
+    z2 = D.class_zscores(np.vstack([sums, np.zeros((1, d))]), np.vstack([sq, np.zeros((1, d))]),
+                         np.append(np.bincount(grp, minlength=kk), 0))
+    assert np.isnan(z2[kk]).all()
+
+
+class _Pairs(torch.utils.data.Dataset):
+    """Float activations-as-images with labels (passed through unchanged by as_image_set)."""
+
+    def __init__(self, x, y):
+        self.x, self.targets = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.targets[i])
+
+
+def _planted(rng, n=480, c=8, k=4, hw=6, target=2):
+    """Post-ReLU activations: small noise everywhere, a fixed unit vector u in a patch for class `target`."""
+    u = np.zeros(c)
+    ch = rng.choice(c, size=3, replace=False)
+    u[ch] = rng.random(3) + 0.5
+    u /= np.linalg.norm(u)
+    labels = rng.integers(0, k, n)
+    x = np.abs(rng.standard_normal((n, c, hw, hw))) * 0.1
+    r0, c0 = rng.integers(0, hw - 3, size=2)
+    sel = labels == target
+    x[sel, :, r0:r0 + 3, c0:c0 + 3] += 3.0 * u[None, :, None, None]
+    model = nn.Sequential(OrderedDict(feat=nn.ReLU(), pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(),
+                                      fc=nn.Linear(c, k)))
+    with torch.no_grad():
+        w = torch.from_numpy(rng.standard_normal((k, c)) * 0.3).float()
+        w[target] = torch.from_numpy(4 * u).float()
+        model.fc.weight.copy_(w)
+        model.fc.bias.zero_()
+    ds = _Pairs(torch.from_numpy(x).float(), torch.from_numpy(labels))
+    return model, ds, u, target, (r0, c0)
+
+
+@pytest.mark.parametrize("gradient", ["logit", "loss"])
+def test_planted_direction_is_top_z(rng, gradient):
+    model, ds, u, target, _ = _planted(rng)
+    cd = D.ConceptDirections(layers=["feat"], gradient=gradient, batch_size=64).fit(model, ds)
+    rel = cd.relevance(model, ds)
+    table = cd.class_concepts(rel)
+    top = table[(table["class"] == target) & (table["rank"] == 1)]["direction"].item()
+    cos = abs(float(cd.vh["feat"][top] @ u))
+    assert cos >= 0.95, (gradient, top, cos, table[table["class"] == target].head())
+
+
+def test_relevance_pass_matches_per_image_autograd(rng):
+    model, ds, _u, _t, _ = _planted(rng, n=40)
+    model.feat = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+    cd = D.ConceptDirections(layers=["feat.0"], gradient="loss", batch_size=16).fit(model, ds)
+    rel = cd.relevance(model, ds, num_classes=4)
+    vh = torch.from_numpy(cd.vh["feat.0"]).float()
+    for i in rng.choice(len(ds), 5, replace=False):
+        x, y = ds[int(i)]
+        a = {}
+        h = model.feat[0].register_forward_hook(lambda _m, _i, o: a.__setitem__("a", o))
+        logits = model(x[None].requires_grad_(True))
+        h.remove()
+        loss = nn.functional.cross_entropy(logits, torch.tensor([y]))
+        (g,) = torch.autograd.grad(loss, a["a"])
+        ref = ((torch.relu(g) * a["a"]).mean(dim=(2, 3)) @ vh.T).detach().double().numpy()[0]
+        np.testing.assert_allclose(rel.P["feat.0"][int(i)], ref, rtol=1e-4, atol=1e-6)
+    # the streamed per-class statistics give the z of the kept per-image values
+    zt = cd.class_concepts(rel, by="label")
+    for k in np.unique(rel.labels):
+        ref = _numpy_z(rel.P["feat.0"], rel.labels, k)
+        got = zt[zt["class"] == k].sort_values("direction")["z"].to_numpy()
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-8)
+
+
+def test_tracking_identity_and_known_permutation(rng):
+    c = 10
+    q, _ = np.linalg.qr(rng.standard_normal((c, c)))
+    vh = q.T
+    same = D.match_directions(vh, vh)
+    np.testing.assert_array_equal(same["prev_direction"], np.arange(c))
+    np.testing.assert_allclose(same["cos_prev"], 1.0, atol=1e-12)
+    assert (same["status"] == "stable").all()
+    assert D.principal_angles(vh[:4], vh[:4]).max() <= 1e-6
+    perm = rng.permutation(c)
+    signs = np.where(rng.random(c) < 0.5, -1.0, 1.0)
+    moved = vh[perm] * signs[:, None]
+    m = D.match_directions(vh, moved)
+    np.testing.assert_array_equal(m["prev_direction"], perm)
+    np.testing.assert_allclose(m["cos_prev"], signs, atol=1e-12)
+    np.testing.assert_allclose(m["angle"], 0.0, atol=1e-5)
+    t = D.track([vh, moved])
+    assert (t[0]["status"] == "first").all() and (t[1]["prev_direction"] == perm).all()
+
+
+def test_same_checkpoint_twice_tracks_as_identity(rng):
+    model, ds, *_ = _planted(rng, n=120)
+    a = D.ConceptDirections(layers=["feat"]).fit(model, ds)
+    b = D.ConceptDirections(layers=["feat"]).fit(model, ds)
+    m = D.match_directions(a.vh["feat"], b.vh["feat"])
+    # directions with a clear singular-value gap are matched to themselves with the same sign
+    s = a.singular_values["feat"]
+    gap = np.r_[np.inf, -np.diff(s)] > 1e-6 * s[0]
+    gap &= np.r_[-np.diff(s), np.inf] > 1e-6 * s[0]
+    assert (m["prev_direction"].to_numpy()[gap] == np.arange(len(s))[gap]).all()
+    assert np.allclose(m["cos_prev"].to_numpy()[gap], 1.0, atol=1e-6)
+
+
+def test_concept_map_outliers_alignment(rng):
+    model, ds, u, target, (r0, c0) = _planted(rng)
+    cd = D.ConceptDirections(layers=["feat"], gradient="logit").fit(model, ds)
+    j = int(np.argmax(np.abs(cd.vh["feat"] @ u)))
+    sel = np.flatnonzero(ds.targets.numpy() == target)[:3]
+    x = torch.stack([ds[int(i)][0] for i in sel])
+    maps, masks = cd.concept_map(model, x, "feat", j, percentile=75)
+    assert maps.shape == (3, 6, 6) and masks.dtype == bool
+    patch = np.zeros((6, 6), bool); patch[r0:r0 + 3, c0:c0 + 3] = True
+    for mk in masks:  # the top quarter of the map is the planted 3x3 patch
+        assert (mk & patch).sum() / (mk | patch).sum() >= 0.5
+    rel = cd.relevance(model, ds)
+    out = cd.outliers(rel, "feat", j, cls=(target + 1) % 4)
+    assert set(out.columns) >= {"image", "label", "predicted", "projection", "robust_z"}
+    al = D.neuron_alignment(np.eye(4))
+    np.testing.assert_allclose(al["alignment"], 1.0)
+    np.testing.assert_allclose(al["effective_channels"], 1.0)
+    al = D.neuron_alignment(np.full((1, 4), 0.5))
+    np.testing.assert_allclose(al["effective_channels"], 4.0)
+
+
+def test_robust_z_reference(rng):
+    x = rng.standard_normal(101)
+    med = np.median(x); mad = np.median(np.abs(x - med))
+    np.testing.assert_allclose(D.robust_z(x), (x - med) / (1.4826 * mad))
+
+
+def test_errors_name_the_fault(rng):
+    acc = D.GramAccumulator({"a": 3})
+    with pytest.raises(LayerError, match="'b'"):
+        acc.update("b", torch.zeros(2, 3))
+    with pytest.raises(LayerError, match="'a'.*4 channels"):
+        acc.update("a", torch.zeros(2, 4))
+    with pytest.raises(ConceptEvoError, match="gradient"):
+        D.ConceptDirections(gradient="nope")
+    cd = D.ConceptDirections()
+    cd.vh["x"] = np.eye(2)
+    with pytest.raises(LayerError, match="'y'"):
+        cd.transform({"y": torch.zeros(1, 2)})
