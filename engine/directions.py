@@ -17,8 +17,13 @@ For one layer and one checkpoint, over N images:
      points towards what the images *have*. When that projection is ~0 (|m·v| <= 1e-12 |m|) the
      largest-magnitude component is made positive instead (a deterministic tie-break).
 3. Relevance per image (gradient pass over a sample): ``P = mean_spatial(ReLU(g) ⊙ A) @ Vhᵀ``,
-   ``g = ∂loss/∂A`` of the cross-entropy for the image's label (``gradient="loss"``, as the
-   issue and the authors' code), or ``g = ∂logit_c/∂A`` of the label's logit (``gradient="logit"``).
+   ``g = ∂logit_c/∂A`` of the label's logit (``gradient="logit"``, the DEFAULT here), or
+   ``g = ∂loss/∂A`` of the cross-entropy for the image's label (``gradient="loss"``, the authors'
+   code). Why not the authors' default: the loss gradient is ``Wᵀ(p - e_y)``; it vanishes on
+   confidently classified images, and ReLU then keeps the components whose increase RAISES the
+   loss (counter-evidence). On a planted class direction (tests/test_directions.py) the loss
+   variant ranks an unrelated direction first (|cos| ~ 0 with the planted one) while the logit
+   variant finds it (|cos| >= 0.95); ``gradient="loss"`` stays available for fidelity.
    The projection is onto the directions (``@ Vh.T``: rows of Vh are directions); the authors' code
    mixes rows and columns there, this one does not.
 4. Per class k and direction j::
@@ -167,18 +172,27 @@ class GramAccumulator:
                     "count": np.asarray(self.count[n], np.int64)} for n in self.gram}
 
 
-def gram_observer(channels: Mapping[str, int], num_checkpoints: int,
-                  device: str | torch.device = "cpu") -> tuple[Callable[[int, str, torch.Tensor], None],
-                                                                list[GramAccumulator]]:
+def gram_observer(channels: Mapping[str, int] | None = None, device: str | torch.device | None = None
+                  ) -> tuple[Callable[[str, str, torch.Tensor], None], dict[str, GramAccumulator]]:
     """``(observer, accumulators)`` for :func:`conceptevo.stimuli.extract_stimuli`'s ``observer=``.
 
-    The observer is called as ``observer(j, layer, output)`` for checkpoint ``j`` (index among the
-    checkpoints computed in that pass) and folds the output into ``accumulators[j]``.
+    The stimulus pass calls ``observer(checkpoint_name, layer, output)``; the output is folded
+    into ``accumulators[checkpoint_name]`` (created on first use, on the output's device unless
+    ``device`` is given). ``channels=None`` learns every layer's width from its first output.
     """
-    accs = [GramAccumulator(channels, device) for _ in range(num_checkpoints)]
+    accs: dict[str, GramAccumulator] = {}
+    widths: dict[str, int] = dict(channels or {})
 
-    def observer(j: int, layer: str, out: torch.Tensor) -> None:
-        accs[j].update(layer, out)
+    def observer(name: str, layer: str, out: torch.Tensor) -> None:
+        acc = accs.get(name)
+        if acc is None or layer not in acc.gram:
+            widths.setdefault(layer, int(out.shape[1]))
+            fresh = GramAccumulator(widths, device if device is not None else out.device)
+            if acc is not None:  # a layer first seen now (channels=None): keep what is summed
+                for n in acc.gram:
+                    fresh.gram[n], fresh.sums[n], fresh.count[n] = acc.gram[n], acc.sums[n], acc.count[n]
+            accs[name] = acc = fresh
+        acc.update(layer, out)
 
     return observer, accs
 
@@ -387,7 +401,7 @@ class RelevanceStats:
     preds: np.ndarray
     P: dict[str, np.ndarray] = field(default_factory=dict)
     proj: dict[str, np.ndarray] = field(default_factory=dict)
-    gradient: str = "loss"
+    gradient: str = "logit"
 
 
 def _sample_indices(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
@@ -403,7 +417,7 @@ def _sample_indices(labels: np.ndarray, per_class: int | None, seed: int) -> np.
     return np.sort(np.concatenate(out)).astype(np.int64) if out else np.zeros(0, np.int64)
 
 
-def relevance_pass(model: nn.Module, data: Any, directions: Mapping[str, np.ndarray], *, gradient: str = "loss",
+def relevance_pass(model: nn.Module, data: Any, directions: Mapping[str, np.ndarray], *, gradient: str = "logit",
                    batch_size: int = 64, device: str | torch.device | None = None, indices=None,
                    max_images_per_class: int | None = None, seed: int = 0, keep_images: bool = True,
                    num_classes: int | None = None, progress: bool = False) -> RelevanceStats:
@@ -545,7 +559,7 @@ class ConceptDirections:
     value), ``singular_values[layer]`` (D,), ``mean[layer]`` (C,), ``count``.
     """
 
-    def __init__(self, layers: LayerSpec = None, center: bool = False, gradient: str = "loss",
+    def __init__(self, layers: LayerSpec = None, center: bool = False, gradient: str = "logit",
                  by: str = "predicted", batch_size: int = 64, device: str | torch.device = "cpu") -> None:
         if gradient not in GRADIENTS:
             raise ConceptEvoError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
@@ -692,3 +706,166 @@ class ConceptDirections:
     def alignment(self) -> pd.DataFrame:
         """:func:`neuron_alignment` of every layer (a ``layer`` column added)."""
         return pd.concat([neuron_alignment(v).assign(layer=n) for n, v in self.vh.items()], ignore_index=True)
+
+
+# ================================================================ top images
+def direction_stimuli(models: Sequence[nn.Module] | nn.Module, data: Any,
+                      directions: Sequence[Mapping[str, np.ndarray]] | Mapping[str, np.ndarray], k: int = 10,
+                      batch_size: int = 64, device: str | torch.device = "cpu", backend: str = "auto",
+                      progress: bool = False) -> list[dict[str, dict[str, np.ndarray]]]:
+    """Top-k and bottom-k images of every direction, one forward-only pass for all models.
+
+    The projections ``Ā·Vhᵀ`` (B, D) and their negations are fed to the stimulus top-k kernels
+    (:func:`conceptevo.kernels.update`) as 2D extra 1x1 channels, so the order and ties are the
+    stimuli's (value desc, image id asc). Returns per model ``{layer: {"ids", "values",
+    "bottom_ids", "bottom_values"}}`` (D, k) arrays; ``bottom_values`` are the projections
+    themselves (most negative first).
+    """
+    from . import kernels
+    from .data import as_image_set
+    from .stimuli import choose_backend
+
+    ds = as_image_set(data)
+    models = [models] if isinstance(models, nn.Module) else list(models)
+    dirs = [directions] * len(models) if isinstance(directions, Mapping) else list(directions)
+    if len(dirs) != len(models):
+        raise ConceptEvoError(f"{len(dirs)} direction sets for {len(models)} models")
+    dev = torch.device(device)
+    bk = choose_backend(dev, backend)
+    shape = tuple(torch.as_tensor(ds[0][0]).shape)
+    adapters, vhs, states = [], [], []
+    for m, dset in zip(models, dirs):
+        ad = ModelAdapter(m.to(dev).eval(), layers=list(dset), input_shape=shape)
+        v = {}
+        for n, vh in dset.items():
+            vh = np.asarray(vh)
+            if vh.ndim != 2 or vh.shape[1] != ad.channels[n]:
+                raise LayerError(f"directions of layer {n!r} have shape {vh.shape}; the layer has {ad.channels[n]} channels")
+            v[n] = torch.as_tensor(vh, dtype=torch.float32, device=dev)
+        adapters.append(ad)
+        vhs.append(v)
+        states.append({n: kernels.new_state(2 * v[n].shape[0], int(k), len(ds), 0, dev) for n in v})
+    starts = range(0, len(ds), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"direction top-k x{len(models)}", unit="batch", leave=False)
+    with torch.inference_mode():
+        for s in starts:
+            ids = torch.arange(s, min(len(ds), s + batch_size), dtype=torch.int64)
+            x, _y = ds.batch(ids)
+            x = x.to(dev)
+            for m, ad, v, st in zip(models, adapters, vhs, states):
+                def fold(name, out, v=v, st=st):
+                    p = pooled(out, name) @ v[name].T
+                    try:
+                        kernels.update(st[name], torch.cat([p, -p], dim=1).contiguous(), ids, backend=bk)
+                    except ActivationError as exc:
+                        raise ActivationError(f"layer {name!r}: {exc}") from None
+
+                _forward_layers(m, ad, x, fold)
+    out = []
+    for v, st in zip(vhs, states):
+        res = {}
+        for n in v:
+            d = v[n].shape[0]
+            ids_, vals = st[n].ids.cpu().numpy(), st[n].values.cpu().numpy()
+            res[n] = {"ids": ids_[:d].copy(), "values": vals[:d].copy(),
+                      "bottom_ids": ids_[d:].copy(), "bottom_values": -vals[d:]}
+        out.append(res)
+    return out
+
+
+def project_directions(space: Any, top_ids: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Directions as virtual neurons: their top-k image ids placed in the unified space (Step 2.2).
+
+    ``space``: a fitted :class:`conceptevo.space.UnifiedSpace`; ``top_ids``: ``{layer: (D, k)}``.
+    Returns ``{layer: (D, dim)}`` float32 (NaN rows for directions without images).
+    """
+    return {n: space.project(np.asarray(ids, np.int64)) for n, ids in top_ids.items()}
+
+
+# ======================================================= Eq. 2-4 on directions
+def direction_importance(model_t: nn.Module, model_t2: nn.Module, data: Any, directions: Mapping[str, np.ndarray],
+                         classes: Sequence[int] | None = None, max_images_per_class: int | None = None,
+                         seed: int = 0, batch_size: int = 64, device: str | torch.device | None = None
+                         ) -> pd.DataFrame:
+    """Eq. 2-4 for directions: ``S_v(x) = Σ_hw (v·∂logit_c/∂Z^t)(v·(Z^{t'} - Z^t))``, ``I_v`` = share of S > 0.
+
+    The change of the layer is projected on the direction (``ΔZ_v = v ⊗ (v·ΔZ)``, the analogue of
+    Eq. 2's one-channel change) and weighed by the epoch-t gradient of each image's own class logit.
+    Returns ``class, layer, direction, score, positives, total, mean_s, rank`` (rank 1 = most
+    important in its class and layer: score desc, mean_s desc, direction asc).
+    """
+    from .data import as_image_set
+    from .importance import _EvalMode, class_indices
+
+    ds = as_image_set(data)
+    per = class_indices(ds, classes, max_images_per_class, seed)
+    cls = list(per)
+    idx = np.concatenate([per[c] for c in cls])
+    row_of = {c: i for i, c in enumerate(cls)}
+    labels = ds.labels.numpy()
+    if device is not None:
+        model_t.to(device)
+        model_t2.to(device)
+    p0 = next(model_t.parameters(), None)
+    dev = p0.device if p0 is not None else torch.device("cpu")
+    shape = tuple(torch.as_tensor(ds[0][0]).shape)
+    layers = list(directions)
+    ad_t = ModelAdapter(model_t, layers=layers, input_shape=shape)
+    ad_t2 = ModelAdapter(model_t2, layers=layers, input_shape=shape)
+    V = {n: torch.as_tensor(np.asarray(directions[n]), dtype=torch.float32, device=dev) for n in layers}
+    for n in layers:
+        if V[n].dim() != 2 or V[n].shape[1] != ad_t.channels[n]:
+            raise LayerError(f"directions of layer {n!r} have shape {tuple(V[n].shape)}; "
+                             f"the layer has {ad_t.channels[n]} channels")
+    pos = {n: torch.zeros(len(cls), V[n].shape[0], dtype=torch.int64, device=dev) for n in layers}
+    sums = {n: torch.zeros(len(cls), V[n].shape[0], dtype=torch.float64, device=dev) for n in layers}
+    totals = np.zeros(len(cls), np.int64)
+
+    def proj(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # (B, C, ...) -> (B, D, ...)
+        return torch.einsum("bchw,dc->bdhw", t, v) if t.dim() == 4 else t @ v.T
+
+    with _EvalMode(model_t, model_t2):
+        for s in range(0, len(idx), batch_size):
+            b = idx[s:s + batch_size]
+            x, y = ds.batch(torch.as_tensor(b))
+            x, y = x.to(dev), y.to(dev)
+            rows = torch.as_tensor([row_of[int(c)] for c in labels[b]], device=dev)
+            z2: dict[str, torch.Tensor] = {}
+            with torch.no_grad(), ad_t2.hooks(lambda n, o: z2.__setitem__(n, o.detach().clone())):
+                model_t2(x)
+            z: dict[str, torch.Tensor] = {}
+
+            def keep(n, o):
+                z[n] = o
+                return o.clone()
+
+            with torch.enable_grad(), ad_t.hooks(keep):
+                logits = model_t(x.detach().requires_grad_(True))
+                grads = torch.autograd.grad(logits.gather(1, y.view(-1, 1)).sum(), [z[n] for n in layers],
+                                            allow_unused=True)
+            for n, g in zip(layers, grads):
+                zt = z[n].detach()
+                g = torch.zeros_like(zt) if g is None else g
+                S = proj(g, V[n]) * proj(z2[n] - zt, V[n])
+                S = S.flatten(2).sum(-1) if S.dim() == 4 else S
+                pos[n].index_add_(0, rows, (S > 0).to(torch.int64))
+                sums[n].index_add_(0, rows, S.double())
+            np.add.at(totals, rows.cpu().numpy(), 1)
+    frames = []
+    for n in layers:
+        p, sm = pos[n].cpu().numpy(), sums[n].cpu().numpy()
+        d = p.shape[1]
+        score = p / np.maximum(totals, 1)[:, None]
+        mean_s = sm / np.maximum(totals, 1)[:, None]
+        dirn = np.broadcast_to(np.arange(d), p.shape)
+        order = np.lexsort((dirn, -mean_s, -score), axis=-1)
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(1, d + 1)[None].repeat(len(cls), 0), axis=-1)
+        frames.append(pd.DataFrame({"class": np.repeat(cls, d), "layer": n, "direction": dirn.ravel(),
+                                    "score": score.ravel(), "positives": p.ravel(),
+                                    "total": np.repeat(totals, d), "mean_s": mean_s.ravel(),
+                                    "rank": rank.ravel()}))
+    return pd.concat(frames, ignore_index=True)

@@ -580,6 +580,7 @@ class Extraction:
         save_at_end: bool = False,
         desc: str = "stimuli",
         prepared: tuple[list[nn.Module], list[dict[str, torch.Tensor]]] | None = None,
+        observer: Callable[[str, str, torch.Tensor], None] | None = None,
     ) -> list[dict[str, Any]]:
         """Stream ids ``[start, stop)`` through every checkpoint of ``specs``; return their states.
 
@@ -617,7 +618,7 @@ class Extraction:
 
         if processed < stop:
             batches = self._stream(specs, weights, models, states, processed, stop, batches, saver,
-                                   save_every, progress, on_batch, start, desc)
+                                   save_every, progress, on_batch, start, desc, observer=observer)
         else:
             log.info("%s: shard [%d, %d) already complete", desc, start, stop)
         if saver is not None and save_at_end and saver.saved < stop:
@@ -625,7 +626,7 @@ class Extraction:
         return states
 
     def _stream(self, specs, weights, models, states, processed, stop, batches, saver, save_every, progress,
-                on_batch, start, desc) -> int:
+                on_batch, start, desc, observer=None) -> int:
         """The loop over batches; returns the number of batches done in the shard so far."""
         from . import kernels
         from .data import indexed_loader
@@ -643,6 +644,8 @@ class Extraction:
                 )
             fired.add(layer)
             j = current["j"]
+            if observer is not None:
+                observer(specs[j].name, layer, out)
             try:
                 kernels.update(states[j][layer], out, current["ids"], backend=backend)
             except ActivationError as exc:
@@ -931,6 +934,7 @@ def extract_stimuli(
     recompute: bool = False,
     dataset_key: str | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    observer: Callable[[str, str, torch.Tensor], None] | None = None,
 ) -> list[Stimuli]:
     """Stimuli of every checkpoint (same architecture) in ONE streaming pass over ``dataset``.
 
@@ -958,6 +962,11 @@ def extract_stimuli(
         recompute: ignore cached results.
         dataset_key: identity of the dataset for the cache key (default: a content fingerprint).
         on_batch: ``on_batch(batches_done, next_image_id)`` after every batch (progress hooks, tests).
+        observer: optional ``observer(checkpoint_name, layer, output)`` called with every chosen
+            layer's output of every computed checkpoint, before the top-k update (read only; e.g.
+            :func:`conceptevo.directions.gram_observer` streams the Gram matrices of the concept
+            directions in this very pass). Not called for checkpoints loaded from the cache, and a
+            resumed pass calls it only for the images after the resume point.
 
     Returns:
         One :class:`Stimuli` per checkpoint, in the order given.
@@ -988,7 +997,7 @@ def extract_stimuli(
     t0 = time.perf_counter()
     states = plan.run_shard(specs, 0, plan.num_images, store=store, progress_dir=progress_dir, resume=resume,
                             save_every=save_every, progress=progress, on_batch=on_batch,
-                            desc=f"stimuli x{len(specs)}")
+                            desc=f"stimuli x{len(specs)}", observer=observer)
     seconds = time.perf_counter() - t0
     for i, spec, st in zip(pending, specs, states):
         results[i] = plan.to_stimuli(spec, st)

@@ -85,7 +85,7 @@ def _planted(rng, n=480, c=8, k=4, hw=6, target=2):
     u[ch] = rng.random(3) + 0.5
     u /= np.linalg.norm(u)
     labels = rng.integers(0, k, n)
-    x = np.abs(rng.standard_normal((n, c, hw, hw))) * 0.1
+    x = np.abs(rng.standard_normal((n, c, hw, hw))) * 0.05
     r0, c0 = rng.integers(0, hw - 3, size=2)
     sel = labels == target
     x[sel, :, r0:r0 + 3, c0:c0 + 3] += 3.0 * u[None, :, None, None]
@@ -96,14 +96,16 @@ def _planted(rng, n=480, c=8, k=4, hw=6, target=2):
         w[target] = torch.from_numpy(4 * u).float()
         model.fc.weight.copy_(w)
         model.fc.bias.zero_()
+        model.fc.bias[target] = -1.5  # off-class images (noise only) are not predicted as the target
     ds = _Pairs(torch.from_numpy(x).float(), torch.from_numpy(labels))
     return model, ds, u, target, (r0, c0)
 
 
-@pytest.mark.parametrize("gradient", ["logit", "loss"])
-def test_planted_direction_is_top_z(rng, gradient):
+@pytest.mark.parametrize("center", [False, True])
+def test_planted_direction_is_top_z(rng, center):
+    gradient = "logit"  # the default; "loss" (the authors' code) vanishes on confident images (see module doc)
     model, ds, u, target, _ = _planted(rng)
-    cd = D.ConceptDirections(layers=["feat"], gradient=gradient, batch_size=64).fit(model, ds)
+    cd = D.ConceptDirections(layers=["feat"], center=center, batch_size=64).fit(model, ds)
     rel = cd.relevance(model, ds)
     table = cd.class_concepts(rel)
     top = table[(table["class"] == target) & (table["rank"] == 1)]["direction"].item()
@@ -207,3 +209,92 @@ def test_errors_name_the_fault(rng):
     cd.vh["x"] = np.eye(2)
     with pytest.raises(LayerError, match="'y'"):
         cd.transform({"y": torch.zeros(1, 2)})
+
+
+def _tiny_cnn(seed, k=3):
+    torch.manual_seed(seed)
+    return nn.Sequential(OrderedDict(
+        c1=nn.Conv2d(3, 6, 3, padding=1), r1=nn.ReLU(), c2=nn.Conv2d(6, 5, 3, padding=1), r2=nn.ReLU(),
+        pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(5, k)))
+
+
+def _images(rng, n=37, k=3):
+    x = torch.from_numpy(rng.standard_normal((n, 3, 8, 8))).float()
+    return _Pairs(x, torch.from_numpy(rng.integers(0, k, n)))
+
+
+def test_gram_in_the_stimulus_pass_equals_gram_pass(rng, tmp_path):
+    from conceptevo.stimuli import extract_stimuli
+
+    ds = _images(rng)
+    nets = [_tiny_cnn(int(s)) for s in rng.integers(0, 1000, 2)]
+    states = [m.state_dict() for m in nets]
+    observer, accs = D.gram_observer()
+    stims = extract_stimuli(nets[0], states, ds, k=4, k_i=2, batch_size=7, names=["a", "b"], progress=False,
+                            observer=observer)
+    plain = extract_stimuli(nets[0], states, ds, k=4, k_i=2, batch_size=7, names=["a", "b"], progress=False)
+    assert all(s.equals(p) for s, p in zip(stims, plain))  # the observer changes nothing
+    ref = D.gram_pass(nets, ds, batch_size=5)
+    for name, r in zip(["a", "b"], ref):
+        for layer in ("c1", "c2"):
+            np.testing.assert_allclose(accs[name].gram[layer].numpy(), r.gram[layer].numpy(), rtol=1e-10, atol=1e-9)
+            assert accs[name].count[layer] == len(ds)
+
+
+def test_direction_stimuli_match_a_plain_sort(rng):
+    ds = _images(rng, n=53)
+    net = _tiny_cnn(int(rng.integers(1000)))
+    cd = D.ConceptDirections(layers=["c2"]).fit(net, ds)
+    (res,) = D.direction_stimuli(net, ds, cd.vh, k=5, batch_size=8)
+    with torch.no_grad():
+        a = {}
+        h = net.c2.register_forward_hook(lambda _m, _i, o: a.__setitem__("a", o))
+        net(torch.stack([ds[i][0] for i in range(len(ds))]))
+        h.remove()
+    proj = a["a"].mean(dim=(2, 3)) @ torch.from_numpy(cd.vh["c2"]).float().T
+    proj = proj.numpy()
+    for j in range(proj.shape[1]):
+        order = np.lexsort((np.arange(len(ds)), -proj[:, j]))[:5]  # value desc, id asc
+        np.testing.assert_array_equal(res["c2"]["ids"][j], order)
+        low = np.lexsort((np.arange(len(ds)), proj[:, j]))[:5]
+        np.testing.assert_array_equal(res["c2"]["bottom_ids"][j], low)
+        np.testing.assert_allclose(res["c2"]["bottom_values"][j], proj[low, j], rtol=1e-5, atol=1e-6)
+
+
+def test_direction_importance_with_channel_axes_is_eq_4(rng):
+    from conceptevo.importance import evolution_importance
+
+    ds = _images(rng, n=30)
+    m1, m2 = _tiny_cnn(int(rng.integers(1000))), _tiny_cnn(int(rng.integers(1000)))
+    eye = {"c1": np.eye(6), "c2": np.eye(5)}
+    got = D.direction_importance(m1, m2, ds, eye, batch_size=8)
+    ref = evolution_importance(m1, m2, ds, batch_size=8)
+    got = got.sort_values(["class", "layer", "direction"]).reset_index(drop=True)
+    ref = ref.sort_values(["class", "layer", "channel"]).reset_index(drop=True)
+    np.testing.assert_array_equal(got["positives"], ref["positives"])
+    np.testing.assert_allclose(got["mean_s"], ref["mean_s"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(got["rank"], ref["rank"])
+    # a rotated basis: the plain loop over images and directions (explicit Eq. 2 change)
+    q, _ = np.linalg.qr(rng.standard_normal((5, 5)))
+    got = D.direction_importance(m1, m2, ds, {"c2": q.T}, batch_size=8)
+    v = torch.from_numpy(q.T).float()
+    s_ref = np.zeros((len(ds), 5))
+    for i in range(len(ds)):
+        x, y = ds[i]
+        z = {}
+        h = m2.c2.register_forward_hook(lambda _m, _i, o: z.__setitem__("t2", o.detach().clone()))
+        with torch.no_grad():
+            m2(x[None])
+        h.remove()
+        h = m1.c2.register_forward_hook(lambda _m, _i, o: z.__setitem__("t", o))
+        logit = m1(x[None])[0, y]
+        h.remove()
+        (g,) = torch.autograd.grad(logit, z["t"])
+        for j in range(5):
+            dz = (z["t2"] - z["t"].detach())
+            dzv = v[j][None, :, None, None] * torch.einsum("bchw,c->bhw", dz, v[j])[:, None]
+            s_ref[i, j] = float((g * dzv).sum())
+    labels = ds.targets.numpy()
+    for c in np.unique(labels):
+        rows = got[got["class"] == c].sort_values("direction")
+        np.testing.assert_array_equal(rows["positives"], (s_ref[labels == c] > 0).sum(0))
