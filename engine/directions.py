@@ -869,3 +869,170 @@ def direction_importance(model_t: nn.Module, model_t2: nn.Module, data: Any, dir
                                     "total": np.repeat(totals, d), "mean_s": mean_s.ravel(),
                                     "rank": rank.ravel()}))
     return pd.concat(frames, ignore_index=True)
+
+
+# ================================================================ pipeline stage
+#: Parameters of the directions stage (``directions_*`` fields of the pipeline config map onto these).
+STAGE_DEFAULTS: dict[str, Any] = {"k": 10, "images_per_class": 32, "center": False, "gradient": "logit",
+                                  "by": "predicted", "outliers_top": 10, "classes_top": 5}
+
+
+def _load_models(spec: Any, epochs: Sequence[int], device: torch.device) -> list[nn.Module]:
+    from .adapter import load_state_dict_file
+
+    models = []
+    for e in epochs:
+        m = spec.factory()
+        m.load_state_dict(load_state_dict_file(spec.checkpoints[e]), strict=True)
+        models.append(m.to(device).eval())
+    return models
+
+
+def run_stage(store: Any, runs: Mapping[str, Any], data: Any, *, run_names: Sequence[str] | None = None,
+              layers: LayerSpec = None, batch_size: int = 128, device: str | torch.device = "cpu", seed: int = 0,
+              grams: Mapping[tuple[str, int], GramAccumulator] | None = None, evolution: tuple[int, int] | None = None,
+              space: Any = None, input_keys: Sequence[str] = (), progress: bool = True,
+              **params: Any) -> dict[str, pd.DataFrame]:
+    """The directions stage over training runs: Gram -> eigh -> tracking -> top images -> relevance z.
+
+    ``runs``: ``{name: RunSpec}`` (``.checkpoints {epoch: path}``, ``.factory``); ``run_names``:
+    which of them (default: all). ``grams``: Gram accumulators already streamed in the stimulus
+    pass, keyed ``(run, epoch)``; the missing ones are computed here (one forward pass per run).
+    ``evolution=(t, t')``: also score the directions of epoch t with Eq. 2-4 (first run).
+    ``space``: a fitted UnifiedSpace: the directions' top images are projected into it.
+    ``params`` override :data:`STAGE_DEFAULTS`.
+
+    Writes (with a :class:`~conceptevo.store.RunStore`): ``directions.parquet`` (run, epoch, layer,
+    direction, singular_value, explained, prev_direction, cos_prev, angle, status, subspace_angle,
+    aligned_channel, alignment, effective_channels, top_images), ``direction_classes.parquet``
+    (run, epoch, layer, class, direction, z, rank, count), ``direction_outliers.parquet``,
+    ``direction_importance.parquet`` / ``direction_vectors.parquet`` when asked, and per checkpoint
+    ``directions/<run>/epoch_XXX/<layer>.{vh,s,gram,sums,ids,bottom_ids}.npy``.
+    The stage is skipped when its key (parameters + input keys) is unchanged.
+    """
+    from .stimuli import _layer_file
+
+    bad = [k for k in params if k not in STAGE_DEFAULTS]
+    if bad:
+        raise ConceptEvoError(f"unknown directions parameter(s) {bad}; known: {sorted(STAGE_DEFAULTS)}")
+    p = {**STAGE_DEFAULTS, **params}
+    names = list(run_names) if run_names else list(runs)
+    missing = [n for n in names if n not in runs]
+    if missing:
+        raise ConceptEvoError(f"directions: unknown run(s) {missing}; runs: {list(runs)}")
+    dev = torch.device(device)
+    key_params = {**p, "runs": names, "layers": layers, "seed": seed, "evolution": list(evolution or []),
+                  "space": space is not None,
+                  "checkpoints": {n: {int(e): str(runs[n].checkpoints[e]) for e in runs[n].checkpoints} for n in names}}
+    key = store.stage_key(key_params, list(input_keys)) if store is not None else ""
+    outputs = ["directions.parquet", "direction_classes.parquet", "direction_outliers.parquet"]
+    if store is not None and store.is_done("directions", key):
+        return {o.removesuffix(".parquet"): store.load_table(o.removesuffix(".parquet"))
+                for o in store.stage_record("directions").get("outputs", outputs)
+                if o.endswith(".parquet") and store.exists(o)}
+    t0 = time.perf_counter()
+    rows, class_rows, outlier_rows, vec_rows = [], [], [], []
+    first_dirs: dict[int, dict[str, np.ndarray]] = {}
+    for run in names:
+        spec = runs[run]
+        epochs = sorted(spec.checkpoints)
+        models = _load_models(spec, epochs, dev)
+        accs: dict[int, GramAccumulator] = {}
+        todo = [e for e in epochs if not (grams and (run, e) in grams)]
+        if todo:
+            got = gram_pass([models[epochs.index(e)] for e in todo], data, layers=layers, batch_size=batch_size,
+                            device=dev, progress=progress)
+            accs.update(zip(todo, got))
+        for e in epochs:
+            if e not in accs:
+                accs[e] = grams[(run, e)]  # type: ignore[index]
+        lnames = list(accs[epochs[0]].gram)
+        items = [(accs[e].gram[n], accs[e].sums[n], accs[e].count[n]) for e in epochs for n in lnames]
+        dec = batched_directions([(g.cpu().numpy(), s.cpu().numpy(), c) for g, s, c in items],
+                                 center=bool(p["center"]), device=dev)
+        per_epoch = {e: {n: dec[i * len(lnames) + j] for j, n in enumerate(lnames)} for i, e in enumerate(epochs)}
+        vh_of = {e: {n: per_epoch[e][n][0] for n in lnames} for e in epochs}
+        if run == names[0]:
+            first_dirs = vh_of
+        tops = direction_stimuli(models, data, [vh_of[e] for e in epochs], k=int(p["k"]), batch_size=batch_size,
+                                 device=dev, progress=progress)
+        tracks = {n: track([vh_of[e][n] for e in epochs]) for n in lnames}
+        for i, e in enumerate(epochs):
+            folder = f"directions/{run}/epoch_{e:03d}"
+            for n in lnames:
+                vh, s = per_epoch[e][n]
+                if store is not None:
+                    f = f"{folder}/{_layer_file(n)}"
+                    store.save_array(f"{f}.vh", vh)
+                    store.save_array(f"{f}.s", s)
+                    store.save_array(f"{f}.gram", accs[e].gram[n].cpu().numpy())
+                    store.save_array(f"{f}.sums", accs[e].sums[n].cpu().numpy())
+                    store.save_array(f"{f}.ids", tops[i][n]["ids"])
+                    store.save_array(f"{f}.bottom_ids", tops[i][n]["bottom_ids"])
+                al = neuron_alignment(vh)
+                tr = tracks[n][i]
+                m = min(5, vh.shape[0])
+                sub = (float(np.degrees(principal_angles(vh_of[epochs[i - 1]][n][:m], vh[:m]).max()))
+                       if i > 0 else np.nan)
+                energy = s ** 2
+                df = pd.DataFrame({"run": run, "epoch": e, "layer": n, "direction": np.arange(vh.shape[0]),
+                                   "singular_value": s, "explained": energy / max(energy.sum(), 1e-300),
+                                   "prev_direction": tr["prev_direction"].to_numpy(),
+                                   "cos_prev": tr["cos_prev"].to_numpy(), "angle": tr["angle"].to_numpy(),
+                                   "status": tr["status"].to_numpy(), "subspace_angle": sub,
+                                   "aligned_channel": al["aligned_channel"].to_numpy(),
+                                   "alignment": al["alignment"].to_numpy(),
+                                   "effective_channels": al["effective_channels"].to_numpy(),
+                                   "top_images": list(tops[i][n]["ids"])})
+                rows.append(df)
+                if space is not None:
+                    vecs = space.project(np.asarray(tops[i][n]["ids"], np.int64))
+                    vec_rows.append(pd.DataFrame({"run": run, "epoch": e, "layer": n,
+                                                  "direction": np.arange(vh.shape[0]), "vector": list(vecs)}))
+            # relevance over a per-class sample, z per class
+            cd = ConceptDirections(layers=lnames, center=bool(p["center"]), gradient=str(p["gradient"]),
+                                   by=str(p["by"]), batch_size=batch_size, device=dev)
+            cd.vh = vh_of[e]
+            cd.singular_values = {n: per_epoch[e][n][1] for n in lnames}
+            rel = cd.relevance(models[i], data, max_images_per_class=int(p["images_per_class"]), seed=seed)
+            ct = cd.class_concepts(rel).assign(run=run, epoch=e)
+            class_rows.append(ct)
+            if e == epochs[-1]:  # outliers along each class's top directions, last epoch, last layer
+                last = lnames[-1]
+                top = ct[(ct["layer"] == last) & (ct["rank"] <= 3)]
+                for c, j in zip(top["class"], top["direction"]):
+                    o = cd.outliers(rel, last, int(j), cls=int(c)).head(int(p["outliers_top"]))
+                    if len(o):
+                        outlier_rows.append(o.assign(run=run, epoch=e, layer=last, direction=int(j)))
+        del models
+    tables = {
+        "directions": pd.concat(rows, ignore_index=True),
+        "direction_classes": pd.concat(class_rows, ignore_index=True)[
+            ["run", "epoch", "layer", "class", "direction", "z", "rank", "count"]],
+        "direction_outliers": (pd.concat(outlier_rows, ignore_index=True) if outlier_rows else pd.DataFrame(
+            columns=["class", "image", "label", "predicted", "projection", "robust_z", "run", "epoch", "layer",
+                     "direction"])),
+    }
+    if evolution is not None:
+        t, t2 = evolution
+        spec = runs[names[0]]
+        if t not in spec.checkpoints or t2 not in spec.checkpoints:
+            raise ConceptEvoError(f"directions: evolution epochs {t}->{t2} not saved in run {names[0]!r}")
+        m_t, m_t2 = _load_models(spec, [t, t2], dev)
+        tables["direction_importance"] = direction_importance(
+            m_t, m_t2, data, first_dirs[t], max_images_per_class=int(p["images_per_class"]), seed=seed,
+            batch_size=batch_size).assign(run=names[0], epoch_t=t, epoch_t2=t2)
+    if vec_rows:
+        tables["direction_vectors"] = pd.concat(vec_rows, ignore_index=True)
+    if store is not None:
+        for name, df in tables.items():
+            store.save_table(name, df)
+        store.mark_done("directions", key, time.perf_counter() - t0, params=_jsonable(key_params),
+                        seeds={"directions": seed}, outputs=[f"{n}.parquet" for n in tables] + ["directions/"])
+    return tables
+
+
+def _jsonable(d: dict) -> dict:
+    import json
+
+    return json.loads(json.dumps(d, default=str))

@@ -298,3 +298,38 @@ def test_direction_importance_with_channel_axes_is_eq_4(rng):
     for c in np.unique(labels):
         rows = got[got["class"] == c].sort_values("direction")
         np.testing.assert_array_equal(rows["positives"], (s_ref[labels == c] > 0).sum(0))
+
+
+def test_stage_writes_artifacts_and_reuses_them(rng, tmp_path):
+    from types import SimpleNamespace
+
+    from conceptevo.store import RunStore
+
+    ds = _images(rng, n=40)
+    seed = int(rng.integers(1000))
+    paths = {}
+    for e in range(3):
+        p = tmp_path / f"epoch_{e:03d}.pt"
+        torch.save(_tiny_cnn(seed + e).state_dict(), p)
+        paths[e] = p
+    runs = {"r": SimpleNamespace(checkpoints=paths, factory=lambda: _tiny_cnn(0))}
+    store = RunStore(tmp_path / "run")
+    tables = D.run_stage(store, runs, ds, batch_size=16, evolution=(0, 2), progress=False, k=4, images_per_class=8)
+    dirs, cls = tables["directions"], tables["direction_classes"]
+    assert set(dirs["layer"]) == {"c1", "c2"} and sorted(set(dirs["epoch"])) == [0, 1, 2]
+    assert len(dirs) == 3 * (6 + 5)
+    first = dirs[dirs["epoch"] == 0]
+    assert (first["status"] == "first").all()
+    assert dirs[dirs["epoch"] > 0]["prev_direction"].between(0, 5).all()
+    assert set(cls.columns) >= {"class", "direction", "z", "rank"}
+    assert "direction_importance" in tables
+    for name in ("directions", "direction_classes", "direction_outliers", "direction_importance"):
+        assert store.exists(f"{name}.parquet")
+    vh = store.load_array("directions/r/epoch_002/c2.vh")
+    np.testing.assert_allclose(vh @ vh.T, np.eye(5), atol=1e-9)
+    assert store.load_array("directions/r/epoch_002/c2.ids").shape == (5, 4)
+    # unchanged inputs: reloaded, not recomputed
+    again = D.run_stage(store, runs, ds, batch_size=16, evolution=(0, 2), progress=False, k=4, images_per_class=8)
+    assert len(again["directions"]) == len(dirs)
+    with pytest.raises(ConceptEvoError, match="unknown directions parameter"):
+        D.run_stage(store, runs, ds, nope=1)
