@@ -946,6 +946,11 @@ def run_stage(store: Any, runs: Mapping[str, Any], data: Any, *, run_names: Sequ
         for e in epochs:
             if e not in accs:
                 accs[e] = grams[(run, e)]  # type: ignore[index]
+        partial = [e for e in epochs if any(c != len(data) for c in accs[e].count.values())]
+        if partial:  # e.g. a resumed stimulus pass saw only part of the images: recompute those
+            got = gram_pass([models[epochs.index(e)] for e in partial], data, layers=layers, batch_size=batch_size,
+                            device=dev, progress=progress)
+            accs.update(zip(partial, got))
         lnames = list(accs[epochs[0]].gram)
         items = [(accs[e].gram[n], accs[e].sums[n], accs[e].count[n]) for e in epochs for n in lnames]
         dec = batched_directions([(g.cpu().numpy(), s.cpu().numpy(), c) for g, s, c in items],
@@ -1036,3 +1041,142 @@ def _jsonable(d: dict) -> dict:
     import json
 
     return json.loads(json.dumps(d, default=str))
+
+
+# ====================================================================== report
+def _png(arr: np.ndarray, scale: int = 2) -> str:
+    from .patches import encode_png
+
+    a = np.asarray(arr)
+    if scale > 1:
+        a = a.repeat(scale, 0).repeat(scale, 1)
+    uri = encode_png(np.ascontiguousarray(a))
+    return uri if uri.startswith("data:") else f"data:image/png;base64,{uri}"
+
+
+def _overlay(raw: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The image with the pixels outside the concept-map mask darkened."""
+    out = raw.astype(np.float32)
+    out[~mask] *= 0.25
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def directions_report_section(tables: Mapping[str, pd.DataFrame], data: Any, *, run: str | None = None,
+                              layer: str | None = None, top: int = 3, images: int = 4,
+                              classes: Sequence[int] | None = None, epochs: Sequence[int] | None = None,
+                              map_model: nn.Module | None = None, map_epoch: int | None = None,
+                              map_vh: np.ndarray | None = None, percentile: float = MAP_PERCENTILE) -> str:
+    """HTML fragment: per class, its top concept directions at each epoch (top images; concept maps
+    when ``map_model`` -- the model of ``map_epoch`` (default the last) -- and ``map_vh``, its
+    directions of ``layer``, are given), the outliers along them, and each
+    top direction's life across epochs (its chain of matched predecessors with angles).
+
+    ``tables``: the output of :func:`run_stage` (or the parquet files loaded back). ``data``: the
+    images (``raw(i)`` gives uint8 HxWx3). Defaults: the first run, its last layer, every class.
+    """
+    import html
+
+    dirs, cls_t = tables["directions"], tables["direction_classes"]
+    if dirs.empty:
+        return ""
+    run = run if run is not None else str(dirs["run"].iloc[0])
+    dirs = dirs[dirs["run"] == run]
+    cls_t = cls_t[cls_t["run"] == run]
+    layer = layer if layer is not None else str(dirs["layer"].iloc[-1])
+    dirs, cls_t = dirs[dirs["layer"] == layer], cls_t[cls_t["layer"] == layer]
+    all_epochs = sorted(dirs["epoch"].unique())
+    epochs = list(epochs) if epochs is not None else all_epochs
+    last = all_epochs[-1]
+    names = list(getattr(data, "class_names", []) or [])
+    outl = tables.get("direction_outliers")
+    by_key = {(int(r.epoch), int(r.direction)): r for r in dirs.itertuples()}
+    classes = list(classes) if classes is not None else sorted(cls_t["class"].unique())
+    cd = None
+    if map_model is not None:
+        if map_vh is None:
+            raise ConceptEvoError("concept maps need map_vh, the directions (D, C) of map_epoch's layer")
+        cd = ConceptDirections(layers=[layer])
+        cd.vh = {layer: np.asarray(map_vh, np.float64)}
+
+    def thumbs(ids, direction=None, epoch=None) -> str:
+        out = []
+        ids = [int(i) for i in list(ids)[:images] if int(i) >= 0]
+        masks = None
+        if cd is not None and layer in cd.vh and direction is not None and epoch == (map_epoch or last) and ids:
+            x = torch.stack([torch.as_tensor(data[i][0]) for i in ids])
+            _maps, masks = cd.concept_map(map_model, x, layer, int(direction), percentile=percentile)
+        for j, i in enumerate(ids):
+            raw = data.raw(i)
+            img = _overlay(raw, masks[j]) if masks is not None else raw
+            out.append(f'<img src="{_png(img)}" title="image {i}" style="margin:1px">')
+        return "".join(out)
+
+    def life(epoch: int, d: int) -> str:
+        chain, e, j = [], epoch, d
+        while True:
+            r = by_key.get((e, j))
+            if r is None:
+                break
+            if r.status == "first" or int(r.prev_direction) < 0:
+                chain.append(f"e{e}:d{j}")
+                break
+            chain.append(f"e{e}:d{j} ({r.angle:.0f}°, {r.status})")
+            k = all_epochs.index(e)
+            if k == 0:
+                break
+            e, j = all_epochs[k - 1], int(r.prev_direction)
+        return " ← ".join(chain)
+
+    parts = [f'<section id="directions-section"><h2>Concept directions (SVD, {html.escape(run)}, layer '
+             f'{html.escape(layer)})</h2><p class="note">Directions across the channels of a layer '
+             "(Graziani et al.), ranked per class by the z-score of their gradient×activation relevance. "
+             "Each cell: direction, z, and its top images"
+             + (f" (concept map: top {100 - percentile:.0f}% of the direction's map kept)" if cd else "")
+             + ". Life: the direction's matched predecessors back to the first epoch.</p>"]
+    for c in classes:
+        cname = f"{c}: {names[c]}" if c < len(names) else str(c)
+        parts.append(f"<h3>{html.escape(cname)}</h3><table class='directions'><tr><th>epoch</th>"
+                     + "".join(f"<th>#{r + 1}</th>" for r in range(top)) + "</tr>")
+        for e in epochs:
+            sel = cls_t[(cls_t["class"] == c) & (cls_t["epoch"] == e)].sort_values("rank").head(top)
+            cells = []
+            for r in sel.itertuples():
+                info = by_key.get((int(e), int(r.direction)))
+                ids = info.top_images if info is not None else []
+                z = "nan" if not np.isfinite(r.z) else f"{r.z:.2f}"
+                cells.append(f"<td>d{int(r.direction)} z={z}<br>{thumbs(ids, r.direction, e)}</td>")
+            parts.append(f"<tr><td>{e}</td>{''.join(cells)}</tr>")
+        parts.append("</table>")
+        best = cls_t[(cls_t["class"] == c) & (cls_t["epoch"] == last)].sort_values("rank").head(top)
+        lives = "".join(f"<li>{html.escape(life(int(last), int(d)))}</li>" for d in best["direction"])
+        parts.append(f"<p>Life of the top directions at epoch {last}:</p><ul>{lives}</ul>")
+        if outl is not None and len(outl):
+            o = outl[(outl["run"] == run) & (outl["class"] == c)].head(images * 2)
+            if len(o):
+                items = "".join(
+                    f'<span style="display:inline-block;text-align:center;margin:2px">'
+                    f'<img src="{_png(data.raw(int(r.image)))}"><br>'
+                    f"d{int(r.direction)} z={r.robust_z:.1f}<br>label {int(r.label)} / pred {int(r.predicted)}</span>"
+                    for r in o.itertuples())
+                parts.append(f"<p>Outliers along these directions (robust z within the class):</p><div>{items}</div>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def stage_report_section(tables: Mapping[str, pd.DataFrame], data: Any, runs: Mapping[str, Any], *,
+                         store: Any = None, device: str | torch.device = "cpu", **kw: Any) -> str:
+    """:func:`directions_report_section` of the first analysed run, with concept maps at its last epoch."""
+    from .stimuli import _layer_file
+
+    dirs = tables["directions"]
+    if dirs.empty:
+        return ""
+    run = str(dirs["run"].iloc[0])
+    layer = str(dirs["layer"].iloc[-1])
+    last = int(dirs[dirs["run"] == run]["epoch"].max())
+    model = vh = None
+    if store is not None and store.exists(f"directions/{run}/epoch_{last:03d}/{_layer_file(layer)}.vh.npy"):
+        vh = store.load_array(f"directions/{run}/epoch_{last:03d}/{_layer_file(layer)}.vh")
+        (model,) = _load_models(runs[run], [last], torch.device(device))
+    return directions_report_section(tables, data, run=run, layer=layer, map_model=model, map_epoch=last,
+                                     map_vh=vh, **kw)

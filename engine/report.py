@@ -106,6 +106,9 @@ class ReportData:
         Page title and a small table of run facts (dataset, base model, parameters).
     layer_order
         Order of layers in legends / colours (default: order of first appearance).
+    extra_sections
+        Trusted HTML fragments appended after the other sections (e.g.
+        :func:`conceptevo.directions.directions_report_section`).
     """
 
     points: pd.DataFrame
@@ -120,6 +123,7 @@ class ReportData:
     facts: Mapping[str, Any] | None = None
     layer_order: Sequence[str] | None = None
     diagnostic_metrics: Sequence[str] | None = None
+    extra_sections: Sequence[str] = ()
 
 
 def _per_run(df: pd.DataFrame | None, table: str) -> pd.DataFrame | None:
@@ -907,6 +911,7 @@ def _html(payload: dict, data: ReportData, plotly_js: str) -> str:
         parts.append('<section><h2>Reversion check</h2><p class="note">Reverting the evolutions of more '
                      "important neurons should lower accuracy more; the random bin is the baseline.</p>"
                      '<div id="fig-reversion"></div></section>')
+    parts += [str(x) for x in (data.extra_sections or ())]
     parts += [
         f"<script>{plotly_js}</script>",
         f'<script type="application/json" id="ce-data">{_script_json(payload)}</script>',

@@ -333,3 +333,43 @@ def test_stage_writes_artifacts_and_reuses_them(rng, tmp_path):
     assert len(again["directions"]) == len(dirs)
     with pytest.raises(ConceptEvoError, match="unknown directions parameter"):
         D.run_stage(store, runs, ds, nope=1)
+
+
+def test_cli_directions_help_and_bad_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from conceptevo.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["directions", "--help"])
+    assert res.exit_code == 0 and "--run" in res.output
+    (tmp_path / "r").mkdir()
+    res = runner.invoke(app, ["directions", "--run", str(tmp_path / "r")])
+    assert res.exit_code != 0
+
+
+@pytest.mark.slow
+def test_pipeline_switch_end_to_end(tmp_path):
+    """``directions = true``: the stage runs in the pipeline, writes its tables and a report section."""
+    import pandas as pd
+
+    from conceptevo import data, train
+    from conceptevo.pipeline import PipelineConfig, run_pipeline
+
+    tr = data.builtin_dataset("train", seed=1, root=tmp_path / "data", num_images=240)
+    te = data.builtin_dataset("test", seed=1, root=tmp_path / "data", num_images=60)
+    run_dir = tmp_path / "training" / "a"
+    train.train_run(run_dir, "vgg_small", tr, te, epochs=2, lr=0.05, save_epochs=[0, 1, 2], seed=3,
+                    model_kw={"channels": (8, 8, 16, 16), "hidden": 32}, progress=False)
+    cfg = PipelineConfig(out=tmp_path / "out", runs={"a": str(run_dir)}, base="a", k=5, k_i=3, batch_size=64,
+                         repeats=2, importance_classes=2, importance_images=8, reversion_sample_size=4,
+                         reversion_repeats=1, reversion_classes=[0], patches_per_neuron=1, neighbours=2,
+                         directions=True, directions_images=6)
+    res = run_pipeline(cfg, train_set=tr, test_set=te)
+    out = tmp_path / "out"
+    dirs = pd.read_parquet(out / "directions.parquet")
+    assert set(dirs["epoch"]) == {0, 1, 2} and {"singular_value", "prev_direction", "angle", "alignment"} <= set(dirs)
+    cls = pd.read_parquet(out / "direction_classes.parquet")
+    assert {"class", "direction", "z", "rank"} <= set(cls.columns)
+    assert (out / "direction_importance.parquet").exists() and (out / "direction_vectors.parquet").exists()
+    assert 'id="directions-section"' in res.report.read_text(encoding="utf-8")
