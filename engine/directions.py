@@ -264,14 +264,58 @@ def _fix_signs(vh: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     return vh * sign.unsqueeze(-1)
 
 
-def _decompose(grams: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, center: bool):
+def _eigh(m: torch.Tensor, precision: str = "float64") -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched symmetric eigendecomposition (ascending), float64 results.
+
+    CUDA: ``torch.linalg.eigh`` on the whole batch. CPU: LAPACK ``syevd`` (SciPy) per matrix on a
+    pool of ``torch.get_num_threads()`` threads, each with single-threaded BLAS (the matrices are
+    independent; on 2 cores this is ~1.5x faster than torch's CPU eigh, which runs the batch one
+    matrix at a time). ``precision="float32"`` decomposes in float32 (about 2x faster, eigenvector
+    error ~1e-6 relative to the spectral gap) -- for very many checkpoints.
+    """
+    if precision not in ("float64", "float32"):
+        raise ConceptEvoError(f"precision must be 'float64' or 'float32', got {precision!r}")
+    dt = torch.float32 if precision == "float32" else torch.float64
+    if m.device.type != "cpu":
+        w, u = torch.linalg.eigh(m.to(dt))
+        return w.double(), u.double()
+    import contextlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scipy.linalg import eigh as sp_eigh
+
+    arr = m.to(dt).numpy()
+
+    def one(i: int):
+        return sp_eigh(arr[i], driver="evd", check_finite=False)
+
+    workers = max(1, min(torch.get_num_threads(), len(arr)))
+    limit = contextlib.nullcontext()
+    if True:  # one BLAS thread per matrix (also for one worker: a threaded syevd is slower at these sizes)
+        with contextlib.suppress(ImportError):
+            from threadpoolctl import threadpool_limits
+
+            limit = threadpool_limits(1)
+    with limit:
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                res = list(pool.map(one, range(len(arr))))
+        else:
+            res = [one(i) for i in range(len(arr))]
+    w = torch.from_numpy(np.stack([r[0] for r in res]).astype(np.float64))
+    u = torch.from_numpy(np.stack([r[1] for r in res]).astype(np.float64))
+    return w, u
+
+
+def _decompose(grams: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, center: bool,
+               precision: str = "float64"):
     """Batched: grams (B, C, C), sums (B, C), counts (B,) -> vh (B, C, C) rows desc, s (B, C)."""
     counts = counts.to(grams.dtype).clamp_min(1)
     m = grams
     if center:
         m = grams - sums.unsqueeze(-1) * sums.unsqueeze(-2) / counts.view(-1, 1, 1)
     m = 0.5 * (m + m.transpose(-1, -2))
-    w, u = torch.linalg.eigh(m)  # ascending
+    w, u = _eigh(m, precision)  # ascending
     w, u = w.flip(-1), u.flip(-1)
     vh = u.transpose(-1, -2)
     s = w.clamp_min(0).sqrt()
@@ -296,7 +340,8 @@ def directions_from_gram(gram, sums=None, count=None, center: bool = False) -> t
 
 
 def batched_directions(items: Sequence[tuple[Any, Any, Any]], center: bool = False,
-                       device: str | torch.device = "cpu") -> list[tuple[np.ndarray, np.ndarray]]:
+                       device: str | torch.device = "cpu", precision: str = "float64"
+                       ) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`directions_from_gram` of many ``(gram, sums, count)``: one batched ``eigh`` per width.
 
     On a GPU (``device="cuda"``) the batches run there; results are NumPy float64.
@@ -310,7 +355,7 @@ def batched_directions(items: Sequence[tuple[Any, Any, Any]], center: bool = Fal
         g = torch.stack([torch.as_tensor(np.asarray(items[i][0], np.float64)) for i in idx]).to(dev)
         s = torch.stack([torch.as_tensor(np.asarray(items[i][1], np.float64)) for i in idx]).to(dev)
         n = torch.tensor([float(items[i][2]) for i in idx], dtype=torch.float64, device=dev)
-        vh, sv = _decompose(g, s, n, center)
+        vh, sv = _decompose(g, s, n, center, precision)
         vh, sv = vh.cpu().numpy(), sv.cpu().numpy()
         for j, i in enumerate(idx):
             out[i] = (vh[j], sv[j])

@@ -219,8 +219,10 @@ def _tiny_cnn(seed, k=3):
 
 
 def _images(rng, n=37, k=3):
-    x = torch.from_numpy(rng.standard_normal((n, 3, 8, 8))).float()
-    return _Pairs(x, torch.from_numpy(rng.integers(0, k, n)))
+    from conceptevo.data import tensor_dataset
+
+    x = torch.from_numpy(rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8))
+    return tensor_dataset(x, torch.from_numpy(rng.integers(0, k, n)))
 
 
 def test_gram_in_the_stimulus_pass_equals_gram_pass(rng, tmp_path):
@@ -294,10 +296,11 @@ def test_direction_importance_with_channel_axes_is_eq_4(rng):
             dz = (z["t2"] - z["t"].detach())
             dzv = v[j][None, :, None, None] * torch.einsum("bchw,c->bhw", dz, v[j])[:, None]
             s_ref[i, j] = float((g * dzv).sum())
-    labels = ds.targets.numpy()
+    labels = ds.labels.numpy()
     for c in np.unique(labels):
         rows = got[got["class"] == c].sort_values("direction")
         np.testing.assert_array_equal(rows["positives"], (s_ref[labels == c] > 0).sum(0))
+        np.testing.assert_allclose(rows["mean_s"], s_ref[labels == c].mean(0), rtol=1e-4, atol=1e-7)
 
 
 def test_stage_writes_artifacts_and_reuses_them(rng, tmp_path):
@@ -333,6 +336,9 @@ def test_stage_writes_artifacts_and_reuses_them(rng, tmp_path):
     assert len(again["directions"]) == len(dirs)
     with pytest.raises(ConceptEvoError, match="unknown directions parameter"):
         D.run_stage(store, runs, ds, nope=1)
+    # the report section: per class, top directions per epoch with images and concept maps, lives
+    html = D.stage_report_section(tables, ds, runs, store=store)
+    assert html.count("<h3>") == len(set(cls["class"])) and "<img" in html and "←" in html
 
 
 def test_cli_directions_help_and_bad_run(tmp_path):
