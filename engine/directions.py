@@ -1225,3 +1225,36 @@ def stage_report_section(tables: Mapping[str, pd.DataFrame], data: Any, runs: Ma
         (model,) = _load_models(runs[run], [last], torch.device(device))
     return directions_report_section(tables, data, run=run, layer=layer, map_model=model, map_epoch=last,
                                      map_vh=vh, **kw)
+
+
+def tag_purity(top_ids: Mapping[str, np.ndarray], tags: Mapping[str, np.ndarray],
+               tag_names: Mapping[str, Sequence[str]] | None = None, bottom_ids: Mapping[str, np.ndarray] | None = None,
+               families: Sequence[str] | None = None) -> pd.DataFrame:
+    """For every tag value: the direction whose top (or bottom) images carry it most often.
+
+    ``top_ids``/``bottom_ids``: ``{layer: (D, k)}`` image ids (-1 = empty); ``tags``: family ->
+    int codes (N,) (the built-in data's ground truth). Returns ``family, value, name, layer, direction,
+    pole ("top"/"bottom"), purity`` (share of the pole's images with the value), ``chance`` (the
+    value's share of all images) and ``lift = purity / chance``.
+    """
+    rows = []
+    fams = list(families) if families is not None else list(tags)
+    poles = [("top", top_ids)] + ([("bottom", bottom_ids)] if bottom_ids is not None else [])
+    for fam in fams:
+        codes = np.asarray(tags[fam])
+        for v in np.unique(codes[codes >= 0]):
+            chance = float(np.mean(codes == v))
+            best = (-1.0, "", -1, "")
+            for pole, ids_of in poles:
+                for layer, ids in ids_of.items():
+                    ids = np.asarray(ids)
+                    valid = ids >= 0
+                    hit = (codes[np.where(valid, ids, 0)] == v) & valid
+                    pur = hit.sum(1) / np.maximum(valid.sum(1), 1)
+                    j = int(np.argmax(pur))
+                    if pur[j] > best[0]:
+                        best = (float(pur[j]), layer, j, pole)
+            name = str(tag_names[fam][v]) if tag_names and fam in tag_names else str(v)
+            rows.append({"family": fam, "value": int(v), "name": name, "layer": best[1], "direction": best[2],
+                         "pole": best[3], "purity": best[0], "chance": chance, "lift": best[0] / chance})
+    return pd.DataFrame(rows)
