@@ -106,6 +106,9 @@ __all__ = [
     "ConceptDirections",
     "direction_stimuli",
     "project_directions",
+    "place_on_map",
+    "tag_purity",
+    "run_stage",
     "direction_importance",
     "directions_report_section",
 ]
@@ -830,6 +833,30 @@ def project_directions(space: Any, top_ids: Mapping[str, np.ndarray]) -> dict[st
     return {n: space.project(np.asarray(ids, np.int64)) for n, ids in top_ids.items()}
 
 
+def place_on_map(space: Any, vectors: np.ndarray, k: int = 10) -> np.ndarray:
+    """2-D map positions (D, 2) of projected directions: the mean layout position of the ``k``
+    nearest real neurons in the unified space (UMAP has one fit over the real neurons; this places
+    the virtual ones beside their neighbours without refitting). NaN where there is no layout or
+    no vector."""
+    vectors = np.asarray(vectors, np.float32)
+    out = np.full((len(vectors), 2), np.nan, np.float32)
+    layout = space.layout
+    if layout is None or not len(vectors):
+        return out
+    base = np.asarray(space.vectors, np.float32)
+    ok = np.flatnonzero(np.isfinite(base).all(1) & np.isfinite(layout).all(1))
+    if ok.size == 0:
+        return out
+    base, xy = base[ok], layout[ok]
+    kk = min(int(k), len(ok))
+    good = np.isfinite(vectors).all(1)
+    q = vectors[good]
+    d2 = (q * q).sum(1)[:, None] - 2 * q @ base.T + (base * base).sum(1)[None]
+    nn_idx = np.argpartition(d2, kk - 1, axis=1)[:, :kk]
+    out[good] = xy[nn_idx].mean(axis=1)
+    return out
+
+
 # ======================================================= Eq. 2-4 on directions
 def direction_importance(model_t: nn.Module, model_t2: nn.Module, data: Any, directions: Mapping[str, np.ndarray],
                          classes: Sequence[int] | None = None, max_images_per_class: int | None = None,
@@ -1037,8 +1064,10 @@ def run_stage(store: Any, runs: Mapping[str, Any], data: Any, *, run_names: Sequ
                 rows.append(df)
                 if space is not None:
                     vecs = space.project(np.asarray(tops[i][n]["ids"], np.int64))
+                    xy = place_on_map(space, vecs)
                     vec_rows.append(pd.DataFrame({"run": run, "epoch": e, "layer": n,
-                                                  "direction": np.arange(vh.shape[0]), "vector": list(vecs)}))
+                                                  "direction": np.arange(vh.shape[0]), "vector": list(vecs),
+                                                  "x": xy[:, 0], "y": xy[:, 1]}))
             # relevance over a per-class sample, z per class
             cd = ConceptDirections(layers=lnames, center=bool(p["center"]), gradient=str(p["gradient"]),
                                    by=str(p["by"]), batch_size=batch_size, device=dev)

@@ -413,3 +413,17 @@ def test_builtin_data_directions_carry_the_tags(tmp_path):
     print(pur.to_string())
     assert (pur["lift"] > 1.5).all(), pur
     assert (pur["purity"] > 0.5).mean() >= 0.75, pur
+
+
+def test_place_on_map_uses_the_nearest_real_neurons(rng):
+    from types import SimpleNamespace
+
+    vecs = rng.standard_normal((30, 4)).astype(np.float32)
+    xy = rng.standard_normal((30, 2)).astype(np.float32)
+    space = SimpleNamespace(vectors=vecs, layout=xy)
+    q = np.vstack([vecs[[3, 17]] + 1e-4, np.full((1, 4), np.nan, np.float32)])
+    got = D.place_on_map(space, q, k=1)
+    np.testing.assert_allclose(got[:2], xy[[3, 17]])
+    assert np.isnan(got[2]).all()
+    d = ((vecs - q[0]) ** 2).sum(1)
+    np.testing.assert_allclose(D.place_on_map(space, q[:1], k=3)[0], xy[np.argsort(d)[:3]].mean(0), rtol=1e-5)
