@@ -190,7 +190,8 @@ def gram_observer(channels: Mapping[str, int] | None = None, device: str | torch
         acc = accs.get(name)
         if acc is None or layer not in acc.gram:
             widths.setdefault(layer, int(out.shape[1]))
-            fresh = GramAccumulator(widths, device if device is not None else out.device)
+            with torch.inference_mode(False):  # normal tensors: usable (merge, +=) after the pass too
+                fresh = GramAccumulator(widths, device if device is not None else out.device)
             if acc is not None:  # a layer first seen now (channels=None): keep what is summed
                 for n in acc.gram:
                     fresh.gram[n], fresh.sums[n], fresh.count[n] = acc.gram[n], acc.sums[n], acc.count[n]
