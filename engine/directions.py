@@ -1093,11 +1093,15 @@ def run_stage(store: Any, runs: Mapping[str, Any], data: Any, *, run_names: Sequ
             columns=["class", "image", "label", "predicted", "projection", "robust_z", "run", "epoch", "layer",
                      "direction"])),
     }
+    if evolution is not None and not all(e in runs[names[0]].checkpoints for e in evolution):
+        import logging
+
+        logging.getLogger(__name__).warning("directions: evolution epochs %s are not saved in run %r; "
+                                            "direction_importance skipped", list(evolution), names[0])
+        evolution = None
     if evolution is not None:
         t, t2 = evolution
         spec = runs[names[0]]
-        if t not in spec.checkpoints or t2 not in spec.checkpoints:
-            raise ConceptEvoError(f"directions: evolution epochs {t}->{t2} not saved in run {names[0]!r}")
         m_t, m_t2 = _load_models(spec, [t, t2], dev)
         tables["direction_importance"] = direction_importance(
             m_t, m_t2, data, first_dirs[t], max_images_per_class=int(p["images_per_class"]), seed=seed,
