@@ -12,7 +12,7 @@ from conceptevo.errors import ConceptEvoError, LayerError
 
 
 def _stream(acts: torch.Tensor, rng, layer="l") -> D.GramAccumulator:
-    acc = D.GramAccumulator({layer: acts.shape[1]})
+    acc = D.GramAccumulator({layer: acts.shape[1]}, flush_rows=int(rng.integers(1, 64)))  # flushes mid-stream
     n, lo = acts.shape[0], 0
     while lo < n:  # random, odd batch sizes
         hi = min(n, lo + int(rng.integers(1, 40)))
