@@ -35,7 +35,8 @@ For one layer and one checkpoint, over N images:
    Only per-class sums, sums of squares and counts are needed, so they are streamed.
    A class's concept candidates are its directions by descending z (rank 1 = largest z).
    z is NaN where the class or its complement has no image or the complement's std is 0.
-5. Concept map of an image for direction v: ``v · A(x)[:, p]`` at every position p, upsampled
+5. Concept map of an image for direction v: ``v · A(x)[:, p]`` at every position p (with
+   ``center=True``: ``v · (A(x)[:, p] - μ)``, μ the mean pooled activation), upsampled
    bilinearly to the image size, thresholded at a percentile of its own pixels:
    :data:`MAP_PERCENTILE` = 90 (the map's top 10% of pixels), a tight mask that still covers a
    small object part at 32x32; change it per call.
@@ -753,6 +754,8 @@ class ConceptDirections:
         if a.dim() == 2:
             a = a[:, :, None, None]
         v = torch.as_tensor(self.vh[layer][direction], dtype=torch.float32, device=a.device)
+        if self.center and layer in self.mean:  # PCA axes live around the mean activation: map v·(A_p - μ)
+            a = a - torch.as_tensor(self.mean[layer], dtype=torch.float32, device=a.device).view(1, -1, 1, 1)
         m = torch.einsum("c,bchw->bhw", v, a)[:, None]
         m = F.interpolate(m, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
         thr = np.percentile(m.reshape(m.shape[0], -1), percentile, axis=1)
