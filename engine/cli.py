@@ -386,6 +386,37 @@ def serve(
         _fail(exc)
 
 
+@app.command()
+def directions(
+    run: Annotated[Path, typer.Option("--run", help="A pipeline run directory.")],
+    runs: Annotated[Optional[list[str]], typer.Option("--analyse", help="Run to analyse (repeatable); default the base.")] = None,
+    images: Annotated[int, typer.Option(help="Images per class for the relevance (gradient) pass.")] = 32,
+    gradient: Annotated[str, typer.Option(help="Relevance gradient: logit (default) or loss (the authors' code).")] = "logit",
+    report: Annotated[bool, typer.Option(help="Rebuild report.html with the directions section.")] = True,
+) -> None:
+    """Concept directions by SVD across training (Graziani et al.): directions.parquet,
+    direction_classes.parquet, direction_outliers.parquet, direction_importance.parquet. Uses the
+    run's stored config; finished stages are reused."""
+    import dataclasses
+
+    from .errors import ConceptEvoError
+    from .pipeline import PipelineConfig, run_pipeline
+    from .store import RunStore
+
+    store = RunStore(run, create=False)
+    conf = store.manifest.get("config")
+    if not conf:
+        _fail(ConceptEvoError(f"{run} has no pipeline config in its manifest"))
+    try:
+        cfg = dataclasses.replace(PipelineConfig(**conf), directions=True, directions_runs=runs or None,
+                                  directions_images=images, directions_gradient=gradient)
+        result = run_pipeline(cfg, report=report)
+    except ConceptEvoError as exc:
+        _fail(exc)
+    console.print(f"directions: {Path(run) / 'directions.parquet'}, {Path(run) / 'direction_classes.parquet'}"
+                  + (f"; report: {result.report}" if result.report else ""))
+
+
 def main() -> None:
     """Entry point of the ``conceptevo`` script."""
     app()

@@ -81,6 +81,10 @@ class PipelineConfig:
     backends: dict[str, str] = field(default_factory=dict)  # topk / solve / faiss / umap -> auto|cpu|gpu
     threads: int | None = None
     skip_bad: bool = False                # leave unreadable image files out (listed in manifest and report)
+    directions: bool = False              # concept directions by SVD (conceptevo.directions), off by default
+    directions_runs: list[str] | None = None  # runs to analyse; default: the base run
+    directions_images: int = 32           # images per class for the relevance (gradient) pass
+    directions_gradient: str = "logit"    # "logit" or "loss" (the authors' code; see conceptevo.directions)
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -332,16 +336,24 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
     # checkpoint that diverged (NaN/inf weights or activations) is recorded as a finding, not a crash.
     stims: dict[tuple[str, int], Any] = {}
     diverged: dict[str, dict[int, str]] = {}
+    grams: dict[tuple[str, int], Any] = {}  # Gram matrices streamed in this pass (directions stage)
     pass_acc: list[dict[str, Any]] = []
     with _Timer(seconds, "stimuli"):
         for name, spec in runs.items():
             epochs = sorted(spec.checkpoints)
+            observer, accs = (None, {})
+            if cfg.directions:
+                from .directions import gram_observer
+
+                observer, accs = gram_observer()
             out = (extract_stimuli if world is None else world.extractor(name))(
                 spec.factory, [spec.checkpoints[e] for e in epochs], train_set, layers=cfg.layers, k=cfg.k,
                 k_i=cfg.k_i, batch_size=cfg.batch_size, device=device, store=store, prefix=f"stimuli/{name}",
                 names=[f"epoch_{e:03d}" for e in epochs], amp=cfg.amp, backend=cfg.backends.get("topk", "auto"),
                 input_shape=input_shape, accuracy=True, on_diverged="record",
+                **({"observer": observer} if observer is not None else {}),
             )
+            grams.update({(name, e): accs[f"epoch_{e:03d}"] for e in epochs if f"epoch_{e:03d}" in accs})
             for e, s in zip(epochs, out):
                 if s.diverged:
                     diverged.setdefault(name, {})[e] = s.diverged
@@ -483,11 +495,24 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
             for msg in v.get("messages", []):  # each message starts with the run's name
                 console.print(msg)
 
+    directions_tables = None
+    if cfg.directions:  # concept directions by SVD (Graziani et al.), see conceptevo.directions
+        from . import directions as directions_mod
+
+        with _Timer(seconds, "directions"):
+            directions_tables = directions_mod.run_stage(
+                store, runs, train_set, run_names=cfg.directions_runs or [base_run], layers=cfg.layers,
+                batch_size=cfg.batch_size, device=device, seed=cfg.seed, grams=grams, evolution=(t, t2),
+                space=space, input_keys=[r.get("key", "") for r in stim_keys],
+                images_per_class=cfg.directions_images, gradient=cfg.directions_gradient, k=cfg.k)
+
     report_path = None
     if report:
         with _Timer(seconds, "report"):
+            extra = ([directions_mod.stage_report_section(directions_tables, train_set, runs, store=store,
+                                                          device=device)] if directions_tables is not None else [])
             report_path = _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summary, diag, align,
-                                        (base_run, base_epoch), (t, t2), patches, report_mod, rev_note)
+                                        (base_run, base_epoch), (t, t2), patches, report_mod, rev_note, extra_sections=extra)
     total = time.perf_counter() - t_all
     seconds["total"] = total
     store.update_manifest(pipeline_seconds={k: round(v, 2) for k, v in seconds.items()})
@@ -510,7 +535,7 @@ def _datasets(cfg: PipelineConfig, train_set=None, test_set=None):
 
 
 def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summary, diag, align, base, tt, patches,
-                  report_mod, rev_note: str) -> Path:
+                  report_mod, rev_note: str, extra_sections=()) -> Path:
     """Assemble ReportData: points + tags, patches, neighbours, accuracy, diagnostics, evolutions.
 
     ``base`` is the (run, epoch) the space was fitted on (the configured ``base``)."""
@@ -582,7 +607,7 @@ def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summa
     rd = report_mod.ReportData(points=points, patches=pats, neighbours=neighbours, accuracy=accuracy,
                                diagnostics=diag.table, verdicts=verdict_text, evolutions=top, reversion=rev_plot,
                                title="ConceptEvo report", facts=facts,
-                               layer_order=list(next(iter(stims.values())).layers))
+                               layer_order=list(next(iter(stims.values())).layers), extra_sections=extra_sections)
     from .report_folder import report_format  # one file or a folder, and the threshold (shown in the report too)
 
     store.update_manifest(report_format=report_format(len(points)))

@@ -109,6 +109,9 @@ class ReportData:
         Page title and a small table of run facts (dataset, base model, parameters).
     layer_order
         Order of layers in legends / colours (default: order of first appearance).
+    extra_sections
+        Trusted HTML fragments appended after the other sections (e.g.
+        :func:`conceptevo.directions.directions_report_section`).
     """
 
     points: pd.DataFrame
@@ -124,6 +127,7 @@ class ReportData:
     layer_order: Sequence[str] | None = None
     diagnostic_metrics: Sequence[str] | None = None
     tracing: pd.DataFrame | None = None   # trace_classes table (conceptevo.tracing.attribute_evolutions)
+    extra_sections: Sequence[str] = ()
 
 
 def _per_run(df: pd.DataFrame | None, table: str) -> pd.DataFrame | None:
@@ -648,6 +652,7 @@ def _html(payload: dict, data: ReportData, plotly_js: str) -> str:
         from .tracing import report_section
 
         parts.append(report_section(data.tracing))
+    parts += [str(x) for x in (data.extra_sections or ())]
     parts += [
         f"<script>{plotly_js}</script>",
         f'<script type="application/json" id="ce-data">{_script_json(payload)}</script>',

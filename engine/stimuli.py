@@ -630,6 +630,7 @@ class Extraction:
         desc: str = "stimuli",
         prepared: tuple[list[nn.Module], list[dict[str, torch.Tensor]]] | None = None,
         on_logits: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+        observer: Callable[[str, str, torch.Tensor], None] | None = None,
     ) -> list[dict[str, Any]]:
         """Stream ids ``[start, stop)`` through every checkpoint of ``specs``; return their states.
 
@@ -686,7 +687,7 @@ class Extraction:
 
         if processed < stop:
             batches = self._stream(specs, weights, models, states, processed, stop, batches, saver,
-                                   save_every, progress, on_batch, start, desc, dead, hits, on_logits)
+                                   save_every, progress, on_batch, start, desc, dead, hits, on_logits, observer)
         else:
             log.info("%s: shard [%d, %d) already complete", desc, start, stop)
         if saver is not None and save_at_end and saver.saved < stop:
@@ -707,7 +708,8 @@ class Extraction:
                 "hits": {key: h for key, h in zip(saver.keys, hits)}}
 
     def _stream(self, specs, weights, models, states, processed, stop, batches, saver, save_every, progress,
-                on_batch, start, desc, dead: dict[int, str], hits: list[list[int]], on_logits=None) -> int:
+                on_batch, start, desc, dead: dict[int, str], hits: list[list[int]], on_logits=None,
+                observer=None) -> int:
         """The loop over batches; returns the number of batches done in the shard so far."""
         from . import kernels
         from .data import indexed_loader
@@ -726,6 +728,8 @@ class Extraction:
                 )
             fired.add(layer)
             j = current["j"]
+            if observer is not None:
+                observer(specs[j].name, layer, out)
             try:
                 kernels.update(states[j][layer], out, current["ids"], backend=backend)
             except ActivationError as exc:
@@ -1071,6 +1075,7 @@ def extract_stimuli(
     on_batch: Callable[[int, int], None] | None = None,
     accuracy: bool = False,
     on_diverged: str = "raise",
+    observer: Callable[[str, str, torch.Tensor], None] | None = None,
 ) -> list[Stimuli]:
     """Stimuli of every checkpoint (same architecture) in ONE streaming pass over ``dataset``.
 
@@ -1105,6 +1110,11 @@ def extract_stimuli(
             ``"record"``: a checkpoint with NaN/inf weights, NaN activations, infinite kept maxima or
             non-finite logits comes back as an empty ``Stimuli`` whose ``diverged`` says why (layer
             and first bad image ids); the other checkpoints carry on.
+        observer: optional ``observer(checkpoint_name, layer, output)`` called with every chosen
+            layer's output of every computed checkpoint, before the top-k update (read only; e.g.
+            :func:`conceptevo.directions.gram_observer` streams the Gram matrices of the concept
+            directions in this very pass). Not called for checkpoints loaded from the cache, and a
+            resumed pass calls it only for the images after the resume point.
 
     Returns:
         One :class:`Stimuli` per checkpoint, in the order given.
@@ -1138,7 +1148,7 @@ def extract_stimuli(
     t0 = time.perf_counter()
     states = plan.run_shard(specs, 0, plan.num_images, store=store, progress_dir=progress_dir, resume=resume,
                             save_every=save_every, progress=progress, on_batch=on_batch,
-                            desc=f"stimuli x{len(specs)}")
+                            desc=f"stimuli x{len(specs)}", observer=observer)
     seconds = time.perf_counter() - t0
     for i, spec, st in zip(pending, specs, states):
         results[i] = plan.to_stimuli(spec, st)
