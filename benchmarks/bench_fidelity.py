@@ -67,6 +67,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("conceptevo-runs/fidelity"))
     ap.add_argument("--json", type=Path, default=Path(__file__).with_name("fidelity.json"))
     ap.add_argument("--quick", action="store_true", help="the demo's quick sizes (smoke test only)")
+    ap.add_argument("--evaluate-only", action="store_true",
+                    help="judge the claims on the seeds already in --out, without running anything")
     args = ap.parse_args()
     if args.seeds < 1:
         ap.error("--seeds must be >= 1")
@@ -76,21 +78,31 @@ def main() -> int:
     seconds: dict[int, float] = {}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         print(f"=== seed {seed}", file=sys.stderr, flush=True)
-        results[seed], seconds[seed] = run_seed(args.out / f"seed_{seed}", seed, args.quick)
+        if args.evaluate_only:
+            if not (args.out / f"seed_{seed}" / "verdicts.json").exists():
+                print(f"seed {seed}: not run yet in {args.out}; left out", file=sys.stderr)
+                continue
+            results[seed], seconds[seed] = evaluate_claims(args.out / f"seed_{seed}"), float("nan")
+        else:
+            results[seed], seconds[seed] = run_seed(args.out / f"seed_{seed}", seed, args.quick)
         for r in results[seed].itertuples():
             print(f"seed {seed} claim {r.claim}: {r.holds} -- {r.value}", file=sys.stderr, flush=True)
     total = time.perf_counter() - t_all
     cpu = resource.getrusage(resource.RUSAGE_SELF)
-    table, held = summarise(results, args.seeds)
+    n_seeds = len(results)
+    if not n_seeds:
+        print("no seed to judge", file=sys.stderr)
+        return 1
+    table, held = summarise(results, n_seeds)
 
-    print(f"\nFidelity over {args.seeds} seed(s) ({'quick sizes' if args.quick else 'full demo sizes'}); "
+    print(f"\nFidelity over {n_seeds} seed(s) ({'quick sizes' if args.quick else 'full demo sizes'}); "
           f"{machine_line(extra=f'conceptevo {__version__}')}")
     print(f"{'claim':<6}{'holds':<8}{'goal':<9}text")
     for r in table.itertuples():
         print(f"{r.claim:<6}{r.holds:<8}{r.goal:<9}{r.text}")
         for m in r[5]:
             print(f"{'':<23}{m}")
-    met = all(held[c] >= round(GOAL[c] * args.seeds / 5) for c in CLAIMS)
+    met = all(held[c] >= round(GOAL[c] * n_seeds / 5) for c in CLAIMS)
     print(f"\ngoal {'MET' if met else 'NOT met'}; wall {total / 60:.1f} min "
           f"(per seed {', '.join(f'{s / 60:.1f}' for s in seconds.values())} min), "
           f"process CPU {(cpu.ru_utime + cpu.ru_stime) / 60:.1f} min")

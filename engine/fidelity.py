@@ -8,7 +8,8 @@ so a user can check them on any run with the three built-in regimes.
 
 ====  =====================================================================================
 a     neighbours share ground-truth concepts: lift >= 2 for colour, shape and texture, within
-      the base model, across epochs and across runs (the smallest of the nine lifts)
+      the base model, across epochs and across runs (the smallest of the nine lifts; the base
+      model's neurons are the queries: ``alignment_base.parquet``)
 b     well_trained's concept diversity rises from its first trained epoch to its last
 c     high_lr's diversity falls as its accuracy collapses, and the collapse verdict fires
 d     overfit moves less per unit of training-accuracy gain than well_trained (ratio < 1),
@@ -61,11 +62,35 @@ def evaluate_claims(run_dir: str | Path, reference: str = "well_trained", high_l
     return pd.DataFrame(sorted(rows, key=lambda r: r["claim"]))
 
 
+def _base_alignment(run_dir: Path) -> pd.DataFrame | None:
+    """``alignment_base.parquet`` (the base model's neurons as queries), computed from the saved
+    space and the run's built-in data when an older run lacks it."""
+    path = run_dir / "alignment_base.parquet"
+    if path.exists():
+        return pd.read_parquet(path)
+    manifest = run_dir / "manifest.json"
+    if not (run_dir / "space").exists() or not manifest.exists():
+        return None
+    config = json.loads(manifest.read_text(encoding="utf-8")).get("config") or {}
+    if config.get("dataset", "builtin") != "builtin":
+        return None
+    from .alignment import alignment_report
+    from .builtin import builtin_dataset
+    from .space import UnifiedSpace
+    from .store import RunStore
+
+    space = UnifiedSpace.load(run_dir / "space")
+    data = builtin_dataset("train", seed=int(config.get("seed", 0)), root=run_dir / "data")
+    table = alignment_report(space, data.tags, seed=int(config.get("seed", 0)),
+                             queries=space.rows(*space.base_key)).table
+    RunStore(run_dir).save_table("alignment_base", table)
+    return table
+
+
 def _claim_a(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "alignment.parquet"
-    if not path.exists():
+    t = _base_alignment(run_dir)
+    if t is None:
         return _row("a", None, "no alignment table (no concept tags)")
-    t = pd.read_parquet(path)
     t = t[t["family"].isin(_FAMILIES)]
     if t.empty:
         return _row("a", None, "no colour/shape/texture rows")

@@ -413,6 +413,12 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
                                                backend=cfg.backends.get("faiss", "auto"))
             store.save_table("alignment", align.table)
             align.print(console)
+            # the same with the base model's neurons as the queries: how its concepts find their
+            # neighbours in its own checkpoint, across the base run's epochs and in the other runs
+            base_rows = space.rows(base_run, base_epoch)
+            align_base = alignment.alignment_report(space, train_set.tags, seed=cfg.seed, graph=graph,
+                                                    queries=base_rows, backend=cfg.backends.get("faiss", "auto"))
+            store.save_table("alignment_base", align_base.table)
 
     base_spec = runs[base_run]
     t, t2 = _pick_evolution_epochs(base_spec, cfg.evolution_epochs)

@@ -23,7 +23,7 @@ def _write_run(d: Path, *, lift=3.0, wt_div=(1.0, 1.3), hl_collapses=True, of_ra
     rows = [{"scope": s, "family": f, "k": 10, "share": 0.5, "chance": 0.5 / lift, "lift": lift}
             for s in ("within", "across_epochs", "across_models") for f in ("colour", "shape", "texture", "size")]
     rows[-2]["lift"] = lift  # one family not in the claim, to make sure it is ignored
-    pd.DataFrame(rows).to_parquet(d / "alignment.parquet")
+    pd.DataFrame(rows).to_parquet(d / "alignment_base.parquet")
     diag = pd.DataFrame({"model": "well_trained", "epoch": [0, 1, 5], "diversity": [2.0, 1.0, 1.1],
                          "diversity_knn": [5.0, wt_div[0], wt_div[1]], "diversity_knn_se": [0.02] * 3})
     diag.to_parquet(d / "diagnostics.parquet")
