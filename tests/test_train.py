@@ -305,13 +305,13 @@ def test_train_regimes_in_two_processes_equals_one(tmp_path):
 
 @pytest.mark.slow
 def test_regimes_differ_as_in_the_paper(tmp_path):
-    """The real regimes at full size (~4 min on 1 thread): well_trained learns progressively
+    """The real regimes at full size (~2.5 min in two processes): well_trained learns progressively
     (the paper's 25/50/75% milestones on different saved epochs), high_lr collapses far below
     well_trained, overfit memorises its subset and has the largest train-test gap.
 
-    One thread: on a shared 2-core machine two OpenMP threads are several times slower.
+    One thread per process: on a shared 2-core machine two OpenMP threads are several times slower.
     """
-    runs = train_regimes(tmp_path, seed=0, progress=False, threads=1)
+    runs = train_regimes(tmp_path, seed=0, progress=False, threads=1, workers=2)  # side by side, as the demo
     logs = {k: load_train_log(v).table for k, v in runs.items()}
     final = {k: t.iloc[-1] for k, t in logs.items()}
     assert final["well_trained"]["test_top1"] > 0.8
