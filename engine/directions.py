@@ -512,7 +512,7 @@ def relevance_pass(model: nn.Module, data: Any, directions: Mapping[str, np.ndar
     one backward of the batch sum, as in :mod:`conceptevo.importance`); its mode is restored.
     """
     from .data import as_image_set
-    from .importance import _EvalMode
+    from .adapter import EvalMode
 
     if gradient not in GRADIENTS:
         raise ConceptEvoError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
@@ -547,7 +547,7 @@ def relevance_pass(model: nn.Module, data: Any, directions: Mapping[str, np.ndar
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="relevance", unit="batch", leave=False)
-    with _EvalMode(model):
+    with EvalMode(model):
         for s in starts:
             b = idx[s:s + batch_size]
             x, y = ds.batch(torch.as_tensor(b))
@@ -745,9 +745,9 @@ class ConceptDirections:
         dev = p0.device if p0 is not None else torch.device("cpu")
         adapter = ModelAdapter(model, layers=[layer], input_shape=tuple(x.shape[1:]))
         got = {}
-        from .importance import _EvalMode
+        from .adapter import EvalMode
 
-        with torch.inference_mode(), _EvalMode(model):
+        with torch.inference_mode(), EvalMode(model):
             _forward_layers(model, adapter, x.to(dev), lambda n, o: got.__setitem__(n, o.detach().float()))
         a = got[layer]
         if a.dim() == 2:
@@ -909,7 +909,8 @@ def direction_importance(model_t: nn.Module, model_t2: nn.Module, data: Any, dir
     important in its class and layer: score desc, mean_s desc, direction asc).
     """
     from .data import as_image_set
-    from .importance import _EvalMode, class_indices
+    from .adapter import EvalMode
+    from .importance import class_indices
 
     ds = as_image_set(data)
     per = class_indices(ds, classes, max_images_per_class, seed)
@@ -938,7 +939,7 @@ def direction_importance(model_t: nn.Module, model_t2: nn.Module, data: Any, dir
     def proj(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # (B, C, ...) -> (B, D, ...)
         return torch.einsum("bchw,dc->bdhw", t, v) if t.dim() == 4 else t @ v.T
 
-    with _EvalMode(model_t, model_t2):
+    with EvalMode(model_t, model_t2):
         for s in range(0, len(idx), batch_size):
             b = idx[s:s + batch_size]
             x, y = ds.batch(torch.as_tensor(b))
