@@ -1,6 +1,8 @@
 """Concept directions (conceptevo.directions), each against an independent reference."""
 from collections import OrderedDict
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,11 @@ from torch import nn
 
 from conceptevo import directions as D
 from conceptevo.errors import ConceptEvoError, LayerError
+
+LONG = pytest.mark.skipif(not os.environ.get("CONCEPTEVO_LONG_TESTS"),
+                          reason="a quality check of several minutes (train + analyse a run): "
+                                 "set CONCEPTEVO_LONG_TESTS=1 to run it")
+
 
 
 def _stream(acts: torch.Tensor, rng, layer="l") -> D.GramAccumulator:
@@ -391,6 +398,7 @@ def test_tag_purity_reference(rng):
 
 
 @pytest.mark.slow
+@LONG
 def test_builtin_data_directions_carry_the_tags(tmp_path):
     """Built-in data: for each colour / shape / texture value, some last-layer direction's top (or
     bottom) images mostly carry it. Purity and lift over chance are printed (measured, reported)."""
@@ -432,6 +440,7 @@ def test_place_on_map_uses_the_nearest_real_neurons(rng):
 
 
 @pytest.mark.slow
+@LONG
 def test_confounder_stamp_is_found_mapped_and_flagged(tmp_path):
     """A 5x5 white stamp co-occurs with one class in training (90% of its images, 3% of the others).
     The direction that carries the stamp (best AUROC of Ā·v for stamped vs not) ranks in that class's

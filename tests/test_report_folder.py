@@ -213,13 +213,13 @@ def test_serve_command(folder):
         st, _, body = _get(f"http://127.0.0.1:{m.group(1)}/index.html")
         assert st == 200 and b"report_folder.js" in body
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=20)
+        out, _ = proc.communicate(timeout=120)  # generous: a loaded CI machine starts Python slowly
         assert proc.returncode == 0 and "stopped" in out
     finally:
         if proc.poll() is None:
             proc.kill()
     bad = subprocess.run([sys.executable, "-c", "from conceptevo.cli import main; main()", "serve",
-                          str(folder / "sprites")], capture_output=True, text=True, timeout=60,
+                          str(folder / "sprites")], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "COLUMNS": "300"})
     assert bad.returncode == 2 and "no index.html" in bad.stdout + bad.stderr
 
