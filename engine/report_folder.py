@@ -658,7 +658,19 @@ def _range_handler(root: Path):
 
 def serve(folder: str | Path, port: int = 8000, host: str = "127.0.0.1", echo=print) -> None:
     """Serve a folder report until Ctrl-C (see :func:`make_server`)."""
+    import signal
+    import threading
+
     server = make_server(folder, port, host)
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C must stop the server even when the process was started with SIGINT ignored (a
+        # parent that ignores it, e.g. a launcher or a test runner, passes that on to its children);
+        # SIGTERM stops it the same way.
+        def _stop(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _stop)
     h, p = server.server_address[:2]
     echo(f"Serving the report {Path(folder).resolve()} read-only at http://{h}:{p}/\n"
          f"Open http://{h}:{p}/ in a browser on this machine (over SSH: ssh -L {p}:127.0.0.1:{p} <host>, "

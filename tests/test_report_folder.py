@@ -201,10 +201,13 @@ def test_range_server(server, folder):
 
 
 def test_serve_command(folder):
+    # started with SIGINT ignored, as under a launcher or a test runner that ignores it: Ctrl-C must
+    # still stop the server (a Python process that starts with SIGINT ignored keeps ignoring it)
     proc = subprocess.Popen([sys.executable, "-c", "from conceptevo.cli import main; main()", "serve",
                              str(folder.parent / "report"), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "COLUMNS": "300"})
+                            env={**os.environ, "COLUMNS": "300"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         line = proc.stdout.readline()
         m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
@@ -213,7 +216,7 @@ def test_serve_command(folder):
         st, _, body = _get(f"http://127.0.0.1:{m.group(1)}/index.html")
         assert st == 200 and b"report_folder.js" in body
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)  # generous: a loaded CI machine starts Python slowly
+        out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0 and "stopped" in out
     finally:
         if proc.poll() is None:
