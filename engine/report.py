@@ -428,14 +428,16 @@ def _frame(v: np.ndarray, full: list[float]) -> list[float]:
     return [max(lo - _FRAME_MARGIN * span, full[0]), min(hi + _FRAME_MARGIN * span, full[1])]
 
 
-def _point_payload(data: ReportData, images: _ImageTable, patches: dict, limit: int | None) -> dict:
+def checked_points(data: ReportData) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """The points table checked (columns, not empty) with a fresh index, the models in order of
+    appearance, and the layers in ``data.layer_order`` (then any others as found). Shared by the
+    one-file report and the folder report."""
     pts = data.points
     _require(pts, _POINT_COLS, "points")
     if len(pts) == 0:
         raise ConceptEvoError("ReportData.points is empty: nothing to plot")
     pts = pts.reset_index(drop=True)
     models = [str(m) for m in pd.unique(pts["model"].astype(str))]
-    epochs = sorted(int(e) for e in pd.unique(pts["epoch"]))
     found_layers = [str(layer) for layer in pd.unique(pts["layer"].astype(str))]
     if data.layer_order is not None:
         order = [str(layer) for layer in data.layer_order]
@@ -443,6 +445,12 @@ def _point_payload(data: ReportData, images: _ImageTable, patches: dict, limit: 
         layers += [layer for layer in found_layers if layer not in set(order)]
     else:
         layers = found_layers
+    return pts, models, layers
+
+
+def _point_payload(data: ReportData, images: _ImageTable, patches: dict, limit: int | None) -> dict:
+    pts, models, layers = checked_points(data)
+    epochs = sorted(int(e) for e in pd.unique(pts["epoch"]))
     keys = [_key(*row) for row in zip(pts["model"], pts["epoch"], pts["layer"], pts["channel"])]
     index = {}
     for i, k in enumerate(keys):

@@ -183,20 +183,9 @@ class _Sprites:
 
 # ----------------------------------------------------------------------------------- the folder
 def _ordered_points(data) -> tuple[pd.DataFrame, list[str], list[int], list[str]]:
-    from .report import _POINT_COLS, _require
+    from .report import checked_points
 
-    pts = data.points
-    _require(pts, _POINT_COLS, "points")
-    if len(pts) == 0:
-        raise ConceptEvoError("ReportData.points is empty: nothing to plot")
-    pts = pts.reset_index(drop=True)
-    models = [str(m) for m in pd.unique(pts["model"].astype(str))]
-    found = [str(v) for v in pd.unique(pts["layer"].astype(str))]
-    if data.layer_order is not None:
-        order = [str(v) for v in data.layer_order]
-        layers = [v for v in order if v in set(found)] + [v for v in found if v not in set(order)]
-    else:
-        layers = found
+    pts, models, layers = checked_points(data)
     pts = pts.assign(_m=pd.Categorical(pts["model"].astype(str), categories=models).codes.astype(np.int32),
                      _e=pts["epoch"].astype(np.int64), _l=pd.Categorical(pts["layer"].astype(str),
                                                                           categories=layers).codes.astype(np.int32),

@@ -290,7 +290,7 @@ def test_train_regimes_small_writes_three_runs(tmp_path):
 
 
 def test_train_regimes_in_two_processes_equals_one(tmp_path):
-    kw = dict(seed=4, train_images=96, test_images=32, epoch_scale=0.1, progress=False, threads=1)
+    kw = {"seed": 4, "train_images": 96, "test_images": 32, "epoch_scale": 0.1, "progress": False, "threads": 1}
     one = train_regimes(tmp_path / "one", regimes=["high_lr", "overfit"], **kw)
     two = train_regimes(tmp_path / "two", regimes=["high_lr", "overfit"], workers=2, **kw)
     for name in one:
