@@ -82,6 +82,9 @@ __all__ = [
     "Alert",
     "AlertParams",
     "Monitor",
+    "alert_summary",
+    "alerts_report_section",
+    "chance_band",
     "decide_alerts",
     "lightning_available",
     "lightning_callback",
@@ -733,7 +736,8 @@ class Monitor:
         base = base.astype({"train_top1": np.float64, "test_top1": np.float64, "probe_top1": np.float64})
         if self.diagnosis is not None:
             d = self.diagnosis.table
-            cols = [c for c in ("diversity", "entropy_x", "entropy_y", "n_neurons", "n_dead", "movement",
+            cols = [c for c in ("diversity", "diversity_knn", "diversity_knn_se", "entropy_x", "entropy_y",
+                                "n_neurons", "n_dead", "movement",
                                 "movement_2d", "train_gain", "movement_per_gain") if c in d]
             base = base.merge(d[d["model"] == self.name][["epoch", *cols]], on="epoch", how="left")
         base.insert(0, "model", self.name)
@@ -865,3 +869,79 @@ def lightning_callback(monitor: Monitor, train_metric: str = "train_acc", test_m
                 trainer.should_stop = True
 
     return ConceptEvoCallback()
+
+
+# ====================================================================== a run's alerts, after it
+def chance_band(num_classes: int, n_eval: int, sigmas: float = 3.0) -> float:
+    """Top-1 accuracy indistinguishable from guessing: ``1/C + sigmas * sqrt(p (1 - p) / n)``.
+
+    ``n_eval`` is the number of images the accuracy was measured on; the band is the binomial
+    upper ``sigmas`` bound of a chance-level classifier (no run-specific constant)."""
+    p = 1.0 / max(1, int(num_classes))
+    return float(p + sigmas * math.sqrt(p * (1.0 - p) / max(1, int(n_eval))))
+
+
+def alert_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    """What the live monitor of a built-in training run (``<run>/monitor``) said, and when.
+
+    Reads the run's ``run.json`` and ``log.parquet`` (:func:`conceptevo.train.train_run`) and the
+    monitor's ``metrics.parquet`` and ``alerts.jsonl``. Returns None when the run had no monitor,
+    else ``run, observations, alerts`` (kind, epoch, margin, message and the training top-1 at that
+    epoch), ``first`` (kind -> first epoch), ``peak_epoch`` / ``peak_top1`` (best training top-1),
+    ``chance_band`` (:func:`chance_band` over the trainer's accuracy sample) and ``chance_epoch``:
+    the first epoch after the peak whose training top-1 is within that band (None: never).
+    """
+    run_dir = Path(run_dir)
+    mdir = run_dir / "monitor"
+    if not (mdir / "metrics.parquet").exists():
+        return None
+    metrics = pd.read_parquet(mdir / "metrics.parquet")
+    alerts = []
+    if (mdir / "alerts.jsonl").exists():
+        alerts = [json.loads(line) for line in (mdir / "alerts.jsonl").read_text(encoding="utf-8").splitlines()
+                  if line.strip()]
+    out: dict[str, Any] = {"run": run_dir.name, "observations": int(len(metrics)), "alerts": [], "first": {},
+                           "peak_epoch": None, "peak_top1": None, "chance_band": None, "chance_epoch": None}
+    acc = None
+    if (run_dir / "log.parquet").exists() and (run_dir / "run.json").exists():
+        card = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        log_df = pd.read_parquet(run_dir / "log.parquet").sort_values("epoch")
+        hyper = card.get("hyper", {})
+        n_train = hyper.get("train_subset") or card.get("train_data", {}).get("size") or 0
+        n_eval = n_train if hyper.get("eval_train_max") is None else min(n_train, int(hyper["eval_train_max"]))
+        band = chance_band(int(card["num_classes"]), n_eval)
+        acc = dict(zip(log_df["epoch"].astype(int), log_df["train_top1"].astype(float)))
+        peak = log_df.loc[log_df["train_top1"].idxmax()]
+        after = log_df[(log_df["epoch"] > peak["epoch"]) & (log_df["train_top1"] <= band)]
+        out.update(peak_epoch=int(peak["epoch"]), peak_top1=float(peak["train_top1"]), chance_band=band,
+                   chance_epoch=int(after["epoch"].iloc[0]) if len(after) else None)
+    for a in alerts:
+        e = int(a["epoch"])
+        out["alerts"].append({"kind": a["kind"], "epoch": e, "margin": a.get("margin"), "message": a["message"],
+                              "train_top1": None if acc is None else acc.get(e)})
+        out["first"].setdefault(a["kind"], e)
+    return out
+
+
+def alerts_report_section(summaries: Sequence[dict[str, Any]]) -> str:
+    """An HTML section of the report: each monitored run's alerts, with the epoch and accuracy."""
+    rows = []
+    for s in summaries:
+        chance = ("never" if s.get("chance_epoch") is None else f"epoch {s['chance_epoch']}") \
+            if s.get("chance_band") is not None else "-"
+        if not s["alerts"]:
+            rows.append(f"<tr><td>{_html.escape(s['run'])}</td><td>none</td><td></td><td></td><td></td>"
+                        f"<td>{chance}</td><td>{s['observations']} observations, no alert</td></tr>")
+        for a in s["alerts"]:
+            acc = "" if a.get("train_top1") is None else f"{a['train_top1']:.3f}"
+            rows.append(f"<tr><td>{_html.escape(s['run'])}</td><td>{_html.escape(a['kind'])}</td>"
+                        f"<td>{a['epoch']}</td><td>{acc}</td><td>{(a.get('margin') or float('nan')):+.3f}</td>"
+                        f"<td>{chance}</td><td>{_html.escape(a['message'])}</td></tr>")
+    return ('<section><h2>Live monitor: when each alert fired during training</h2>'
+            '<p class="note">Each run was watched by <code>conceptevo.monitor.Monitor</code> at every epoch '
+            '(a probe of training images); an alert is what a training loop would have received at that epoch. '
+            '"At chance from": the first epoch after the best one whose training top-1 is within three binomial '
+            'standard deviations of guessing.</p>'
+            '<table class="evo"><thead><tr><th>run</th><th>alert</th><th>epoch</th><th>train top-1</th>'
+            '<th>margin</th><th>at chance from</th><th>message</th></tr></thead><tbody>'
+            + "".join(rows) + "</tbody></table></section>")

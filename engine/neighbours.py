@@ -16,7 +16,7 @@ n           index                      why
                                        on 2 cores (n^2 d = 1.2e10 flops at the threshold)
 > 20,000    ``IndexIVFFlat``           k-means coarse quantiser with ``nlist = 2 sqrt(n)``
             (approximate)              lists (clipped to [64, 8192]; at most n/39) trained on at most
-                                       ``64 nlist`` rows; ``nprobe`` starts at 8 and doubles
+                                       ``64 nlist`` rows; ``nprobe`` starts at 2 and doubles
                                        until recall@k on the sample reaches the target
 =========== ========================== =====================================================
 
@@ -309,7 +309,7 @@ def _build_index(x: np.ndarray, method: str, params: dict, seed: int, backend: s
         train = x if n_train == n else x[np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))]
         index.train(np.ascontiguousarray(train))
         params.update(nlist=nlist, train_rows=int(n_train))
-        params.setdefault("nprobe", 8)
+        params.setdefault("nprobe", 2)
         index.nprobe = int(params["nprobe"])
     elif method == "hnsw":
         m_links = int(params.get("M", 32))

@@ -501,6 +501,13 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
             for msg in v.get("messages", []):  # each message starts with the run's name
                 console.print(msg)
 
+    # the live monitor's alerts of runs trained with one (conceptevo.train + conceptevo.monitor)
+    monitored = _monitor_summaries(cfg)
+    if monitored:
+        store.save_json("monitor_alerts", monitored)
+        for s in monitored:
+            console.print(_monitor_line(s))
+
     directions_tables = None
     if cfg.directions:  # concept directions by SVD (Graziani et al.), see conceptevo.directions
         from . import directions as directions_mod
@@ -517,6 +524,10 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
         with _Timer(seconds, "report"):
             extra = ([directions_mod.stage_report_section(directions_tables, train_set, runs, store=store,
                                                           device=device)] if directions_tables is not None else [])
+            if monitored:
+                from .monitor import alerts_report_section
+
+                extra.append(alerts_report_section(monitored))
             report_path = _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summary, diag, align,
                                         (base_run, base_epoch), (t, t2), patches, report_mod, rev_note, extra_sections=extra)
     total = time.perf_counter() - t_all
@@ -620,6 +631,33 @@ def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summa
     return report_mod.build_report(store.path("report.html"), rd, png_dir=store.path("figures"))
 
 
+def _monitor_summaries(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """:func:`conceptevo.monitor.alert_summary` of every run folder that holds a monitor."""
+    from .monitor import alert_summary
+
+    out = []
+    for spec in cfg.runs.values():
+        p = Path(spec)
+        if p.is_dir():
+            s = alert_summary(p)
+            if s is not None:
+                out.append(s)
+    return out
+
+
+def _monitor_line(s: dict[str, Any]) -> str:
+    """One console line: a run's live-monitor alerts and when its accuracy reached chance."""
+    chance = "" if s.get("chance_band") is None else (
+        f"; training top-1 at chance (<= {s['chance_band']:.3f}) "
+        + ("never" if s["chance_epoch"] is None else f"from epoch {s['chance_epoch']}"))
+    if not s["alerts"]:
+        return f"live monitor, {s['run']}: no alert in {s['observations']} observations{chance}"
+    fired = ", ".join(f"{a['kind']} at epoch {a['epoch']}"
+                      + ("" if a.get("train_top1") is None else f" (train top-1 {a['train_top1']:.3f})")
+                      for a in s["alerts"])
+    return f"live monitor, {s['run']}: {fired}{chance}"
+
+
 def _dataset_id(ds) -> str | None:
     """Identity of a dataset for stage keys (see :func:`conceptevo.stimuli.dataset_fingerprint`)."""
     if ds is None:
@@ -680,13 +718,15 @@ def _jsonable(d: dict) -> dict:
 
 # ------------------------------------------------------------------------------------- demo
 def run_demo(out: str | Path = "conceptevo-runs/demo", *, quick: bool = False, seed: int = 0,
-             threads: int | None = None, report: bool = True) -> RunResult:
+             threads: int | None = None, report: bool = True, monitor: bool = True) -> RunResult:
     """The whole method on the built-in data: data, three training runs, every stage, the report.
 
     ``quick`` shrinks the data and training (for smoke tests); the full demo is sized
     to finish in about ten minutes on a 2-core CPU. ``seed`` changes the data, the
     initialisation and the order (``benchmarks/bench_fidelity.py`` runs several). At the end
     the demo prints which of its claims (:mod:`conceptevo.fidelity`) held in this run.
+    ``monitor`` watches each training run with the live :class:`conceptevo.monitor.Monitor`
+    (every epoch, 2,000 probe images), so the demo also shows when each alert would have fired.
     """
     from . import data, fidelity, train
 
@@ -699,7 +739,8 @@ def run_demo(out: str | Path = "conceptevo-runs/demo", *, quick: bool = False, s
     runs_dirs = train.train_regimes(out / "training", seed=seed, data_root=out / "data",
                                     train_images=n_train, test_images=n_test,
                                     epoch_scale=0.34 if quick else 1.0, threads=threads or 1,
-                                    workers=min(3, os.cpu_count() or 1))
+                                    workers=min(3, os.cpu_count() or 1), monitor=monitor,
+                                    monitor_probe=400 if quick else 2000)
     train_set = data.builtin_dataset("train", seed=seed, root=out / "data", num_images=n_train)
     test_set = data.builtin_dataset("test", seed=seed, root=out / "data", num_images=n_test)
     # Fig. 7 over a seeded random half of the 32 classes (the paper: 100 random of ImageNet's 1,000)

@@ -222,8 +222,11 @@ def train_run(
         ``end_epoch``, ``finish``): it is attached to the model and optimiser, called after
         every optimiser step with the batch's labels and ids, closes a window at every saved
         epoch and writes ``<run>/trace/``. It observes only: the weights are the same with it.
-    monitor : a :class:`conceptevo.monitor.Monitor` built on ``model`` (pass both): called at every
-        logged epoch end with the train / test top-1 (it does not change the training).
+    monitor : a :class:`conceptevo.monitor.Monitor` built on ``model`` (pass both), or a callable
+        ``monitor(net, resume=bool) -> Monitor`` that builds one on the model this function
+        builds (``resume`` is True when the training continues an interrupted run). It is
+        called at every logged epoch end with the train / test top-1 (it does not change the
+        training: the weights are bitwise the same with it).
     """
     run_dir = Path(run_dir)
     train_set = as_image_set(train_set)
@@ -313,7 +316,7 @@ def train_run(
             net = build_model(model_name, num_classes=int(num_classes), **kw)
         else:
             net = model
-        if monitor is not None and getattr(monitor, "model", net) is not net:
+        if monitor is not None and not callable(monitor) and getattr(monitor, "model", net) is not net:
             raise ConceptEvoError("monitor must be built on the model passed as model= (the one trained)")
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -339,6 +342,10 @@ def train_run(
             with contextlib.suppress(FileNotFoundError):
                 resume_path.unlink()
         used_threads = torch.get_num_threads()
+        built_monitor = monitor is not None and callable(monitor) and not hasattr(monitor, "epoch_end")
+        if built_monitor:
+            # built here, on the trained model; its construction saves and restores the RNG states
+            monitor = monitor(net, resume=start_epoch > 0)
         if tracer is not None:
             tracer.attach(net, opt, epoch=start_epoch, num_classes=int(num_classes),
                           class_names=train_set.class_names, out=run_dir / "trace", save_epochs=saves)
@@ -416,6 +423,8 @@ def train_run(
             bar.close()
             if tracer is not None:
                 tracer.finish()
+            if built_monitor:
+                monitor.close()
 
     seconds = time.perf_counter() - t0
     _save_json(run_json, {**card, "status": "done", "seconds": round(seconds, 3), "engine": __version__,
@@ -509,6 +518,8 @@ def train_regimes(
     resume: bool = True,
     workers: int = 1,
     trace: bool = False,
+    monitor: bool = False,
+    monitor_probe: int = 2000,
 ) -> dict[str, Path]:
     """Train the paper's three regimes on the built-in data; ``{name: run_dir}`` (``root/<name>``).
 
@@ -530,6 +541,10 @@ def train_regimes(
     workers show no progress bars; a line is printed as each run finishes.
     ``trace`` records per-class update accumulators of every conv layer
     (:mod:`conceptevo.tracing`) into ``<run>/trace/``.
+    ``monitor`` watches each run with a live :class:`conceptevo.monitor.Monitor` at its defaults
+    (every epoch, epoch 0 included) on a probe of ``monitor_probe`` training images (a seeded
+    sample of the full training set, the same for every run), writing ``<run>/monitor/``
+    (``alerts.jsonl``, ``metrics.parquet``, ``monitor.html``): when each alert would have fired.
     """
     root = Path(root)
     unknown = [r for r in regimes if r not in REGIMES]
@@ -539,7 +554,9 @@ def train_regimes(
     test_set = builtin_dataset("test", seed=seed, root=data_root, num_images=test_images)
     if int(workers) > 1 and len(regimes) > 1:
         return _train_regimes_in_processes(root, seed, list(regimes), data_root, train_images, test_images,
-                                           epoch_scale, threads, resume, int(workers), progress, trace)
+                                           epoch_scale, threads, resume, int(workers), progress, trace,
+                                           monitor, monitor_probe)
+    probe = monitor_probe_set(train_set, monitor_probe, seed) if monitor else None
     out: dict[str, Path] = {}
     for name in regimes:
         cfg = dict(REGIMES[name])
@@ -556,25 +573,39 @@ def train_regimes(
             from .tracing import Tracer
 
             tracer = Tracer(verbose=progress)
+        watch = None
+        if probe is not None:
+            from .monitor import Monitor
+
+            def watch(net, resume, _name=name):
+                return Monitor(net, probe, out=root / _name / "monitor", name=_name, seed=seed, resume=resume)
         train_run(root / name, model_name, train_set, test_set, seed=seed, threads=threads,
-                  progress=progress, resume=resume, desc=name, tracer=tracer, **cfg)
+                  progress=progress, resume=resume, desc=name, tracer=tracer, monitor=watch, **cfg)
         out[name] = root / name
     return out
 
 
+def monitor_probe_set(train_set: ImageSet, size: int, seed: int) -> ImageSet:
+    """The built-in runs' monitor probe: ``size`` training images drawn with a fixed seed (sorted)."""
+    n = min(int(size), len(train_set))
+    return train_set.subset(np.sort(np.random.default_rng([int(seed), 15]).permutation(len(train_set))[:n]))
+
+
 def _train_one_regime(root: Path, name: str, seed: int, data_root, train_images, test_images, epoch_scale,
-                      threads, resume, trace: bool = False) -> tuple[str, float]:
+                      threads, resume, trace: bool = False, monitor: bool = False,
+                      monitor_probe: int = 2000) -> tuple[str, float]:
     """One regime in a worker process (the data come from ``data_root``'s cache or are regenerated)."""
     t0 = time.perf_counter()
     train_regimes(root, seed, regimes=[name], data_root=data_root, train_images=train_images,
                   test_images=test_images, epoch_scale=epoch_scale, threads=threads, progress=False,
-                  resume=resume, trace=trace)
+                  resume=resume, trace=trace, monitor=monitor, monitor_probe=monitor_probe)
     return name, time.perf_counter() - t0
 
 
 def _train_regimes_in_processes(root: Path, seed: int, regimes: list[str], data_root, train_images, test_images,
                                 epoch_scale, threads, resume, workers: int, progress: bool,
-                                trace: bool = False) -> dict[str, Path]:
+                                trace: bool = False, monitor: bool = False,
+                                monitor_probe: int = 2000) -> dict[str, Path]:
     import concurrent.futures as cf
     import multiprocessing as mp
 
@@ -589,7 +620,7 @@ def _train_regimes_in_processes(root: Path, seed: int, regimes: list[str], data_
     # spawn: a forked child would inherit the parent's OpenMP thread pool in an unusable state
     with cf.ProcessPoolExecutor(max_workers=min(workers, len(order)), mp_context=mp.get_context("spawn")) as ex:
         futures = [ex.submit(_train_one_regime, root, n, seed, data_root, train_images, test_images, epoch_scale,
-                             threads, resume, trace) for n in order]
+                             threads, resume, trace, monitor, monitor_probe) for n in order]
         for fut in cf.as_completed(futures):
             name, secs = fut.result()  # re-raises a worker's error here
             if progress:

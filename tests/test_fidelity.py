@@ -18,8 +18,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _write_run(d: Path, *, lift=3.0, wt_div=(1.0, 1.3), hl_collapses=True, of_ratio=0.7, of_slow=True,
                bins=(-0.10, -0.05, -0.03, -0.01), rnd=-0.04, class_top=-0.2, class_bottom=-0.01,
-               wt_alarm=False) -> None:
+               wt_alarm=False, hl_alert_epoch=3, wt_alert=False) -> None:
     d.mkdir(parents=True, exist_ok=True)
+    # the built-in trainer's run folders, each watched by a live monitor (claim g)
+    for run, acc, alerts in (
+            ("high_lr", [0.03, 0.2, 0.3, 0.15, 0.06, 0.03, 0.03],
+             [] if hl_alert_epoch is None else [{"kind": "lr_too_high", "epoch": hl_alert_epoch, "margin": 0.2,
+                                                 "message": "m", "evidence": {}}]),
+            ("well_trained", [0.03, 0.3, 0.6, 0.8, 0.9, 0.9, 0.9],
+             [{"kind": "overfitting", "epoch": 5, "margin": 0.1, "message": "m", "evidence": {}}] if wt_alert else [])):
+        r = d / "training" / run
+        (r / "monitor").mkdir(parents=True)
+        (r / "run.json").write_text(json.dumps({"num_classes": 32, "hyper": {"eval_train_max": 1000,
+                                                                             "train_subset": None},
+                                                "train_data": {"size": 9600}}))
+        log = pd.DataFrame({"epoch": range(len(acc)), "train_top1": acc})
+        log.to_parquet(r / "log.parquet")
+        log.assign(alerts="").to_parquet(r / "monitor" / "metrics.parquet")
+        (r / "monitor" / "alerts.jsonl").write_text("".join(json.dumps(a) + "\n" for a in alerts))
     rows = [{"scope": s, "family": f, "k": 10, "share": 0.5, "chance": 0.5 / lift, "lift": lift}
             for s in ("within", "across_epochs", "across_models") for f in ("colour", "shape", "texture", "size")]
     rows[-2]["lift"] = lift  # one family not in the claim, to make sure it is ignored
@@ -58,7 +74,8 @@ def test_every_claim_holds_on_a_healthy_run(tmp_path):
     _write_run(tmp_path)
     t = evaluate_claims(tmp_path).set_index("claim")
     assert list(t.index) == list(CLAIMS)
-    assert t["holds"].tolist() == [True] * 6, t[["holds", "value"]]
+    assert t["holds"].tolist() == [True] * 7, t[["holds", "value"]]
+    assert t.loc["g", "numbers"]["alert_epoch"] == 3 and t.loc["g", "numbers"]["chance_epoch"] == 5
     assert t.loc["e", "numbers"]["class_wins"] == 2 and t.loc["e", "numbers"]["classes_reacting"] == 3
     assert t.loc["b", "numbers"]["change"] == pytest.approx(0.3)
 
@@ -73,6 +90,9 @@ def test_every_claim_holds_on_a_healthy_run(tmp_path):
     (dict(rnd=-0.2), "e"),                                    # random outside the bins
     (dict(class_top=-0.001, class_bottom=-0.2), "e"),         # most classes the other way round
     (dict(wt_alarm=True), "f"),
+    (dict(hl_alert_epoch=None), "g"),                          # the monitor stays silent
+    (dict(hl_alert_epoch=5), "g"),                             # it speaks only once accuracy is at chance
+    (dict(wt_alert=True), "g"),                                # a false alarm on the healthy run
 ])
 def test_each_claim_fails_when_its_condition_fails(tmp_path, change, claim):
     _write_run(tmp_path, **change)
@@ -84,7 +104,7 @@ def test_each_claim_fails_when_its_condition_fails(tmp_path, change, claim):
 
 def test_missing_artifacts_give_no_judgement(tmp_path):
     t = evaluate_claims(tmp_path)
-    assert t["holds"].isna().all() and len(t) == 6
+    assert t["holds"].isna().all() and len(t) == 7
 
 
 @pytest.mark.slow

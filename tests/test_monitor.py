@@ -363,3 +363,76 @@ def test_lightning_callback(data, tmp_path):
     trainer.fit(module, loader)
     assert [e["index"] for e in mon.entries] == [1, 2]
     assert mon.entries[-1]["train_acc_source"] == "caller"
+
+
+# ------------------------------------------------------------------- the built-in trainer
+def test_chance_band_bounds_guessing():
+    """The band holds a guessing classifier's accuracy (simulated) about 99.9% of the time."""
+    from conceptevo.monitor import chance_band
+
+    rng = np.random.default_rng(0)
+    for classes, n in ((32, 1000), (10, 200), (1000, 5000)):
+        acc = rng.binomial(n, 1.0 / classes, size=20_000) / n
+        inside = float((acc <= chance_band(classes, n)).mean())
+        assert 0.99 <= inside < 1.0, (classes, n, inside)
+
+
+def test_trainer_builds_monitor_and_resumes_it(data, tmp_path, monkeypatch):
+    """train_run(monitor=factory): one observation per epoch, the same weights as without it; an
+    interrupted run resumes its monitor too (no epoch twice, none missing)."""
+    import math
+
+    import conceptevo.train as train_mod
+    from conceptevo.monitor import alert_summary
+
+    train, test = data
+    kw = dict(epochs=3, lr=0.05, seed=2, model_kw=TINY, progress=False, threads=1, batch_size=32,
+              save_epochs=[0, 1, 2, 3])
+
+    def watch(net, resume):
+        return Monitor(net, train, out=tmp_path / "cut" / "monitor", name="cut", resume=resume, **KW)
+
+    ref = train_run(tmp_path / "ref", "vgg_small", train, test, **kw)
+    real = train_mod._lr_at
+    steps = math.ceil(len(train) / 32)
+
+    def crash(step, *a):
+        if step == steps + 1:  # in the middle of epoch 2
+            raise KeyboardInterrupt
+        return real(step, *a)
+
+    monkeypatch.setattr(train_mod, "_lr_at", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(tmp_path / "cut", "vgg_small", train, test, monitor=watch, **kw)
+    monkeypatch.setattr(train_mod, "_lr_at", real)
+    cut = train_run(tmp_path / "cut", "vgg_small", train, test, monitor=watch, **kw)
+    for e in ref.checkpoints:
+        a = torch.load(ref.checkpoints[e], weights_only=True)
+        b = torch.load(cut.checkpoints[e], weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a), e
+    metrics = pd.read_parquet(tmp_path / "cut" / "monitor" / "metrics.parquet")
+    assert metrics["epoch"].tolist() == [0, 1, 2, 3]
+    np.testing.assert_allclose(metrics["train_top1"], cut.table["train_top1"])  # the trainer's accuracies
+    s = alert_summary(tmp_path / "cut")
+    assert s["observations"] == 4 and s["run"] == "cut"
+    assert s["peak_top1"] == pytest.approx(cut.table["train_top1"].max())
+    assert alert_summary(tmp_path / "ref") is None  # no monitor, no summary
+
+
+def test_train_regimes_monitor_switch(tmp_path):
+    """train_regimes(monitor=True): each run has its monitor folder; the weights are unchanged."""
+    from conceptevo.train import load_train_log, train_regimes
+
+    kw = {"seed": 4, "train_images": 96, "test_images": 32, "epoch_scale": 0.1, "progress": False, "threads": 1}
+    plain = train_regimes(tmp_path / "plain", regimes=["high_lr"], **kw)
+    watched = train_regimes(tmp_path / "watched", regimes=["high_lr"], monitor=True, monitor_probe=40, **kw)
+    a, b = load_train_log(plain["high_lr"]), load_train_log(watched["high_lr"])
+    for e in a.checkpoints:
+        sa = torch.load(a.checkpoints[e], weights_only=True)
+        sb = torch.load(b.checkpoints[e], weights_only=True)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), e
+    m = pd.read_parquet(watched["high_lr"] / "monitor" / "metrics.parquet")
+    assert m["epoch"].tolist() == a.table["epoch"].tolist()
+    state = json.loads((watched["high_lr"] / "monitor" / "monitor_state.json").read_text())
+    assert state["params"]["num_images"] == 40 and state["params"]["name"] == "high_lr"
+    assert not (plain["high_lr"] / "monitor").exists()
