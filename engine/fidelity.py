@@ -21,7 +21,8 @@ e     Fig. 7: reverting the most important quarter of a layer's evolutions costs
 f     no verdict fires on well_trained (no false alarm)
 g     the live monitor (:mod:`conceptevo.monitor`, every epoch during training) raises its
       ``lr_too_high`` alert on high_lr before high_lr's training accuracy reaches chance
-      (:func:`conceptevo.monitor.chance_band`), and raises no alert on well_trained
+      (:func:`conceptevo.monitor.chance_band`)
+h     the live monitor raises no alert on well_trained (no false alarm during training)
 ====  =====================================================================================
 
 Diversity is the measure the verdicts read (``verdicts.json``: ``measure``; by default the
@@ -46,7 +47,8 @@ CLAIMS: dict[str, str] = {
     "d": "overfit moves less per accuracy gain than well_trained; verdict fires",
     "e": "Fig. 7 order: top quarter costs most, bottom least, random between; most classes",
     "f": "no verdict fires on well_trained",
-    "g": "live monitor: high_lr alert before accuracy reaches chance; none on well_trained",
+    "g": "live monitor: high_lr's lr_too_high alert fires before its accuracy reaches chance",
+    "h": "live monitor: no alert on well_trained",
 }
 _FAMILIES = ("colour", "shape", "texture")
 
@@ -63,7 +65,7 @@ def evaluate_claims(run_dir: str | Path, reference: str = "well_trained", high_l
     judged: a missing artifact or run), ``value`` (the numbers, in words) and ``numbers``."""
     run_dir = Path(run_dir)
     rows = [_claim_a(run_dir), *_claims_bcdf(run_dir, reference, high_lr, overfit), _claim_e(run_dir),
-            _claim_g(run_dir, reference, high_lr)]
+            *_claims_gh(run_dir, reference, high_lr)]
     return pd.DataFrame(sorted(rows, key=lambda r: r["claim"]))
 
 
@@ -193,23 +195,28 @@ def _claim_e(run_dir: Path) -> dict[str, Any]:
                 classes_reacting=int(len(reacting)), classes=int(len(per_class)))
 
 
-def _claim_g(run_dir: Path, reference: str, high_lr: str) -> dict[str, Any]:
+def _claims_gh(run_dir: Path, reference: str, high_lr: str) -> list[dict[str, Any]]:
     from .monitor import alert_summary
 
     hi = alert_summary(run_dir / "training" / high_lr)
     ref = alert_summary(run_dir / "training" / reference)
-    if hi is None or ref is None:
-        return _row("g", None, "the runs were trained without the live monitor")
-    first = hi["first"].get("lr_too_high")
-    chance = hi["chance_epoch"]
-    early = first is not None and (chance is None or first < chance)
-    quiet = not ref["alerts"]
-    acc = next((a["train_top1"] for a in hi["alerts"] if a["kind"] == "lr_too_high"), None)
-    said = ("silent" if first is None else f"lr_too_high at epoch {first}"
-            + ("" if acc is None else f" (train top-1 {acc:.3f})"))
-    return _row("g", bool(early and quiet),
-                f"{high_lr}: {said}; at chance (<= {hi['chance_band']:.3f}) "
-                f"{'never' if chance is None else f'from epoch {chance}'}; {reference}: "
-                + ("no alert" if quiet else ", ".join(f"{a['kind']} at epoch {a['epoch']}" for a in ref["alerts"])),
-                alert_epoch=first, chance_epoch=chance, alert_top1=acc,
-                reference_alerts=[a["kind"] for a in ref["alerts"]])
+    out = []
+    if hi is None:
+        out.append(_row("g", None, f"{high_lr} was trained without the live monitor"))
+    else:
+        first = hi["first"].get("lr_too_high")
+        chance = hi["chance_epoch"]
+        acc = next((a["train_top1"] for a in hi["alerts"] if a["kind"] == "lr_too_high"), None)
+        said = ("silent" if first is None else f"lr_too_high at epoch {first}"
+                + ("" if acc is None else f" (train top-1 {acc:.3f})"))
+        band = "" if hi["chance_band"] is None else f"; at chance (<= {hi['chance_band']:.3f}) " + (
+            "never" if chance is None else f"from epoch {chance}")
+        out.append(_row("g", bool(first is not None and (chance is None or first < chance)), said + band,
+                        alert_epoch=first, chance_epoch=chance, alert_top1=acc, peak_epoch=hi["peak_epoch"]))
+    if ref is None:
+        out.append(_row("h", None, f"{reference} was trained without the live monitor"))
+    else:
+        fired = [f"{a['kind']} at epoch {a['epoch']}" for a in ref["alerts"]]
+        out.append(_row("h", not fired, f"no alert in {ref['observations']} observations" if not fired
+                        else ", ".join(fired), alerts=[a["kind"] for a in ref["alerts"]]))
+    return out

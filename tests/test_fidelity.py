@@ -74,7 +74,7 @@ def test_every_claim_holds_on_a_healthy_run(tmp_path):
     _write_run(tmp_path)
     t = evaluate_claims(tmp_path).set_index("claim")
     assert list(t.index) == list(CLAIMS)
-    assert t["holds"].tolist() == [True] * 7, t[["holds", "value"]]
+    assert t["holds"].tolist() == [True] * 8, t[["holds", "value"]]
     assert t.loc["g", "numbers"]["alert_epoch"] == 3 and t.loc["g", "numbers"]["chance_epoch"] == 5
     assert t.loc["e", "numbers"]["class_wins"] == 2 and t.loc["e", "numbers"]["classes_reacting"] == 3
     assert t.loc["b", "numbers"]["change"] == pytest.approx(0.3)
@@ -92,7 +92,7 @@ def test_every_claim_holds_on_a_healthy_run(tmp_path):
     (dict(wt_alarm=True), "f"),
     (dict(hl_alert_epoch=None), "g"),                          # the monitor stays silent
     (dict(hl_alert_epoch=5), "g"),                             # it speaks only once accuracy is at chance
-    (dict(wt_alert=True), "g"),                                # a false alarm on the healthy run
+    (dict(wt_alert=True), "h"),                                # a false alarm on the healthy run
 ])
 def test_each_claim_fails_when_its_condition_fails(tmp_path, change, claim):
     _write_run(tmp_path, **change)
@@ -104,7 +104,7 @@ def test_each_claim_fails_when_its_condition_fails(tmp_path, change, claim):
 
 def test_missing_artifacts_give_no_judgement(tmp_path):
     t = evaluate_claims(tmp_path)
-    assert t["holds"].isna().all() and len(t) == 7
+    assert t["holds"].isna().all() and len(t) == 8
 
 
 @pytest.mark.slow
