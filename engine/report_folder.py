@@ -487,6 +487,13 @@ def _index_html(data, fmt: dict, size: int) -> str:
     facts = dict(data.facts or {})
     facts["report size"] = f"{size / 2**20:.1f} MiB in this folder"
     rows = "".join(f"<tr><td>{esc(str(k))}</td><td>{esc(str(v))}</td></tr>" for k, v in facts.items())
+    extra = []  # the same trusted sections as the one-file report (tracing, directions, live monitor)
+    if getattr(data, "tracing", None) is not None:
+        from .tracing import report_section
+
+        extra.append(report_section(data.tracing))
+    extra += [str(x) for x in (getattr(data, "extra_sections", None) or ())]
+    extra_html = "\n".join(extra)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -518,6 +525,7 @@ class's images whose prediction the evolution helps (Eq. 4).</p><label>class <se
 </tr></thead><tbody id="evo-body"></tbody></table></section>
 <section id="sec-reversion" hidden><h2>Reversion check</h2><p class="note">Reverting the evolutions of more
 important neurons should lower accuracy more; the random bin is the baseline.</p><div id="fig-reversion"></div></section>
+{extra_html}
 <script src="plotly.min.js"></script><script src="report_folder.js"></script>
 </body></html>
 """

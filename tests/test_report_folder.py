@@ -339,3 +339,24 @@ def test_folder_report_in_chromium(folder, server, tmp_path):
             assert page2.is_visible("#file-warning") and "conceptevo serve" in page2.text_content("#file-warning")
         finally:
             b.close()
+
+
+def test_extra_sections_in_both_formats(tmp_path, data, monkeypatch):
+    """Sections added by later stages (live monitor alerts, directions) appear in the one-file
+    report and in the folder report alike."""
+    import dataclasses
+
+    from conceptevo.monitor import alerts_report_section
+
+    summary = {"run": "high_lr", "observations": 9, "peak_epoch": 2, "peak_top1": 0.28, "chance_band": 0.048,
+               "chance_epoch": 5, "first": {"lr_too_high": 4},
+               "alerts": [{"kind": "lr_too_high", "epoch": 4, "margin": 0.2, "message": "lower <the> lr",
+                           "train_top1": 0.064}]}
+    d = dataclasses.replace(data, extra_sections=[alerts_report_section([summary])])
+    one = build_report(tmp_path / "one.html", d).read_text()
+    monkeypatch.setenv("CONCEPTEVO_REPORT_FOLDER_THRESHOLD", "1")
+    folder = build_report(tmp_path / "two.html", d).read_text()
+    for page in (one, folder):
+        assert "Live monitor: when each alert fired" in page
+        assert "<td>lr_too_high</td><td>4</td><td>0.064</td>" in page and "lower &lt;the&gt; lr" in page
+        assert "epoch 5" in page
