@@ -29,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
 from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     from conceptevo.adapter import ModelAdapter
     from conceptevo.data import indexed_loader
     from conceptevo.models import build_model
-    from conceptevo.stimuli import Extraction, choose_backend, extract_stimuli
+    from conceptevo.stimuli import Extraction, StimulusOptions, choose_backend, extract_stimuli
 
     ds, data_name = _dataset(args.images, seed=0)
     states = []
@@ -146,10 +147,12 @@ def main(argv=None) -> int:
     # models; the extract_stimuli row is the whole call (setup, fresh model copies, results).
     plans = {}
 
+    options = StimulusOptions(k=args.k, k_i=args.k_i, batch_size=args.batch_size, backend=args.backend,
+                              progress=False)
+
     def engine_pass(kernel_backend=args.backend):
         if kernel_backend not in plans:
-            plan = Extraction(factory, states, ds, k=args.k, k_i=args.k_i, batch_size=args.batch_size,
-                              backend=kernel_backend)
+            plan = Extraction(factory, states, ds, options=replace(options, backend=kernel_backend))
             plans[kernel_backend] = (plan, plan.prepare_models(plan.checkpoints))
         plan, prepared = plans[kernel_backend]
         t0 = clock()
@@ -158,8 +161,7 @@ def main(argv=None) -> int:
 
     def whole_call():
         t0 = clock()
-        extract_stimuli(factory, states, ds, k=args.k, k_i=args.k_i, batch_size=args.batch_size,
-                        backend=args.backend, progress=False)
+        extract_stimuli(factory, states, ds, options=options)
         return clock() - t0
 
     def reference_pass():

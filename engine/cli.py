@@ -178,17 +178,13 @@ def stimuli(
             raise DataError(str(exc).replace("(pass skip_bad=True to leave them out)", SKIP_BAD_CLI_ADVICE)) from None
         factory = model_factory(model, num_classes or len(ds.class_names))
         names = [f"epoch_{checkpoint_epoch(p):03d}" for p in checkpoints]
-        if distributed:
-            from .distributed import distributed_extract
+        from .distributed import distributed_extract
+        from .stimuli import StimulusOptions, extract_stimuli
 
-            distributed_extract(factory, list(checkpoints), ds, layers=layers or None, k=k, k_i=k_i,
-                                batch_size=batch_size, store=out, names=names)
-        else:
-            from .stimuli import extract_stimuli
-
-            extract_stimuli(factory, list(checkpoints), ds, layers=layers or None, k=k, k_i=k_i,
-                            batch_size=batch_size, device=resolve_device(device), store=out, names=names,
-                            backend=backend, amp=amp)
+        options = StimulusOptions(layers=layers or None, k=k, k_i=k_i, batch_size=batch_size, backend=backend,
+                                  amp=amp, device=device if distributed else resolve_device(device))
+        (distributed_extract if distributed else extract_stimuli)(
+            factory, list(checkpoints), ds, store=out, names=names, options=options)
     except ConceptEvoError as exc:
         _fail(exc)
     console.print(f"stimuli written to {out}")

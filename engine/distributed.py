@@ -55,6 +55,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,16 @@ import torch.distributed as dist
 from torch import nn
 
 from .adapter import LayerSpec
-from .errors import ConceptEvoError
-from .stimuli import PROGRESS_DIR, Extraction, LayerStimuli, Stimuli, extract_stimuli
+from .errors import ConceptEvoError, InputError
+from .stimuli import (
+    PROGRESS_DIR,
+    Extraction,
+    LayerStimuli,
+    Stimuli,
+    StimulusOptions,
+    _open_store,
+    extract_stimuli,
+)
 from .store import RunStore
 
 __all__ = ["distributed_extract", "shard_bounds", "init_distributed", "main"]
@@ -165,46 +174,35 @@ def distributed_extract(
     model_factory: Callable[[], nn.Module] | nn.Module,
     checkpoints: Sequence[str | os.PathLike | dict[str, torch.Tensor]] | None,
     dataset: Any,
-    layers: LayerSpec = None,
-    k: int = 10,
-    k_i: int = 5,
-    batch_size: int = 64,
-    device: str | torch.device = "auto",
+    *,
     store: RunStore | str | os.PathLike | None = None,
     prefix: str = "stimuli",
     names: Sequence[str] | None = None,
-    resume: bool = True,
-    save_every: int | None = 100,
-    amp: bool | str = False,
-    backend: str = "auto",
-    progress: bool = True,
-    num_workers: int = 0,
-    swap_weights: bool = False,
-    input_shape: Sequence[int] | None = None,
-    recompute: bool = False,
-    dataset_key: str | None = None,
-    on_batch: Callable[[int, int], None] | None = None,
     group: Any = None,
-    accuracy: bool = False,
-    on_diverged: str = "raise",
+    options: StimulusOptions | None = None,
+    **keywords: Any,
 ) -> list[Stimuli] | None:
     """:func:`~conceptevo.stimuli.extract_stimuli` over the ranks of a process group.
 
-    Every rank calls it with the same arguments. Rank 0 returns the merged list of
+    Every rank calls it with the same arguments: those of ``extract_stimuli`` (the options as a
+    :class:`~conceptevo.stimuli.StimulusOptions` or as its fields one by one), plus ``group``, the
+    process group (default: the world). Rank 0 returns the merged list of
     :class:`~conceptevo.stimuli.Stimuli` (and writes them to ``store``); the other ranks return
     None. Outside torchrun and without a process group (a world of one) it simply runs
-    :func:`extract_stimuli`. ``device="auto"`` picks ``cuda:LOCAL_RANK`` when CUDA is available.
-    The progress bar is shown on rank 0 only. The process group is left as it was found; one
-    initialised here from torchrun's environment is destroyed before returning.
+    :func:`extract_stimuli`. The device defaults to ``cuda:LOCAL_RANK`` when CUDA is available.
+    The progress bar is shown on rank 0 only; ``observer`` is refused over several ranks (each
+    rank sees only its shard). The process group is left as it was found; one initialised here
+    from torchrun's environment is destroyed before returning.
     """
-    kwargs = dict(layers=layers, k=k, k_i=k_i, batch_size=batch_size, names=names, amp=amp, backend=backend,
-                  num_workers=num_workers, swap_weights=swap_weights, input_shape=input_shape,
-                  dataset_key=dataset_key, accuracy=accuracy, on_diverged=on_diverged)
+    opts = StimulusOptions.combine(options, keywords, "distributed_extract")
+    device = "auto" if opts.device is None else opts.device
     if not dist.is_available() or (not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) <= 1):
         dev = _rank_device(device, int(os.environ.get("LOCAL_RANK", "0")))
-        return extract_stimuli(model_factory, checkpoints, dataset, device=dev, store=store, prefix=prefix,
-                               resume=resume, save_every=save_every, progress=progress, recompute=recompute,
-                               on_batch=on_batch, **kwargs)
+        return extract_stimuli(model_factory, checkpoints, dataset, store=store, prefix=prefix, names=names,
+                               options=replace(opts, device=dev))
+    if opts.observer is not None:
+        raise InputError("distributed_extract: StimulusOptions.observer is not supported over several ranks "
+                         "(each rank sees only its shard); run extract_stimuli in one process for it")
     owns_group = not dist.is_initialized()
     try:
         if owns_group:
@@ -213,10 +211,8 @@ def distributed_extract(
         dev = _rank_device(device, int(os.environ.get("LOCAL_RANK", str(rank))))
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        if isinstance(store, (str, os.PathLike)):
-            store = RunStore(store)
-        return _run(model_factory, checkpoints, dataset, dev, store, prefix.strip("/"), resume, save_every,
-                    progress, recompute, on_batch, group, rank, world, kwargs)
+        return _run(model_factory, checkpoints, dataset, names, replace(opts, device=dev), _open_store(store),
+                    prefix.strip("/"), group, rank, world)
     finally:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -242,21 +238,13 @@ def _agreed(fn: Callable[[], Any], what: str, group: Any, world: int) -> Any:
     return result
 
 
-def _run(model_factory, checkpoints, dataset, dev, store, prefix, resume, save_every, progress, recompute,
-         on_batch, group, rank, world, kwargs) -> list[Stimuli] | None:
+def _run(model_factory, checkpoints, dataset, names, opts: StimulusOptions, store: RunStore | None, prefix: str,
+         group, rank: int, world: int) -> list[Stimuli] | None:
     root = 0 if group is None else dist.get_global_rank(group, 0)  # collectives name global ranks
-    plan = _agreed(lambda: Extraction(model_factory, checkpoints, dataset, device=dev, **kwargs),
+    plan = _agreed(lambda: Extraction(model_factory, checkpoints, dataset, names=names, options=opts),
                    "setting up the stimulus pass", group, world)
-    for spec in plan.checkpoints if store is not None else ():
-        spec.hash_cache = store.root  # checkpoint content hashes are computed once per run folder
     # Rank 0 decides what is cached (its store holds the results), everyone follows.
-    done = None
-    if rank == 0:
-        done = [
-            store is not None and not recompute
-            and store.is_done(f"{prefix}/{spec.name}", plan.checkpoint_key(spec))
-            for spec in plan.checkpoints
-        ]
+    done = plan.cached(store, prefix) if rank == 0 else plan.use_store(store)
     box = [done]
     dist.broadcast_object_list(box, src=root, group=group)
     done = box[0]
@@ -274,8 +262,8 @@ def _run(model_factory, checkpoints, dataset, dev, store, prefix, resume, save_e
     progress_dir = f"{prefix}/{PROGRESS_DIR}/rank{rank}of{world}"
     t0 = time.perf_counter()
     states = _agreed(lambda: plan.run_shard(
-        specs, start, stop, store=store, progress_dir=progress_dir, resume=resume, save_every=save_every,
-        progress=progress and rank == 0, on_batch=on_batch, save_at_end=True,
+        specs, start, stop, store=store, progress_dir=progress_dir, resume=opts.resume, save_every=opts.save_every,
+        progress=opts.progress and rank == 0, on_batch=opts.on_batch, save_at_end=True,
         desc=f"stimuli rank {rank}/{world} x{len(specs)}"), "the stimulus pass", group, world)
     seconds = time.perf_counter() - t0
 
@@ -395,13 +383,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConceptEvoError as exc:
         print(f"error: --model: {exc}", file=sys.stderr)
         return 2
-    results = distributed_extract(
-        factory, checkpoints, dataset,
-        layers=layers, k=args.k, k_i=args.k_i, batch_size=args.batch_size, device=args.device,
-        store=RunStore(run), prefix=args.prefix, names=args.names, resume=not args.no_resume,
-        save_every=args.save_every, amp=amp, backend=args.backend, progress=not args.quiet,
-        num_workers=args.num_workers, swap_weights=args.swap_weights, recompute=args.recompute,
-    )
+    try:
+        options = StimulusOptions(
+            layers=layers, k=args.k, k_i=args.k_i, batch_size=args.batch_size, device=args.device,
+            resume=not args.no_resume, save_every=args.save_every, amp=amp, backend=args.backend,
+            progress=not args.quiet, num_workers=args.num_workers, swap_weights=args.swap_weights,
+            recompute=args.recompute)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    results = distributed_extract(factory, checkpoints, dataset, store=RunStore(run), prefix=args.prefix,
+                                  names=args.names, options=options)
     if results is not None:
         for s in results:
             print(f"{args.prefix}/{s.name}: {s.num_neurons} neurons x k={s.k}, {s.num_images} images")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -147,7 +148,8 @@ class PipelineWorld:
             if kind == "stimuli":
                 _, run, ckpts, kw = job
                 spec = ctx["runs"][run]
-                kw = {**kw, "device": dev, "store": RunStore(cfg.out)}
+                kw = {**kw, "store": RunStore(cfg.out)}
+                kw.update({"options": replace(kw["options"], device=dev)} if "options" in kw else {"device": dev})
                 distributed_extract(spec.factory, ckpts, ctx["train_set"], **kw)
             elif kind in ("importance", "reversion"):
                 _, run, t, t2, kw = job
@@ -163,8 +165,12 @@ class PipelineWorld:
 
 
 def _portable(kw: dict) -> dict:
-    """Keyword arguments a job can carry: no device (each rank has its own) and no store object."""
-    return {k: v for k, v in kw.items() if k not in ("device", "store")}
+    """Keyword arguments a job can carry: no device (each rank has its own; also not inside stimulus
+    options) and no store object."""
+    out = {k: v for k, v in kw.items() if k not in ("device", "store")}
+    if out.get("options") is not None:
+        out["options"] = replace(out["options"], device=None)
+    return out
 
 
 # ---------------------------------------------------------------------- importance over ranks

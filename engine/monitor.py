@@ -406,7 +406,7 @@ class Monitor:
         image_size: int = 32,
         probe_accuracy: bool | None = None,
     ) -> None:
-        from .stimuli import Extraction
+        from .stimuli import Extraction, StimulusOptions
 
         if not isinstance(model, nn.Module):
             raise ConceptEvoError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -430,8 +430,8 @@ class Monitor:
         # The plan of the stimulus pass, on the live model (the factory returns the model itself;
         # the adapter's probe forward restores every module's mode). Layer names are checked here.
         with _rng_guard(), _keep_modes(model):
-            self._plan = Extraction(lambda: model, [{}], self.probe, layers=layers, k=k, k_i=k_i,
-                                    batch_size=batch_size, device=self.device, names=["live"], backend=backend)
+            self._plan = Extraction(lambda: model, [{}], self.probe, names=["live"], options=StimulusOptions(
+                layers=layers, k=k, k_i=k_i, batch_size=batch_size, device=self.device, backend=backend))
         self.layers = list(self._plan.layer_names)
         self.store = RunStore(out)
         self.out = self.store.root

@@ -287,7 +287,7 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
     from . import report as report_mod
     from . import reversion
     from .space import UnifiedSpace
-    from .stimuli import extract_stimuli
+    from .stimuli import StimulusOptions, extract_stimuli
 
     world = _world
     if world is None:
@@ -342,17 +342,17 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
         for name, spec in runs.items():
             epochs = sorted(spec.checkpoints)
             observer, accs = (None, {})
-            if cfg.directions:
+            if cfg.directions and world is None:  # over ranks the directions stage makes its own Gram pass
                 from .directions import gram_observer
 
                 observer, accs = gram_observer()
+            options = StimulusOptions(layers=cfg.layers, k=cfg.k, k_i=cfg.k_i, batch_size=cfg.batch_size,
+                                      device=device, amp=cfg.amp, backend=cfg.backends.get("topk", "auto"),
+                                      input_shape=input_shape, accuracy=True, on_diverged="record",
+                                      observer=observer)
             out = (extract_stimuli if world is None else world.extractor(name))(
-                spec.factory, [spec.checkpoints[e] for e in epochs], train_set, layers=cfg.layers, k=cfg.k,
-                k_i=cfg.k_i, batch_size=cfg.batch_size, device=device, store=store, prefix=f"stimuli/{name}",
-                names=[f"epoch_{e:03d}" for e in epochs], amp=cfg.amp, backend=cfg.backends.get("topk", "auto"),
-                input_shape=input_shape, accuracy=True, on_diverged="record",
-                **({"observer": observer} if observer is not None else {}),
-            )
+                spec.factory, [spec.checkpoints[e] for e in epochs], train_set, store=store,
+                prefix=f"stimuli/{name}", names=[f"epoch_{e:03d}" for e in epochs], options=options)
             grams.update({(name, e): accs[f"epoch_{e:03d}"] for e in epochs if f"epoch_{e:03d}" in accs})
             for e, s in zip(epochs, out):
                 if s.diverged:

@@ -59,14 +59,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ from torch import nn
 
 from . import backends as _backends
 from .adapter import LayerSpec, ModelAdapter, load_state_dict_file
-from .errors import ActivationError, CheckpointError, ConceptEvoError, DataError, LayerError
+from .errors import ActivationError, CheckpointError, ConceptEvoError, DataError, InputError, LayerError
 from .store import RunStore, atomic_write
 
 __all__ = [
@@ -84,6 +85,7 @@ __all__ = [
     "LayerStimuli",
     "Stimuli",
     "extract_stimuli",
+    "StimulusOptions",
     "Extraction",
     "CheckpointSpec",
     "resolve_checkpoints",
@@ -105,6 +107,163 @@ FIELDS: dict[str, np.dtype] = {
 _FORMAT = 1  # version of the on-disk layout of a saved Stimuli
 #: Sub-folder of a stimuli prefix that holds resumable progress (also used by conceptevo.distributed).
 PROGRESS_DIR = "_progress"
+
+
+# =============================================================================== options
+_AMP_NAMES = ("bf16", "bfloat16", "fp16", "float16")
+_TOPK_BACKENDS = ("auto", "cpu", "gpu", "cuda", "triton", "reference")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StimulusOptions:
+    """How a stimulus pass runs: the one place where every option of :func:`extract_stimuli`,
+    :class:`Extraction` and :func:`~conceptevo.distributed.distributed_extract` is documented and
+    checked (each field is validated once, on construction: a bad value raises an
+    :class:`~conceptevo.errors.InputError` -- a ``ValueError`` -- naming the field).
+
+    Pass it as ``options=``; each field can also be given as a keyword of the same name
+    (``extract_stimuli(..., k=10)``), but not both in one call. ``dataclasses.replace(opts, k=5)``
+    makes a changed copy.
+
+    What the result is (part of the cache key):
+        layers: ``None`` (every Conv2d), module names, a module type or a regex (see
+            :class:`~conceptevo.adapter.ModelAdapter`; unknown names raise a LayerError).
+        k: stimuli per neuron (>= 1).
+        k_i: responsive channels kept per image and layer (>= 0; 0: none).
+        amp: mixed precision: ``False`` (default), ``True``, ``"bf16"`` or ``"fp16"`` (see the
+            module docstring: the ranking may then differ from float32).
+        accuracy: also run each model's head and record its top-1 / top-5 on the dataset's labels
+            (``Stimuli.accuracy``): accuracy for checkpoints that come without a training log, for
+            the cost of the layers after the last chosen one.
+        dataset_key: identity of the dataset for the cache key (default: a content fingerprint,
+            :func:`dataset_fingerprint`).
+
+    How it is computed (the result does not depend on these):
+        batch_size: images per forward (>= 1). Resume and the distributed shards cut on its batch
+            boundaries (see "Exactness" in the module docstring).
+        num_workers: DataLoader worker processes (>= 0).
+        device: "cpu", "cuda", "cuda:1", "auto" or a ``torch.device``. ``None`` (default): "cpu"
+            for :func:`extract_stimuli` and :class:`Extraction`; for ``distributed_extract``
+            ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
+        backend: top-k kernel: "auto" (honours ``CONCEPTEVO_BACKEND_TOPK``), "cpu", "gpu"/"cuda",
+            "triton" or "reference".
+        swap_weights: one model on the device, the checkpoints' weights kept on the host and
+            swapped in per checkpoint and batch (device memory of one model).
+        input_shape: (C, H, W) for probing the layers; default: the shape of image 0.
+        on_diverged: ``"raise"`` (an ActivationError naming the checkpoint, layer and images) or
+            ``"record"``: a checkpoint with NaN/inf weights, NaN activations, infinite kept maxima or
+            non-finite logits comes back as an empty ``Stimuli`` whose ``diverged`` says why (layer
+            and first bad image ids); the other checkpoints carry on.
+
+    Caching, resume and feedback (with a store):
+        resume: continue an interrupted pass with the same key from its last save.
+        save_every: save progress every this many batches (``None`` / 0: never).
+        recompute: ignore cached results.
+        progress: show a progress bar (on rank 0 only when distributed).
+        on_batch: ``on_batch(batches_done, next_image_id)`` after every batch (progress hooks,
+            tests); an exception raised there aborts the pass like a crash would.
+        observer: ``observer(checkpoint_name, layer, output)`` called with every chosen layer's
+            output of every computed checkpoint, before the top-k update (read only; e.g.
+            :func:`conceptevo.directions.gram_observer` streams the Gram matrices of the concept
+            directions in this very pass). Not called for checkpoints loaded from the cache; a
+            resumed pass calls it only for the images after the resume point. Single process
+            only: ``distributed_extract`` over several ranks refuses it.
+    """
+
+    layers: LayerSpec = None
+    k: int = 10
+    k_i: int = 5
+    amp: bool | str = False
+    accuracy: bool = False
+    dataset_key: str | None = None
+    batch_size: int = 64
+    num_workers: int = 0
+    device: str | torch.device | None = None
+    backend: str = "auto"
+    swap_weights: bool = False
+    input_shape: tuple[int, ...] | None = None
+    on_diverged: str = "raise"
+    resume: bool = True
+    save_every: int | None = 100
+    recompute: bool = False
+    progress: bool = True
+    on_batch: Callable[[int, int], None] | None = None
+    observer: Callable[[str, str, torch.Tensor], None] | None = None
+
+    def __post_init__(self) -> None:
+        def bad(field: str, wanted: str) -> InputError:
+            return InputError(f"StimulusOptions.{field} must be {wanted}, got {getattr(self, field)!r}")
+
+        def count(field: str, minimum: int) -> None:
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < minimum:
+                raise bad(field, f"an integer >= {minimum}")
+            object.__setattr__(self, field, int(v))
+
+        def flag(field: str) -> None:
+            if not isinstance(getattr(self, field), (bool, np.bool_)):
+                raise bad(field, "True or False")
+            object.__setattr__(self, field, bool(getattr(self, field)))
+
+        count("k", 1)
+        count("k_i", 0)
+        count("batch_size", 1)
+        count("num_workers", 0)
+        if self.save_every is not None:
+            count("save_every", 0)
+        for name in ("accuracy", "swap_weights", "resume", "recompute", "progress"):
+            flag(name)
+        if not (isinstance(self.amp, (bool, np.bool_))
+                or (isinstance(self.amp, str) and self.amp.lower() in _AMP_NAMES)):
+            raise bad("amp", "False, True, 'bf16' or 'fp16'")
+        if isinstance(self.amp, np.bool_):
+            object.__setattr__(self, "amp", bool(self.amp))
+        if not isinstance(self.backend, str) or self.backend.lower() not in _TOPK_BACKENDS:
+            raise bad("backend", "one of " + ", ".join(repr(b) for b in _TOPK_BACKENDS))
+        if self.on_diverged not in ("raise", "record"):
+            raise bad("on_diverged", "'raise' or 'record'")
+        if self.dataset_key is not None and not isinstance(self.dataset_key, str):
+            raise bad("dataset_key", "None or a string")
+        if self.device is not None and not (isinstance(self.device, str) and self.device == "auto"):
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError, ValueError):
+                raise bad("device", '"cpu", "cuda", "cuda:<n>", "auto" or a torch.device') from None
+        if self.input_shape is not None:
+            shape = self.input_shape
+            if (isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence)
+                    or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in shape)):
+                raise bad("input_shape", "None or a sequence of positive integers (C, H, W)")
+            object.__setattr__(self, "input_shape", tuple(int(s) for s in shape))
+        for name in ("on_batch", "observer"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise bad(name, "None or a callable")
+
+    @classmethod
+    def combine(cls, options: StimulusOptions | None, keywords: Mapping[str, Any], caller: str) -> StimulusOptions:
+        """The options of a call: ``options`` or the keywords, never the same field from both.
+
+        Raises:
+            TypeError: a keyword that is no field (as Python does for an unknown keyword).
+            InputError: ``options`` of another type, or a field given both ways (named).
+        """
+        names = [f.name for f in fields(cls)]
+        unknown = [key for key in keywords if key not in names]
+        if unknown:
+            hints = {key: difflib.get_close_matches(key, names, n=1) for key in unknown}
+            said = ", ".join(f"{key!r}" + (f" (did you mean {hints[key][0]!r}?)" if hints[key] else "")
+                             for key in unknown)
+            raise TypeError(f"{caller}() got unexpected keyword argument(s) {said}; "
+                            f"the options are the fields of StimulusOptions")
+        if options is None:
+            return cls(**keywords)
+        if not isinstance(options, cls):
+            raise InputError(f"{caller}(): options must be a StimulusOptions, got {type(options).__name__}")
+        if keywords:
+            both = ", ".join(keywords)
+            raise InputError(f"{caller}(): {both} given both in options and as keyword argument(s); give each "
+                             f"once (dataclasses.replace(options, {next(iter(keywords))}=...) changes a field)")
+        return options
 
 
 # =============================================================================== results
@@ -254,6 +413,11 @@ class Stimuli:
             layers[entry["name"]] = LayerStimuli(**arrays)
         return cls(layers=layers, num_images=int(meta["num_images"]), name=meta.get("name", ""),
                    diverged=meta.get("diverged"), accuracy=meta.get("accuracy"))
+
+
+def _open_store(store: RunStore | str | os.PathLike | None) -> RunStore | None:
+    """A RunStore for a store argument (a RunStore, its directory, or None)."""
+    return RunStore(store) if isinstance(store, (str, os.PathLike)) else store
 
 
 def _layer_file(layer: str) -> str:
@@ -475,19 +639,19 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _check_positive(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
-        raise ConceptEvoError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 # ============================================================================ the pass
 class Extraction:
-    """A planned stimulus pass: validated model, layers, checkpoints, dataset and parameters.
+    """A planned stimulus pass: validated model, layers, checkpoints, dataset and options.
 
     Built by :func:`extract_stimuli` (and by :mod:`conceptevo.distributed`); :meth:`run_shard`
     streams the image ids ``[start, stop)`` through every pending checkpoint and returns the
     running states, so a caller can run one shard per process and merge them exactly.
+
+    ``Extraction(model_factory, checkpoints, dataset, *, names=None, options=None, **keywords)``:
+    the arguments as for :func:`extract_stimuli`; the options (a :class:`StimulusOptions`, or its
+    fields as keywords) are kept as ``self.options``. The plan uses the fields that define and
+    compute the pass; ``resume``, ``save_every``, ``recompute``, ``progress``, ``on_batch`` and
+    ``observer`` are for the caller that runs it (passed to :meth:`run_shard`).
     """
 
     def __init__(
@@ -495,39 +659,26 @@ class Extraction:
         model_factory: Callable[[], nn.Module] | nn.Module,
         checkpoints: Sequence[str | os.PathLike | dict[str, torch.Tensor]] | None,
         dataset: Any,
-        layers: LayerSpec = None,
-        k: int = 10,
-        k_i: int = 5,
-        batch_size: int = 64,
-        device: str | torch.device = "cpu",
+        *,
         names: Sequence[str] | None = None,
-        amp: bool | str = False,
-        backend: str = "auto",
-        num_workers: int = 0,
-        swap_weights: bool = False,
-        input_shape: Sequence[int] | None = None,
-        dataset_key: str | None = None,
-        accuracy: bool = False,
-        on_diverged: str = "raise",
+        options: StimulusOptions | None = None,
+        **keywords: Any,
     ) -> None:
         from .data import as_image_set
 
-        if on_diverged not in ("raise", "record"):
-            raise ConceptEvoError(f"on_diverged must be 'raise' or 'record', got {on_diverged!r}")
-        self.accuracy = bool(accuracy)
-        self.on_diverged = on_diverged
+        opts = self.options = StimulusOptions.combine(options, keywords, "Extraction")
+        self.accuracy = opts.accuracy
+        self.on_diverged = opts.on_diverged
         #: spec name -> why it diverged, filled by run_shard (on_diverged="record")
         self.diverged: dict[str, str] = {}
         #: spec name -> [images, top-1 hits, top-5 hits] of the last run_shard (accuracy=True)
         self.hits: dict[str, list[int]] = {}
-        self.k = _check_positive("k", k, 1)
-        self.k_i = _check_positive("k_i", k_i, 0)
-        self.batch_size = _check_positive("batch_size", batch_size, 1)
-        self.num_workers = _check_positive("num_workers", num_workers, 0)
-        self.device = _resolve_device(device)
-        self.amp_dtype = _amp_dtype(amp, self.device)
-        self.backend = choose_backend(self.device, backend)
-        self.swap_weights = bool(swap_weights)
+        self.k, self.k_i = opts.k, opts.k_i
+        self.batch_size, self.num_workers = opts.batch_size, opts.num_workers
+        self.device = _resolve_device("cpu" if opts.device is None else opts.device)
+        self.amp_dtype = _amp_dtype(opts.amp, self.device)
+        self.backend = choose_backend(self.device, opts.backend)
+        self.swap_weights = opts.swap_weights
         self.dataset = as_image_set(dataset)
         self.num_images = len(self.dataset)
         if self.num_images == 0:
@@ -542,16 +693,17 @@ class Extraction:
             raise ConceptEvoError(f"model_factory must be an nn.Module or a callable returning one, "
                                   f"got {type(model_factory).__name__}")
         model = self._new_model()
+        input_shape = opts.input_shape
         if input_shape is None:
             input_shape = tuple(torch.as_tensor(self.dataset[0][0]).shape)
         self.input_shape = tuple(int(s) for s in input_shape)
         # Layer names are validated here (LayerError naming the unknown layer and listing the model's).
-        self.adapter = ModelAdapter(model, layers=layers, input_shape=self.input_shape)
+        self.adapter = ModelAdapter(model, layers=opts.layers, input_shape=self.input_shape)
         self.layer_names = list(self.adapter.layer_names)
         self.channels = dict(self.adapter.channels)
         self.checkpoints = resolve_checkpoints(checkpoints, names, model)
         self.architecture = _architecture_signature(self.adapter)
-        self._dataset_key = dataset_key
+        self._dataset_key = opts.dataset_key
 
     @property
     def dataset_key(self) -> str:
@@ -565,6 +717,19 @@ class Extraction:
         if not isinstance(model, nn.Module):
             raise ConceptEvoError(f"model_factory returned a {type(model).__name__}, not an nn.Module")
         return model
+
+    def use_store(self, store: RunStore | None) -> None:
+        """Cache the checkpoints' content hashes in the store's folder (each file is hashed once per run folder)."""
+        for spec in self.checkpoints if store is not None else ():
+            spec.hash_cache = store.root
+
+    def cached(self, store: RunStore | None, prefix: str) -> list[bool]:
+        """Per checkpoint: are its stimuli done in ``store`` under this key (never with ``recompute``)?"""
+        self.use_store(store)
+        if store is None:
+            return [False] * len(self.checkpoints)
+        return [not self.options.recompute and store.is_done(f"{prefix}/{spec.name}", self.checkpoint_key(spec))
+                for spec in self.checkpoints]
 
     # ------------------------------------------------------------------ keys
     def params(self) -> dict[str, Any]:
@@ -1054,28 +1219,12 @@ def extract_stimuli(
     model_factory: Callable[[], nn.Module] | nn.Module,
     checkpoints: Sequence[str | os.PathLike | dict[str, torch.Tensor]] | None,
     dataset: Any,
-    layers: LayerSpec = None,
-    k: int = 10,
-    k_i: int = 5,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
+    *,
     store: RunStore | str | os.PathLike | None = None,
     prefix: str = "stimuli",
     names: Sequence[str] | None = None,
-    resume: bool = True,
-    save_every: int | None = 100,
-    amp: bool | str = False,
-    backend: str = "auto",
-    progress: bool = True,
-    num_workers: int = 0,
-    swap_weights: bool = False,
-    input_shape: Sequence[int] | None = None,
-    recompute: bool = False,
-    dataset_key: str | None = None,
-    on_batch: Callable[[int, int], None] | None = None,
-    accuracy: bool = False,
-    on_diverged: str = "raise",
-    observer: Callable[[str, str, torch.Tensor], None] | None = None,
+    options: StimulusOptions | None = None,
+    **keywords: Any,
 ) -> list[Stimuli]:
     """Stimuli of every checkpoint (same architecture) in ONE streaming pass over ``dataset``.
 
@@ -1085,70 +1234,40 @@ def extract_stimuli(
             = the model's own weights. All are checked against the architecture before the pass.
         dataset: an :class:`~conceptevo.data.ImageSet` or any Dataset returning ``(image, label)``;
             image ids are the dataset index.
-        layers: ``None`` (every Conv2d), module names, a module type or a regex (see ModelAdapter).
-        k: stimuli per neuron. k_i: responsive channels kept per image and layer (0: none).
-        batch_size, num_workers: loading; they do not change the result.
-        device: "cpu", "cuda", "cuda:1" or "auto".
         store: a RunStore (or its directory) for caching, resume and results; None keeps all in memory.
         prefix: store folder of the results; a checkpoint's go to ``<prefix>/<name>/``.
         names: one name per checkpoint (``"well_trained/epoch_004"``); default: the shortest unique
             trailing path of each file without its suffix.
-        resume: continue an interrupted pass with the same key from its last save.
-        save_every: save progress every this many batches (None / 0: never).
-        amp: mixed precision (see the module docstring; off by default).
-        backend: top-k kernel: "auto", "cpu", "triton", "gpu" or "reference".
-        progress: show a progress bar.
-        swap_weights: one model on the device, weights swapped per checkpoint and batch.
-        input_shape: (C, H, W) for probing the layers; default: the shape of image 0.
-        recompute: ignore cached results.
-        dataset_key: identity of the dataset for the cache key (default: a content fingerprint).
-        on_batch: ``on_batch(batches_done, next_image_id)`` after every batch (progress hooks, tests).
-        accuracy: also run each model's head and record its top-1 / top-5 on the dataset's labels
-            (``Stimuli.accuracy``): accuracy for checkpoints that come without a training log, for
-            the cost of the layers after the last chosen one.
-        on_diverged: ``"raise"`` (an ActivationError naming the checkpoint, layer and images) or
-            ``"record"``: a checkpoint with NaN/inf weights, NaN activations, infinite kept maxima or
-            non-finite logits comes back as an empty ``Stimuli`` whose ``diverged`` says why (layer
-            and first bad image ids); the other checkpoints carry on.
-        observer: optional ``observer(checkpoint_name, layer, output)`` called with every chosen
-            layer's output of every computed checkpoint, before the top-k update (read only; e.g.
-            :func:`conceptevo.directions.gram_observer` streams the Gram matrices of the concept
-            directions in this very pass). Not called for checkpoints loaded from the cache, and a
-            resumed pass calls it only for the images after the resume point.
+        options: a :class:`StimulusOptions` (layers, k, k_i, batch_size, device, amp, backend,
+            resume, on_diverged, ... -- each documented there).
+        **keywords: the fields of :class:`StimulusOptions` one by one instead (``k=10``); a field
+            may not be given both ways.
 
     Returns:
         One :class:`Stimuli` per checkpoint, in the order given.
 
     Raises:
+        InputError: a bad option (named); TypeError: an unknown keyword.
         LayerError: an unknown layer, or a layer that does not run (named).
         CheckpointError: a checkpoint that is missing, not a plain state dict, or of another
             architecture (named, with the mismatching keys/shapes).
         ActivationError: NaN activations (names the checkpoint, the layer and the image ids).
     """
-    if isinstance(store, (str, os.PathLike)):
-        store = RunStore(store)
-    prefix = prefix.strip("/")
-    plan = Extraction(model_factory, checkpoints, dataset, layers=layers, k=k, k_i=k_i, batch_size=batch_size,
-                      device=device, names=names, amp=amp, backend=backend, num_workers=num_workers,
-                      swap_weights=swap_weights, input_shape=input_shape, dataset_key=dataset_key,
-                      accuracy=accuracy, on_diverged=on_diverged)
-    results: list[Stimuli | None] = [None] * len(plan.checkpoints)
-    pending: list[int] = []
-    for spec in plan.checkpoints if store is not None else ():
-        spec.hash_cache = store.root  # checkpoint content hashes are computed once per run folder
-    for i, spec in enumerate(plan.checkpoints):
-        if store is not None and not recompute and store.is_done(f"{prefix}/{spec.name}", plan.checkpoint_key(spec)):
-            results[i] = Stimuli.load(store, f"{prefix}/{spec.name}")
-        else:
-            pending.append(i)
+    opts = StimulusOptions.combine(options, keywords, "extract_stimuli")
+    store, prefix = _open_store(store), prefix.strip("/")
+    plan = Extraction(model_factory, checkpoints, dataset, names=names, options=opts)
+    done = plan.cached(store, prefix)
+    results: list[Stimuli | None] = [Stimuli.load(store, f"{prefix}/{spec.name}") if d else None  # type: ignore[arg-type]
+                                     for spec, d in zip(plan.checkpoints, done)]
+    pending = [i for i, d in enumerate(done) if not d]
     if not pending:
         return results  # type: ignore[return-value]
     specs = [plan.checkpoints[i] for i in pending]
     progress_dir = f"{prefix}/{PROGRESS_DIR}/main"
     t0 = time.perf_counter()
-    states = plan.run_shard(specs, 0, plan.num_images, store=store, progress_dir=progress_dir, resume=resume,
-                            save_every=save_every, progress=progress, on_batch=on_batch,
-                            desc=f"stimuli x{len(specs)}", observer=observer)
+    states = plan.run_shard(specs, 0, plan.num_images, store=store, progress_dir=progress_dir, resume=opts.resume,
+                            save_every=opts.save_every, progress=opts.progress, on_batch=opts.on_batch,
+                            desc=f"stimuli x{len(specs)}", observer=opts.observer)
     seconds = time.perf_counter() - t0
     for i, spec, st in zip(pending, specs, states):
         results[i] = plan.to_stimuli(spec, st)

@@ -3,6 +3,7 @@ to a single-process run (dataset size not divisible by the world size nor by the
 killing one rank mid-run then relaunching resumes every rank and still gives the same result."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,7 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conceptevo.distributed import distributed_extract, shard_bounds
-from conceptevo.stimuli import Stimuli, extract_stimuli
+from conceptevo.errors import InputError
+from conceptevo.stimuli import Stimuli, StimulusOptions, extract_stimuli
 from conceptevo.store import RunStore
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -156,6 +158,53 @@ def test_error_on_one_rank_is_raised_on_every_rank(tmp_path, problem):
     msg0 = (tmp_path / "rank0.txt").read_text()
     assert msg1.startswith("ActivationError") and f"[{bad}]" in msg1 and "'epoch_0'" in msg1
     assert "rank 1" in msg0 and "ActivationError" in msg0
+
+
+def _options_worker(rank: int, world: int, init_file: str, run: str, ckpts: list[str], data: str, log_dir: str) -> None:
+    torch.set_num_threads(_THREADS)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    x, y = torch.load(data)
+    options = StimulusOptions(**KW, device="cpu", save_every=1)
+    try:
+        try:  # refused on every rank before any collective: nobody waits
+            distributed_extract(make_net, ckpts, ArrayDataset(x, y), store=run, options=options, observer=print)
+        except InputError as exc:
+            Path(log_dir, f"refused_rank{rank}.txt").write_text(str(exc))
+        try:
+            distributed_extract(make_net, ckpts, ArrayDataset(x, y), store=run,
+                                options=dataclasses.replace(options, observer=print))
+        except InputError as exc:
+            Path(log_dir, f"observer_rank{rank}.txt").write_text(str(exc))
+        distributed_extract(make_net, ckpts, ArrayDataset(x, y), store=run, options=options)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_extract_takes_the_options_object(tmp_path, problem):
+    """One StimulusOptions drives 2 gloo ranks to the single-process result; a world of one takes it too."""
+    _, data, ckpts, want = problem
+    x, y = torch.load(data)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_THREADS)  # as `want` was computed (see _worker)
+    try:
+        alone = distributed_extract(make_net, ckpts, ArrayDataset(x, y), options=StimulusOptions(**KW, device="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    for a, w in zip(alone, want):
+        assert_same(a, w)
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    mp.spawn(_options_worker, args=(2, str(tmp_path / "init_opts"), str(run), ckpts, str(data), str(logs)),
+             nprocs=2, join=True)
+    for r in range(2):
+        assert "k given both" not in (logs / f"refused_rank{r}.txt").read_text()
+        assert "observer given both in options" in (logs / f"refused_rank{r}.txt").read_text()
+        assert "StimulusOptions.observer is not supported over several ranks" in (
+            logs / f"observer_rank{r}.txt").read_text()
+    store = RunStore(run, create=False)
+    for spec_name, w in zip(("epoch_0", "epoch_1"), want):
+        assert_same(Stimuli.load(store, f"stimuli/{spec_name}"), w)
+        assert store.manifest["stages"][f"stimuli/{spec_name}"]["params"]["world_size"] == 2
 
 
 def test_torchrun_module_entry_point(tmp_path):

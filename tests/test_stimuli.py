@@ -8,8 +8,10 @@ floating-point sums (oneDNN changes that order with the batch composition) and t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,8 +24,8 @@ import pytest
 import torch
 from torch import nn
 
-from conceptevo.errors import ActivationError, CheckpointError, LayerError
-from conceptevo.stimuli import Stimuli, extract_stimuli
+from conceptevo.errors import ActivationError, CheckpointError, ConceptEvoError, InputError, LayerError
+from conceptevo.stimuli import Extraction, Stimuli, StimulusOptions, extract_stimuli
 from conceptevo.store import RunStore
 
 KW = dict(progress=False)
@@ -463,3 +465,67 @@ def test_accuracy_from_the_pass_equals_a_plain_evaluation(rng):
         assert stim.accuracy["top5"] == pytest.approx(float((top5 == y[:, None]).any(1).float().mean()))
         assert_same(stim, ref)  # running the head changes no stimulus
         assert ref.accuracy is None
+
+
+# ------------------------------------------------------------------------ StimulusOptions
+def test_options_object_and_keywords_give_identical_stimuli(rng, tmp_path):
+    """The same settings as keywords, as a StimulusOptions, and through Extraction: the same arrays --
+    and they are the settings asked for, not the defaults (k=3, k_i=2, two layers)."""
+    ds = real_images(rng, int(rng.integers(20, 40)))
+    states = [real_state(int(rng.integers(1 << 30))) for _ in range(2)]
+    kw = {"layers": ["0", "3"], "k": 3, "k_i": 2, "batch_size": int(rng.integers(2, 9)), "device": "cpu",
+          "backend": "auto", "progress": False, "accuracy": True, "on_diverged": "record", "input_shape": (3, 8, 8)}
+    by_keywords = extract_stimuli(make_net, states, ds, names=["a", "b"], **kw)
+    options = StimulusOptions(**kw)
+    by_options = extract_stimuli(make_net, states, ds, names=["a", "b"], options=options)
+    plan = Extraction(make_net, states, ds, names=["a", "b"], options=options)
+    assert plan.options is options
+    by_plan = [plan.to_stimuli(spec, st) for spec, st in
+               zip(plan.checkpoints, plan.run_shard(plan.checkpoints, progress=False))]
+    for got in (by_options, by_plan):
+        for a, b in zip(by_keywords, got):
+            assert a.name == b.name and a.accuracy == b.accuracy
+            assert_same(a, b)
+    for s in by_keywords:
+        assert s.layer_names == ["0", "3"] and s.k == 3 and s.k_i == 2 and s.accuracy is not None
+    # with a store: the options' run fields (recompute) are honoured, and the cache key is the same
+    store = RunStore(tmp_path / "run")
+    first = extract_stimuli(make_net, states, ds, store=store, names=["a", "b"], options=options)
+    again = extract_stimuli(make_net, states, ds, store=store, names=["a", "b"], **kw)  # cache hit
+    for a, b, c in zip(by_keywords, first, again):
+        assert_same(a, b)
+        assert_same(a, c)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("k", 0), ("k_i", -1), ("batch_size", 2.5), ("num_workers", True), ("save_every", -3),
+    ("on_diverged", "ignore"), ("amp", "fp8"), ("backend", "fast"), ("device", "gpu0"),
+    ("input_shape", (3, 0, 8)), ("progress", "yes"), ("observer", "print"), ("dataset_key", 7),
+])
+def test_bad_option_names_the_field(rng, field, value):
+    with pytest.raises(InputError, match=rf"StimulusOptions\.{field} must be .*, got " + re.escape(repr(value))) as info:
+        StimulusOptions(**{field: value})
+    assert isinstance(info.value, ValueError) and isinstance(info.value, ConceptEvoError)
+    # the keyword path checks the same way, before any model or data is touched
+    with pytest.raises(InputError, match=rf"StimulusOptions\.{field} "):
+        extract_stimuli(make_net, None, int_images(rng, 4), **{field: value})
+    with pytest.raises(InputError, match=rf"StimulusOptions\.{field} "):
+        Extraction(make_net, None, int_images(rng, 4), **{field: value})
+
+
+def test_option_given_twice_or_unknown_is_refused(rng):
+    ds = int_images(rng, 6)
+    options = StimulusOptions(k=3, progress=False)
+    for call in (extract_stimuli, Extraction):
+        with pytest.raises(InputError, match="k given both in options and as keyword"):
+            call(make_net, None, ds, options=options, k=3)  # even the same value: one place per field
+        with pytest.raises(InputError, match="batch_size, layers given both"):
+            call(make_net, None, ds, options=options, batch_size=2, layers=["0"])
+        with pytest.raises(TypeError, match="'kk' \\(did you mean 'k'\\?\\)"):
+            call(make_net, None, ds, kk=3)
+    with pytest.raises(InputError, match="options must be a StimulusOptions, got dict"):
+        extract_stimuli(make_net, None, ds, options={"k": 3})
+    with pytest.raises(Exception, match="frozen|cannot assign"):
+        options.k = 5  # validated once: no later change can skip the checks
+    (s,) = extract_stimuli(make_net, None, ds, options=dataclasses.replace(options, k=2))
+    assert s.k == 2
