@@ -28,17 +28,20 @@ Sources, from free to fine:
 
   - the per-class weight gradient ``g^c`` of a layer is the weight-gradient of the class-c
     rows only. It is computed from the layer's input and output-gradient that hooks already
-    hold (``torch.nn.grad.conv2d_weight`` / a matrix product per class present in the
-    batch): the classes partition the batch, so all of them cost about one extra
-    weight-gradient of the layer. Any common factor between ``Σ_c g^c`` and the gradient the
+    hold, with the batch gathered in class order once per layer: small conv maps (<= 256
+    positions) by one im2col and one matrix product per class, larger ones by oneDNN's
+    weight-gradient per class (slices padded to powers of two), Linear layers by one batched
+    product. The classes partition the batch, so together they cost a few weight-gradients
+    of the layer (the many tiny per-class products run below the full-batch efficiency). Any common factor between ``Σ_c g^c`` and the gradient the
     optimiser used (gradient clipping, a loss scale) is measured (``κ``) and applied;
     whatever remains (extra loss terms on the weights) is the source ``other``.
   - SGD (any momentum, dampening, Nesterov, weight decay): **exact**. The update is linear
     in the gradients, so per-source momentum buffers ``v^s ← μ v^s + (1−d) g^s`` reproduce
     it; weight decay ``λ W`` is its own source ``weight_decay``; a momentum buffer that
-    existed when the tracer attached is the source ``prior_momentum``. Float rounding
-    between the modelled and the actual update (``W_after − W_before`` in float64) goes to
-    ``other`` and is reported (``max_mismatch``).
+    existed when the tracer attached is the source ``prior_momentum``. The same recurrence
+    on the summed gradient in float64 is checked against the actual update every step
+    (``max_mismatch``); the float rounding of the per-source state goes to ``other`` when a
+    window closes, so the sources sum to ``W_t' − W_t`` exactly.
   - Adam, AdamW and other optimisers: **approximate**. Per-source first moments
     ``m^s`` (β1 of the optimiser, or its momentum, else 0) and the actual update split
     element-wise in proportion ``m^s·m/(m²+ε²)``; AdamW's decoupled decay is the exact source
@@ -104,6 +107,7 @@ __all__ = [
 ]
 
 _EXTRA = ("weight_decay", "prior_momentum", "other")
+_GEMM_MAX_L = 256      # conv output maps up to this many positions: class gradients by im2col + GEMM
 
 
 # ----------------------------------------------------------------------------- layers
@@ -335,6 +339,121 @@ def layer_input(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ tracer
+def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[idx]`` along dim 0 in ``x``'s memory format, by whole-row copies (advanced indexing
+    of a channels-last map copies element by element, several times slower)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
+    if x.is_contiguous():
+        return x.index_select(0, idx)
+    return x[idx]
+
+
+class _ClassPlan:
+    """The batch's rows grouped by class, for computing every class's weight-gradient at once.
+
+    Rows are gathered in class order, each class padded with zero output-gradient rows to a
+    bucket size (conv: the next power of two, so oneDNN meets few batch sizes and reuses its
+    kernels; linear: the largest class, for one batched matrix product). The padding rows
+    contribute exactly zero.
+    """
+
+    def __init__(self, y: torch.Tensor, num_classes: int):
+        C = num_classes
+        self.C = C
+        self.order = torch.argsort(y, stable=True)
+        self.counts = torch.bincount(y, minlength=C).tolist()
+        self.n_max = max(self.counts) if self.counts else 0
+        self._cache: dict[tuple[str, str], tuple] = {}
+
+    def _layout(self, mode: str, dev: torch.device, cap: int) -> tuple:
+        """``(idx, pad, segments)``: gather index into the batch, padded positions (zeroed in
+        the output-gradient) and ``(class, lo, hi)`` slices of the gathered rows."""
+        key = (mode, str(dev))
+        if key in self._cache:
+            return self._cache[key]
+        order = self.order.tolist()
+        idx, pad, segs, pos, start = [], [], [], 0, 0
+        for c, n in enumerate(self.counts):
+            if mode == "linear":
+                m = self.n_max
+            elif n == 0:
+                start += n
+                continue
+            else:
+                m = min(1 << (n - 1).bit_length(), cap)
+            rows = order[start:start + n]
+            start += n
+            fill = rows[0] if rows else 0
+            idx += rows + [fill] * (m - n)
+            pad += list(range(pos + n, pos + m))
+            segs.append((c, pos, pos + m))
+            pos += m
+        out = (torch.tensor(idx, dtype=torch.int64, device=dev), torch.tensor(pad, dtype=torch.int64, device=dev),
+               segs)
+        self._cache[key] = out
+        return out
+
+    def weight_grads(self, info: LayerInfo, a: torch.Tensor, d: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[c]`` = the weight-gradient of the class-c rows of the batch (``out``: ``(C, *shape)``)."""
+        B = a.shape[0]
+        if info.kind == "linear":
+            idx, pad, _ = self._layout("linear", a.device, B)
+            ag = _rows(a, idx).reshape(self.C, -1, a.shape[-1])          # (C, n_max*T, Cin)
+            dg = _rows(d, idx)
+            if len(pad):
+                dg.index_fill_(0, pad, 0)
+            dg = dg.reshape(self.C, -1, d.shape[-1])                     # (C, n_max*T, Cout)
+            torch.bmm(dg.transpose(1, 2), ag, out=out.view(self.C, *info.weight_shape))
+            return
+        if (info.groups == 1 and d.dim() == 4 and d.shape[2] * d.shape[3] <= _GEMM_MAX_L
+                and a.is_contiguous(memory_format=torch.channels_last)
+                and d.is_contiguous(memory_format=torch.channels_last)):
+            self._conv_gemm(info, a, d, out)
+            return
+        idx, pad, segs = self._layout("conv2d", a.device, B)
+        ag, dg = _rows(a, idx), _rows(d, idx)
+        if len(pad):
+            dg.index_fill_(0, pad, 0)
+        conv_bwd = torch.ops.aten.convolution_backward
+        w = a.new_empty(1).expand(info.weight_shape)
+        done = torch.zeros(self.C, dtype=torch.bool)
+        for c, lo, hi in segs:
+            out[c] = conv_bwd(dg[lo:hi], ag[lo:hi], w, None, info.stride, info.padding, info.dilation, False,
+                              (0, 0), info.groups, (False, True, False))[1]
+            done[c] = True
+        if not bool(done.all()):
+            out[~done.to(out.device)] = 0
+
+    def _conv_gemm(self, info: LayerInfo, a: torch.Tensor, d: torch.Tensor, out: torch.Tensor) -> None:
+        """Small maps (channels-last): one im2col of the class-sorted batch, then one matrix
+        product per class over its contiguous rows (no padding, no per-call kernel set-up)."""
+        order = self.order.to(a.device)
+        a_s, d_s = _rows(a, order), _rows(d, order)
+        B, Cin = a.shape[:2]
+        Ho, Wo = d.shape[2:]
+        kh, kw = info.weight_shape[2:]
+        ph, pw = info.padding
+        ap = F.pad(a_s, (pw, pw, ph, ph)) if ph or pw else a_s
+        if not ap.is_contiguous(memory_format=torch.channels_last):
+            ap = ap.contiguous(memory_format=torch.channels_last)
+        sB, sC, sH, sW = ap.stride()
+        (st_h, st_w), (dl_h, dl_w) = info.stride, info.dilation
+        L, K, Cout = Ho * Wo, Cin * kh * kw, info.weight_shape[0]
+        cols = ap.as_strided((B, Ho, Wo, kh, kw, Cin), (sB, sH * st_h, sW * st_w, sH * dl_h, sW * dl_w, sC)
+                             ).reshape(B * L, K)                         # columns ordered (kh, kw, Cin)
+        dm = d_s.permute(0, 2, 3, 1).reshape(B * L, Cout)
+        buf = torch.empty((self.C, Cout, K), dtype=out.dtype, device=out.device)
+        lo = 0
+        for c, n in enumerate(self.counts):
+            if n == 0:
+                buf[c].zero_()
+                continue
+            torch.mm(dm[lo * L:(lo + n) * L].T, cols[lo * L:(lo + n) * L], out=buf[c])
+            lo += n
+        out.copy_(buf.view(self.C, Cout, kh, kw, Cin).permute(0, 1, 4, 2, 3))
+
+
 class Tracer:
     """Records per-class update accumulators of chosen layers during training.
 
@@ -437,6 +556,10 @@ class Tracer:
                     b[self.num_classes + 1] = prior.detach()
                 self.buf[n][key] = b
                 self.started[n][key] = prior is not None
+        # float64 model of the optimiser's own state (SGD: the momentum buffer), for the per-step check
+        self.tbuf = {n: {key: (self.buf[n][key].sum(0, dtype=torch.float64)) for key in ps}
+                     for n, ps in self.params.items()}
+        self.win_w = {n: {key: v.clone() for key, v in d.items()} for n, d in self.prev.items()}
         self.acc = self._zeros()
         self._g: dict[tuple[str, str], torch.Tensor] = {}
         self.window_start = int(epoch)
@@ -509,9 +632,7 @@ class Tracer:
         if self.example_layers and ids is None:
             raise ConceptEvoError("example_layers are traced: pass the batch's dataset ids to after_step(y, ids)")
         C = self.num_classes
-        order = torch.argsort(y, stable=True)          # rows grouped by class: contiguous slices
-        counts = torch.bincount(y, minlength=C).tolist()
-        bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        plan = _ClassPlan(y, C)
         onehot = None
         for n in self.layers:
             info = self.info[n]
@@ -526,40 +647,20 @@ class Tracer:
                 raise ConceptEvoError(f"layer {n!r}: batch of {a.shape[0]} rows but {y.numel()} labels")
             ps = self.params[n]
             dev = a.device
-            # class parts of the gradient, in the training dtype (float rounding against p.grad lands
-            # in 'other', which keeps the sum exact): the layer's weight-gradient of each class's rows,
-            # the batch sorted by class so every class is one slice (in the map's own memory format,
-            # which keeps oneDNN fast); the classes partition the batch, so together they cost about
-            # one extra weight-gradient.
             ge = info.example_grads(a, d).reshape(a.shape[0], -1) if n in self._ex else None
-            o = order.to(dev)
-            a_s, d_s = a[o], d[o]
-            gw = torch.zeros((C,) + info.weight_shape, dtype=a.dtype, device=dev)
-            for c in range(C):
-                lo, hi = bounds[c], bounds[c + 1]
-                if hi == lo:
-                    continue
-                if info.kind == "conv2d":
-                    # pad the slice with zero rows to a power of two: oneDNN builds a kernel for
-                    # every new batch size, and class counts change every step (about 10x slower)
-                    m = min(1 << (hi - lo - 1).bit_length(), a.shape[0])
-                    fmt = torch.channels_last if a.is_contiguous(memory_format=torch.channels_last) and not \
-                        a.is_contiguous() else torch.contiguous_format
-                    ac = torch.empty((m,) + tuple(a.shape[1:]), dtype=a.dtype, device=dev, memory_format=fmt)
-                    dc = torch.empty((m,) + tuple(d.shape[1:]), dtype=d.dtype, device=dev, memory_format=fmt)
-                    ac[: hi - lo] = a_s[lo:hi]
-                    dc[: hi - lo] = d_s[lo:hi]
-                    ac[hi - lo:] = 0
-                    dc[hi - lo:] = 0
-                    gw[c] = info.weight_grad(ac, dc)
-                else:
-                    gw[c] = info.weight_grad(a_s[lo:hi], d_s[lo:hi])
+            # class parts of the weight gradient, written straight into the per-source gradient
+            # buffer (rows 0..C-1) in the training dtype; float rounding against p.grad lands in
+            # 'other', which keeps the sum exact
+            gbuf = self._gbuf(n, "weight")
+            gw = gbuf[:C]
+            plan.weight_grads(info, a, d, gw)
             parts = {"weight": gw}
             if "bias" in ps:
                 rb = info.bias_grad(d)
                 if onehot is None or onehot.device != dev or onehot.dtype != rb.dtype:
                     onehot = F.one_hot(y.to(dev), C).to(rb.dtype).T.contiguous()     # (C, B)
-                gb = onehot @ rb
+                gb = self._gbuf(n, "bias")[:C]
+                torch.mm(onehot, rb, out=gb)
                 parts["bias"] = gb
                 if n in self._ex:
                     ge = torch.cat([ge, rb], 1)
@@ -596,13 +697,24 @@ class Tracer:
         self._d.clear()
         self._n_fwd.clear()
 
+    def _gbuf(self, n: str, key: str) -> torch.Tensor:
+        """The per-source gradient buffer ``(k, *shape)`` of ``n.key`` (rows 0..C-1: the classes)."""
+        g = self._g.get((n, key))
+        if g is None:
+            g = self._g[(n, key)] = torch.zeros_like(self.buf[n][key])
+        return g
+
     def _update(self, n: str, key: str, p: torch.Tensor, gc: torch.Tensor, kappa: float, tot: torch.Tensor
                 ) -> None:
         """Advance the per-source optimiser state of ``n.key`` and accumulate this step's update.
 
-        ``gc``: the class parts ``(C, *shape)``. Sources: classes, weight_decay, prior_momentum,
-        other. The per-source state is kept in the parameter's dtype; the accumulators and the
-        actual update ``W_after − W_before`` in float64, and their difference goes to ``other``.
+        ``gc``: the class parts ``(C, *shape)``, rows 0..C-1 of :meth:`_gbuf`. Sources: classes,
+        weight_decay, prior_momentum, other. The per-source state is kept in the parameter's
+        dtype, the accumulators in float64. For SGD the same recurrence runs once more on the
+        summed gradient in float64 (one parameter's size) to check the model of the optimiser
+        against the actual update every step (``max_mismatch``); the float rounding of the
+        per-source state goes to ``other`` when the window closes (:meth:`end_epoch`), which
+        keeps ``Σ_s acc_s = W_t' − W_t`` exact without a per-step sum over the sources.
         """
         group = self.group_of[id(p)]
         C = self.num_classes
@@ -613,33 +725,47 @@ class Tracer:
         wd = float(group.get("weight_decay", 0.0) or 0.0)
         buf = self.buf[n][key]
         acc = self.acc[n][key]
-        g = self._g.get((n, key))
-        if g is None:
-            g = self._g[(n, key)] = torch.zeros_like(buf)
-        torch.mul(gc, kappa, out=g[:C])
+        g = self._gbuf(n, key)
+        if gc.data_ptr() != g.data_ptr():
+            g[:C].copy_(gc)
+        if kappa != 1.0:
+            g[:C].mul_(kappa)
         g[C + 1].zero_()
         torch.sub(p.grad, tot, alpha=kappa, out=g[C + 2])
         if self.exact:
             mu = float(group.get("momentum", 0.0))
             damp = float(group.get("dampening", 0.0))
             nesterov = bool(group.get("nesterov", False))
-            if group.get("maximize", False):
-                g.neg_()
+            gsum = p.grad.double()                      # Σ_s g_s, modelled in float64
             if wd:
                 torch.mul(prev, wd, out=g[C])
+                gsum.add_(prev, alpha=wd)
             else:
                 g[C].zero_()
+            if group.get("maximize", False):
+                g.neg_()
+                gsum.neg_()
+            tb = self.tbuf[n][key]
             if mu:
                 if not self.started[n][key]:
                     buf.copy_(g)
+                    tb.copy_(gsum)
                     self.started[n][key] = True
+                elif damp == 0.0:
+                    torch.add(g, buf, alpha=mu, out=buf)
+                    tb.mul_(mu).add_(gsum)
                 else:
                     buf.mul_(mu).add_(g, alpha=1.0 - damp)
-                direction = g.add_(buf, alpha=mu) if nesterov else buf
+                    tb.mul_(mu).add_(gsum, alpha=1.0 - damp)
+                if nesterov:
+                    direction = g.add_(buf, alpha=mu)
+                    dsum = gsum.add_(tb, alpha=mu)
+                else:
+                    direction, dsum = buf, tb
             else:
-                direction = g
+                direction, dsum = g, gsum
             acc.add_(direction, alpha=-lr)
-            pred = direction.sum(0, dtype=torch.float64).mul_(-lr)
+            mismatch = actual - dsum * (-lr)
         else:
             beta1 = group["betas"][0] if "betas" in group else float(group.get("momentum", 0.0))
             decoupled = isinstance(self.opt, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
@@ -662,11 +788,11 @@ class Tracer:
             share = rest * (m / (m * m + eps * eps))
             acc.add_(buf * share)
             pred = (buf.sum(0, dtype=torch.float64) * share) + (actual - rest)
-        mismatch = actual - pred
+            mismatch = actual - pred
+            acc[C + 2] += mismatch
         scale = float(actual.abs().max())
         if scale > 0:
             self.max_mismatch = max(self.max_mismatch, float(mismatch.abs().max()) / scale)
-        acc[C + 2] += mismatch
         self.prev[n][key] = now
         if self.steps:
             self._last_delta = getattr(self, "_last_delta", {})
@@ -693,6 +819,15 @@ class Tracer:
         if self.save_epochs is not None and epoch not in self.save_epochs:
             return
         key = (self.window_start, epoch)
+        C = self.num_classes
+        for n, ps in self.params.items():
+            for k, p in ps.items():
+                # float rounding of the per-source state (and anything that moved the weights outside
+                # the modelled steps) goes to 'other': the sources sum to the window's change exactly
+                now = p.detach().double()
+                acc = self.acc[n][k]
+                acc[C + 2] += (now - self.win_w[n][k]) - acc.sum(0)
+                self.win_w[n][k] = now
         blob = {f"{n}.{k}": v for n, d in self.acc.items() for k, v in d.items()}
         self.windows[key] = blob
         if self.out is not None:
