@@ -96,12 +96,16 @@ __all__ = [
     "checkpoint_sources",
     "decompose",
     "explain",
+    "class_contributions",
+    "contributions_figure",
+    "example_grid",
     "explain_examples",
     "layer_info",
     "layer_input",
     "original_storage_bytes",
     "report_section",
     "sketch_bound",
+    "step_sources",
     "storage_bytes",
     "trace_run",
 ]
@@ -564,6 +568,7 @@ class Tracer:
         self._g: dict[tuple[str, str], torch.Tensor] = {}
         self.window_start = int(epoch)
         self.step_count = 0
+        self.epoch_steps: dict[int, int] = {int(epoch): 0}
         self.max_mismatch = 0.0
         self.kappa_dev = 0.0
         self.lrs: list[float] = []
@@ -578,7 +583,7 @@ class Tracer:
         self._step_chunk_ids: list[int] = []
         self._chunks = 0
         self._ex: dict[str, list] = {n: [] for n in self.example_layers}
-        self._ex_meta: list[tuple[int, torch.Tensor]] = []
+        self._ex_meta: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         if self.sketch:
             self._proj = {n: self._projection(n) for n in self.example_layers}
         if self.verbose:
@@ -684,7 +689,7 @@ class Tracer:
                 self._step_chunk[n].append(torch.cat([self._last_delta[n][k].reshape(-1)
                                                       for k in ps]).to(self.step_dtype))
         if self.example_layers:
-            self._ex_meta.append((self.step_count, torch.as_tensor(ids).reshape(-1).clone()))
+            self._ex_meta.append((self.step_count, torch.as_tensor(ids).reshape(-1).clone(), y.clone()))
         g0 = self.group_of[id(self.params[self.layers[0]]["weight"])]
         self.lrs.append(float(g0["lr"]))
         self.momenta.append((float(g0.get("momentum", 0.0)), float(g0.get("dampening", 0.0))))
@@ -816,6 +821,7 @@ class Tracer:
     def end_epoch(self, epoch: int) -> None:
         """Close the epoch; writes the window ``[start, epoch]`` when ``epoch`` is a save epoch."""
         epoch = int(epoch)
+        self.epoch_steps[epoch] = self.step_count
         if self.save_epochs is not None and epoch not in self.save_epochs:
             return
         key = (self.window_start, epoch)
@@ -849,11 +855,13 @@ class Tracer:
 
     def example_blob(self) -> dict[str, torch.Tensor]:
         """Per-example records: ``steps``/``ids`` per row, ``<layer>`` gradient (or sketch) rows,
-        ``<layer>.norm`` their exact norms, and the per-step ``lr``, ``momentum``, ``dampening``."""
+        ``labels`` (the class of each row), ``<layer>.norm`` their exact norms, and the per-step
+        ``lr``, ``momentum``, ``dampening``."""
         if not self._ex_meta:
             return {}
-        blob = {"steps": torch.cat([torch.full((len(i),), s, dtype=torch.int64) for s, i in self._ex_meta]),
-                "ids": torch.cat([i for _, i in self._ex_meta]).to(torch.int64),
+        blob = {"steps": torch.cat([torch.full((len(i),), s, dtype=torch.int64) for s, i, _ in self._ex_meta]),
+                "ids": torch.cat([i for _, i, _ in self._ex_meta]).to(torch.int64),
+                "labels": torch.cat([y for _, _, y in self._ex_meta]).to(torch.int64),
                 "lr": torch.tensor(self.lrs, dtype=torch.float64),
                 "momentum": torch.tensor([m for m, _ in self.momenta], dtype=torch.float64),
                 "dampening": torch.tensor([d for _, d in self.momenta], dtype=torch.float64)}
@@ -873,6 +881,7 @@ class Tracer:
             "optimizer": self.opt_name, "exact": self.exact,
             "windows": [list(k) for k in self.windows if isinstance(k[0], int)],
             "steps_recorded": self.step_count, "max_mismatch": self.max_mismatch,
+            "epoch_steps": {str(e): int(v) for e, v in self.epoch_steps.items()},
             "max_kappa_deviation": self.kappa_dev, "per_step": self.steps,
             "step_dtype": str(self.step_dtype).replace("torch.", ""),
             "example_layers": self.example_layers, "sketch": self.sketch, "sketch_seed": self.sketch_seed,
@@ -948,6 +957,53 @@ def example_sources(meta: dict, blob: dict[str, torch.Tensor], layer: str, shape
     return rows, m
 
 
+def step_sources(meta: dict, chunks, layer: str, s0: int, s1: int, epochs: tuple[int, int] = (-1, -1)
+                 ) -> LayerSources:
+    """Per-step sources of ``layer`` for optimiser steps ``[s0, s1)`` from the recorded step
+    chunks (each ``{"steps": ids, layer: (n, weight+bias) deltas}``). Exact when the deltas
+    were stored in float32 or float64, rounded (``exact=False``) in float16/bfloat16."""
+    if layer not in meta["layers"]:
+        raise LayerError(f"layer {layer!r} was not traced; traced layers: {meta['layers']}")
+    info = meta["layer_info"][layer]
+    shape = tuple(info["weight_shape"])
+    rows, ids = [], []
+    for blob in chunks:
+        st = blob["steps"]
+        keep = (st >= s0) & (st < s1)
+        if bool(keep.any()):
+            rows.append(blob[layer][keep].double())
+            ids.append(st[keep])
+    if not rows:
+        raise ConceptEvoError(f"no recorded steps in [{s0}, {s1}) for layer {layer!r}")
+    rows_t, ids_t = torch.cat(rows), torch.cat(ids)
+    exact = str(meta.get("step_dtype", "")) in ("float32", "float64")
+    m = _meta([{"source": f"step {int(i)}", "kind": "step", "class": -1, "epoch_from": epochs[0],
+                "epoch_to": epochs[1], "exact": exact, "example": -1} for i in ids_t])
+    return _rows_as_sources(layer, rows_t, m, shape, bool(info["has_bias"]))
+
+
+def _rows_as_sources(layer: str, rows: torch.Tensor, meta: pd.DataFrame, shape: tuple[int, ...], has_bias: bool,
+                     epochs: tuple[int, int] | None = None) -> LayerSources:
+    """Flattened (weight then bias) rows as a :class:`LayerSources`."""
+    W = int(np.prod(shape))
+    if epochs is not None:
+        meta = meta.copy()
+        meta["epoch_from"], meta["epoch_to"] = int(epochs[0]), int(epochs[1])
+    return LayerSources(layer, rows[:, :W].reshape(-1, *shape), rows[:, W:] if has_bias else None, meta)
+
+
+def _with_extra(src: LayerSources, classes: LayerSources) -> LayerSources:
+    """``src`` plus the weight_decay, prior_momentum and other sources of ``classes`` (summed
+    over its windows): what per-example updates leave out of the layer's change."""
+    extra = classes.grouped("class")
+    keep = extra.meta["kind"].isin(_EXTRA).to_numpy()
+    idx = torch.from_numpy(np.flatnonzero(keep))
+    dw = torch.cat([src.dw, extra.dw[idx]])
+    db = None if src.db is None else torch.cat([src.db, extra.db[idx]])
+    meta = pd.concat([src.meta, extra.meta[keep]], ignore_index=True)
+    return LayerSources(src.layer, dw, db, _meta(meta.to_dict("records")))
+
+
 def _example_coefficients(blob: dict, t_step: int, t2_step: int) -> torch.Tensor:
     """``−Σ_{s'∈[max(s,t),t')} lr_{s'} μ^{s'−s} f_s`` for every recorded row (seen at step ``s``)."""
     lr, mu, damp = blob["lr"], blob["momentum"], blob["dampening"]
@@ -983,6 +1039,7 @@ class TraceRun:
             raise CheckpointError(f"{self.root} has no checkpoints/epoch_*.pt")
         self.factory = model_factory or run_model_factory(self.root)
         self._states: dict[int, dict[str, torch.Tensor]] = {}
+        self._examples: dict[str, torch.Tensor] | None = None
         tj = self.root / "trace" / "trace.json"
         self.trace_meta = json.loads(tj.read_text(encoding="utf-8")) if tj.exists() else None
 
@@ -1009,19 +1066,59 @@ class TraceRun:
         return self.trace_meta is not None and bool(self.trace_meta.get("windows"))
 
     def sources(self, layer: str, t: int, t2: int, kind: str = "auto") -> LayerSources:
-        """Sources of ``layer`` over ``[t, t']``: ``"class"`` (recorded), ``"checkpoint"`` or ``"auto"``."""
+        """Sources of ``layer`` over ``[t, t']`` at one granularity: ``"checkpoint"`` (telescoping
+        over the saved checkpoints, always available), ``"class"`` (recorded class windows),
+        ``"step"`` (recorded per-step deltas, ``Tracer(steps=True)``), ``"example"`` (recorded
+        per-example updates, ``Tracer(example_layers=...)``, plus the window's weight_decay,
+        prior_momentum and other sources so that they still sum to the change), or ``"auto"``
+        (class when recorded, else checkpoint)."""
         if kind == "auto":
             kind = "class" if self.has_classes() else "checkpoint"
         if kind == "checkpoint":
             return checkpoint_sources({e: self.state(e) for e in self.epochs if t <= e <= t2}, layer, t, t2)
+        if kind not in ("class", "step", "example"):
+            raise ConceptEvoError(f"kind must be 'auto', 'class', 'checkpoint', 'step' or 'example', got {kind!r}")
+        if not self.has_classes():
+            raise ConceptEvoError(f"{self.root} has no recorded sources (trace/trace.json); "
+                                  "train with a Tracer or use kind='checkpoint'")
+        tdir = self.root / "trace"
+        classes = _window_sources(self.trace_meta, lambda w: torch.load(
+            tdir / f"window_{w[0]:03d}_{w[1]:03d}.pt", map_location="cpu", weights_only=True), layer, t, t2)
         if kind == "class":
-            if not self.has_classes():
-                raise ConceptEvoError(f"{self.root} has no recorded class sources (trace/trace.json); "
-                                      "train with a Tracer or use kind='checkpoint'")
-            tdir = self.root / "trace"
-            return _window_sources(self.trace_meta, lambda w: torch.load(
-                tdir / f"window_{w[0]:03d}_{w[1]:03d}.pt", map_location="cpu", weights_only=True), layer, t, t2)
-        raise ConceptEvoError(f"kind must be 'auto', 'class' or 'checkpoint', got {kind!r}")
+            return classes
+        s0, s1 = self.step_range(t, t2)
+        if kind == "step":
+            if not self.trace_meta.get("per_step"):
+                raise ConceptEvoError(f"{self.root}: no per-step deltas were recorded; train with Tracer(steps=True)")
+            chunks = sorted((tdir / "steps").glob("chunk_*.pt"))
+            return step_sources(self.trace_meta, (torch.load(c, map_location="cpu", weights_only=True)
+                                                  for c in chunks), layer, s0, s1, (t, t2))
+        if layer not in (self.trace_meta.get("example_layers") or []):
+            raise LayerError(f"layer {layer!r} has no per-example record; recorded: "
+                             f"{self.trace_meta.get('example_layers')}")
+        if self.trace_meta.get("sketch"):
+            raise ConceptEvoError("the per-example records are sketches (Tracer(sketch=k)): score them with "
+                                  "explain_examples(..., proj=...) instead")
+        if self._examples is None:
+            self._examples = torch.load(tdir / "examples.pt", map_location="cpu", weights_only=True)
+        blob = self._examples
+        info = self.trace_meta["layer_info"][layer]
+        shape = tuple(info["weight_shape"])
+        labels = None
+        if "labels" in blob:                                    # per recorded row -> per dataset id
+            labels = np.full(int(blob["ids"].max()) + 1, -1, dtype=np.int64)
+            labels[blob["ids"].numpy()] = blob["labels"].numpy()
+        rows, meta = example_sources(self.trace_meta, blob, layer, shape, s0, s1, labels=labels)
+        return _with_extra(_rows_as_sources(layer, rows, meta, shape, bool(info["has_bias"]), (t, t2)), classes)
+
+    def step_range(self, t: int, t2: int) -> tuple[int, int]:
+        """The optimiser steps ``[s, s')`` taken between the ends of epochs ``t`` and ``t'``."""
+        es = {int(k): int(v) for k, v in (self.trace_meta or {}).get("epoch_steps", {}).items()}
+        missing = [e for e in (t, t2) if int(e) not in es]
+        if missing:
+            raise ConceptEvoError(f"{self.root}: no step count recorded at the end of epoch(s) {missing} "
+                                  f"(recorded: {sorted(es)})")
+        return es[int(t)], es[int(t2)]
 
     def input_model(self, input_from: str, t: int, t2: int) -> nn.Module:
         if input_from == "final":
@@ -1034,10 +1131,15 @@ class TraceRun:
 
 
 def explain(run: TraceRun | str | Path, x: torch.Tensor, layer: str, t: int, t2: int, *, kind: str = "auto",
-            input_from: str = "final", by: str | None = None, channels: Sequence[int] | None = None
-            ) -> pd.DataFrame:
+            input_from: str = "final", by: str | None = None, channels: Sequence[int] | None = None,
+            granularity: str | None = None) -> pd.DataFrame:
     """The sources of ``layer``'s change ``t -> t'`` on input(s) ``x``: one row per source with
     ``dot``, ``norm``, ``cos``, ``share`` (sorted by ``dot``, largest first).
+
+    ``granularity`` (alias of ``kind``): ``"class"``, ``"checkpoint"``, ``"step"`` (needs
+    ``Tracer(steps=True)``), ``"example"`` (needs ``Tracer(example_layers=[layer])``; the
+    table then has one row per training example, column ``example``, plus the window's
+    weight_decay/prior_momentum/other rows) or ``"auto"``.
 
     ``Δz`` is computed from the checkpoints (``(W_t' − W_t) ⊛ a(x) + b_t' − b_t``), so the
     table's ``attrs["residual"]`` = ``‖Σ_s c_s − Δz‖/‖Δz‖`` checks the sources. ``by="class"``
@@ -1045,7 +1147,7 @@ def explain(run: TraceRun | str | Path, x: torch.Tensor, layer: str, t: int, t2:
     """
     run = run if isinstance(run, TraceRun) else TraceRun(run)
     x = x if x.dim() == 4 or x.dim() == 2 else x.unsqueeze(0)
-    src = run.sources(layer, t, t2, kind)
+    src = run.sources(layer, t, t2, granularity or kind)
     if by:
         src = src.grouped(by)
     model = run.input_model(input_from, t, t2)
@@ -1094,6 +1196,135 @@ def explain_examples(info: LayerInfo, a: torch.Tensor, dz: torch.Tensor, rows: t
         out["cos"] = np.nan
     out["share"] = out["dot"] / (dzn * dzn) if dzn > 0 else 0.0
     return out.sort_values("dot", ascending=False, kind="stable").reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------- figures
+def _display_uint8(data, i: int) -> np.ndarray:
+    """Training image ``i`` as uint8 ``(H, W, 3)``: ``data.raw(i)`` when the dataset has it
+    (the built-in :class:`~conceptevo.data.ImageSet`), else its tensor scaled by its min/max."""
+    if hasattr(data, "raw"):
+        return np.asarray(data.raw(int(i)), dtype=np.uint8)
+    x = torch.as_tensor(data[int(i)][0]).float()
+    x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)
+    img = (x * 255).round().to(torch.uint8)
+    if img.dim() == 2:
+        img = img[None]
+    img = img.permute(1, 2, 0).numpy()
+    return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
+
+
+def example_grid(table: pd.DataFrame, data, path: str | Path | None = None, *, top: int = 16, cols: int = 8,
+                 scale: int = 2, pad: int = 2) -> tuple[np.ndarray, list[int]]:
+    """The ``top`` training examples of an explain table (``explain(..., granularity="example")``
+    or :func:`explain_examples`; rows ranked by ``dot``, largest first) as one image grid.
+
+    Tile ``k`` (row-major, ``cols`` per row, ``pad`` white pixels around each, every pixel
+    repeated ``scale`` times) is example ``ids[k]``. Returns ``(grid uint8 (H, W, 3), ids)`` and
+    writes a PNG to ``path`` when given."""
+    ex = table[table["kind"] == "example"] if "kind" in table.columns else table
+    ex = ex.sort_values("dot", ascending=False, kind="stable")
+    ids = [int(i) for i in ex["example"].head(int(top))]
+    if not ids:
+        raise ConceptEvoError("the table has no example rows (explain with granularity='example')")
+    tiles = [_display_uint8(data, i) for i in ids]
+    h, w = tiles[0].shape[:2]
+    th, tw = h * scale + 2 * pad, w * scale + 2 * pad
+    cols = max(1, min(int(cols), len(ids)))
+    rows = -(-len(ids) // cols)
+    grid = np.full((rows * th, cols * tw, 3), 255, dtype=np.uint8)
+    for k, img in enumerate(tiles):
+        r, c = divmod(k, cols)
+        big = np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
+        grid[r * th + pad:r * th + pad + h * scale, c * tw + pad:c * tw + pad + w * scale] = big
+    if path is not None:
+        from PIL import Image
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(path)
+    return grid, ids
+
+
+def class_contributions(run: TraceRun | str | Path, data, t: int, t2: int, *, layers: Sequence[str] | None = None,
+                        images: int = 64, input_from: str = "final", seed: int = 0, batch_size: int = 64
+                        ) -> pd.DataFrame:
+    """Per-class contribution distributions per layer (the original's ridge plots): for each of
+    ``images`` inputs of ``data`` (a random sample) and each traced layer, the share
+    ``⟨c_class(x), Δz(x)⟩ / ‖Δz(x)‖²`` of every class source (summed over the windows of
+    ``[t, t']``) and of weight_decay, prior_momentum, other. Shares of one input and layer sum
+    to 1. Columns: layer, image, label, source, kind, source_class, share, cos."""
+    from .importance import as_dataset, dataset_labels
+
+    run = run if isinstance(run, TraceRun) else TraceRun(run)
+    if not run.has_classes():
+        raise ConceptEvoError(f"{run.root} has no recorded class sources (trace/trace.json)")
+    ds = as_dataset(data)
+    labels = dataset_labels(data)
+    rng = np.random.default_rng(seed)
+    idx = np.arange(len(ds)) if len(ds) <= images else np.sort(rng.choice(len(ds), images, replace=False))
+    x = torch.stack([torch.as_tensor(ds[int(i)][0]) for i in idx])
+    model = run.input_model(input_from, t, t2)
+    out = []
+    for layer in (layers or run.trace_meta["layers"]):
+        src = run.sources(layer, t, t2, "class").grouped("class")
+        info = layer_info(model, layer)
+        ref = checkpoint_sources({t: run.state(t), t2: run.state(t2)}, layer, t, t2)
+        w, b = ref.total()
+        S = src.dw.shape[0]
+        for lo in range(0, len(x), batch_size):
+            a = layer_input(model, layer, x[lo:lo + batch_size]).double()
+            n = a.shape[0]
+            dz = info.apply(a, w.double(), None if b is None else b.double()).reshape(n, -1)
+            dz2 = (dz * dz).sum(1)
+            dots = torch.empty(n, S, dtype=torch.float64)
+            norms = torch.empty(n, S, dtype=torch.float64)
+            for s in range(S):
+                c = info.apply(a, src.dw[s].double(), None if src.db is None else src.db[s].double()).reshape(n, -1)
+                dots[:, s] = (c * dz).sum(1)
+                norms[:, s] = c.norm(dim=1)
+            share = dots / dz2.clamp_min(1e-300)[:, None]
+            cos = dots / (norms * dz2.sqrt()[:, None]).clamp_min(1e-300)
+            for j in range(n):
+                i = int(idx[lo + j])
+                for s in range(S):
+                    out.append({"layer": layer, "image": i, "label": int(labels[i]),
+                                "source": src.meta["source"].iloc[s], "kind": src.meta["kind"].iloc[s],
+                                "source_class": int(src.meta["class"].iloc[s]), "share": float(share[j, s]),
+                                "cos": float(cos[j, s])})
+    return pd.DataFrame(out)
+
+
+def contributions_figure(contrib: pd.DataFrame, class_names: Sequence[str] | None = None, value: str = "share"):
+    """A Plotly figure of :func:`class_contributions`: one panel per layer, one half-violin per
+    source (a ridge line: the distribution over inputs of that source's ``value``)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    layers = list(dict.fromkeys(contrib["layer"]))
+    fig = make_subplots(rows=1, cols=len(layers), shared_yaxes=True, subplot_titles=layers,
+                        horizontal_spacing=0.02)
+
+    def label(r):
+        c = int(r["source_class"])
+        if c >= 0:
+            return class_names[c] if class_names is not None and c < len(class_names) else f"class {c}"
+        return str(r["kind"])
+
+    names = contrib.apply(label, axis=1)
+    order = list(dict.fromkeys(names))
+    for k, layer in enumerate(layers):
+        part = contrib[contrib["layer"] == layer]
+        pn = names[part.index]
+        for nm in order:
+            vals = part.loc[pn == nm, value]
+            fig.add_trace(go.Violin(x=vals, y=[nm] * len(vals), name=nm, orientation="h", side="positive",
+                                    width=1.8, points=False, line_width=1, showlegend=False,
+                                    meanline_visible=True), row=1, col=k + 1)
+    fig.update_layout(height=max(300, 22 * len(order) + 120), margin=dict(l=10, r=10, t=40, b=30),
+                      violingap=0, violinmode="overlay")
+    fig.update_yaxes(categoryorder="array", categoryarray=order[::-1])
+    fig.update_xaxes(title_text=value)
+    return fig
 
 
 # ------------------------------------------------------------------ joined with ConceptEvo
@@ -1160,14 +1391,36 @@ def attribute_evolutions(run: TraceRun | str | Path, importance: pd.DataFrame, d
     return pd.DataFrame(out)
 
 
+def _builtin_split(run: TraceRun, split: str):
+    """The run's own built-in data split (same seed and size), refused for other data."""
+    from .data import builtin_dataset
+
+    card = json.loads((run.root / "run.json").read_text(encoding="utf-8"))
+    d = card.get(f"{split}_data", {})
+    src = str(d.get("source", ""))
+    if not src.startswith("builtin:"):
+        raise ConceptEvoError(f"{run.root} was not trained on the built-in data ({src or 'unknown'}); "
+                              f"pass the {split} data explicitly")
+    return builtin_dataset(split, seed=int(card.get("seed", 0)), num_images=d.get("size"))
+
+
 def trace_run(run_dir: str | Path, out: str | Path | None = None, *, t: int | None = None, t2: int | None = None,
               layers: Sequence[str] | None = None, importance: pd.DataFrame | None = None, data=None,
-              classes: Sequence[int] | None = None, top: int = 5, images_per_class: int = 32, seed: int = 0
-              ) -> dict[str, pd.DataFrame]:
-    """Write ``trace_sources.parquet`` (every layer's sources over ``[t, t']`` with the size of
-    their weight change) and ``trace_classes.parquet`` (:func:`attribute_evolutions`) to ``out``
-    (default: the run). Importance is computed (Eq. 2-4) on ``data`` when not given; ``data``
-    defaults to the run's built-in test split (same seed and size), refused for other data."""
+              classes: Sequence[int] | None = None, top: int = 5, images_per_class: int = 32, seed: int = 0,
+              granularity: str = "auto", input_index: int | None = None, contributions: int = 0,
+              train_data=None, grid_top: int = 16) -> dict[str, pd.DataFrame]:
+    """Write ``trace_sources.parquet`` (every layer's sources over ``[t, t']`` at ``granularity``
+    -- class, checkpoint, step, example or auto -- with the size of their weight change) and
+    ``trace_classes.parquet`` (:func:`attribute_evolutions`) to ``out`` (default: the run).
+    Importance is computed (Eq. 2-4) on ``data`` when not given; ``data`` defaults to the run's
+    built-in test split (same seed and size), refused for other data.
+
+    ``input_index``: also explain test image ``input_index`` against every layer's sources at
+    ``granularity`` (``trace_explain.parquet``); at the example granularity, also write the
+    grid of its top ``grid_top`` training examples per layer (``trace_examples_<layer>.png``,
+    from ``train_data``, default the run's built-in training split). ``contributions`` > 0:
+    the per-class contribution distributions on that many test images
+    (``trace_contributions.parquet``, :func:`class_contributions`)."""
     from .store import RunStore
 
     run = TraceRun(run_dir)
@@ -1175,28 +1428,52 @@ def trace_run(run_dir: str | Path, out: str | Path | None = None, *, t: int | No
     t2 = run.epochs[-1] if t2 is None else int(t2)
     model = run.model(t2)
     if layers is None:
-        layers = run.trace_meta["layers"] if run.has_classes() else _select(model, None)
+        if granularity == "example" and run.trace_meta:
+            layers = list(run.trace_meta.get("example_layers") or [])
+        else:
+            layers = run.trace_meta["layers"] if run.has_classes() else _select(model, None)
     rows = []
     for layer in layers:
-        src = run.sources(layer, t, t2)
+        src = run.sources(layer, t, t2, granularity)
         w, b = src.total()
         tot = float(torch.sqrt((w ** 2).sum() + ((b ** 2).sum() if b is not None else 0)))
-        for i in range(src.dw.shape[0]):
-            n2 = float((src.dw[i] ** 2).sum()) + (float((src.db[i] ** 2).sum()) if src.db is not None else 0.0)
-            d = float((src.dw[i] * w).sum()) + (float((src.db[i] * b).sum()) if b is not None else 0.0)
-            rows.append({"layer": layer, **src.meta.iloc[i].to_dict(), "weight_norm": math.sqrt(n2),
-                         "weight_share": d / (tot * tot) if tot > 0 else 0.0})
-    sources = pd.DataFrame(rows)
+        n2 = (src.dw.double() ** 2).flatten(1).sum(1)
+        d = (src.dw.double() * w.double()).flatten(1).sum(1)
+        if src.db is not None:
+            n2 += (src.db.double() ** 2).sum(1)
+            d += (src.db.double() * b.double()).sum(1)
+        part = src.meta.copy()
+        part.insert(0, "layer", layer)
+        part["weight_norm"] = n2.sqrt().numpy()
+        part["weight_share"] = (d / (tot * tot)).numpy() if tot > 0 else 0.0
+        rows.append(part)
+    sources = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
     if data is None:
-        from .data import builtin_dataset
-
-        card = json.loads((run.root / "run.json").read_text(encoding="utf-8"))
-        src = str(card.get("test_data", {}).get("source", ""))
-        if not src.startswith("builtin:"):
-            raise ConceptEvoError(f"{run.root} was not trained on the built-in data ({src or 'unknown'}); "
-                                  "pass data= (images of the classes to explain)")
         # the run's held-out split: images of each class the evolutions are evaluated on
-        data = builtin_dataset("test", seed=int(card.get("seed", 0)), num_images=card["test_data"].get("size"))
+        data = _builtin_split(run, "test")
+    store = RunStore(out or run.root)
+    res: dict[str, pd.DataFrame] = {"sources": sources}
+    if input_index is not None:
+        from .importance import as_dataset
+
+        x = torch.as_tensor(as_dataset(data)[int(input_index)][0])
+        tabs = []
+        for layer in layers:
+            tab = explain(run, x, layer, t, t2, granularity=granularity)
+            tab["residual"] = tab.attrs["residual"]
+            tabs.append(tab)
+            if granularity == "example":
+                if train_data is None:
+                    train_data = _builtin_split(run, "train")
+                safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in layer)
+                example_grid(tab, train_data, Path(out or run.root) / f"trace_examples_{safe}.png", top=grid_top)
+        res["explain"] = pd.concat(tabs, ignore_index=True)
+        res["explain"].insert(0, "input", int(input_index))
+        store.save_table("trace_explain", res["explain"])
+    if contributions:
+        res["contributions"] = class_contributions(run, data, t, t2, layers=[
+            n for n in layers if n in run.trace_meta["layers"]], images=int(contributions), seed=seed)
+        store.save_table("trace_contributions", res["contributions"])
     if importance is None:
         from .importance import evolution_importance
 
@@ -1207,38 +1484,66 @@ def trace_run(run_dir: str | Path, out: str | Path | None = None, *, t: int | No
     importance = importance[importance["layer"].isin(list(layers))]
     cls = attribute_evolutions(run, importance, data, t, t2, top=top, images_per_class=images_per_class,
                                seed=seed)
-    store = RunStore(out or run.root)
     store.save_table("trace_sources", sources)
     store.save_table("trace_classes", cls)
-    return {"sources": sources, "classes": cls}
+    res["classes"] = cls
+    return res
 
 
 # -------------------------------------------------------------------------------- report
-def report_section(classes: pd.DataFrame, class_names: Sequence[str] | None = None, top_sources: int = 3) -> str:
-    """HTML fragment: for each class's important evolutions, the training classes that drove them."""
-    if classes is None or len(classes) == 0:
+def report_section(classes: pd.DataFrame | None, class_names: Sequence[str] | None = None, top_sources: int = 3,
+                   *, contributions: pd.DataFrame | None = None, images: Sequence[str | Path] = ()) -> str:
+    """HTML fragment: for each class's important evolutions, the training classes that drove them;
+    with ``contributions`` (:func:`class_contributions`) the per-class distributions per layer
+    as a Plotly figure (drawn once the page's plotly.js has loaded); with ``images`` (PNG files,
+    e.g. :func:`example_grid`'s) the top training examples, embedded."""
+    has_cls = classes is not None and len(classes) > 0
+    if not has_cls and (contributions is None or len(contributions) == 0) and not images:
         return ""
-    if class_names is None and "class_name" in classes.columns:
+    if has_cls and class_names is None and "class_name" in classes.columns:
         pairs = classes[classes["kind"] == "class"][["source_class", "class_name"]]
         lookup = dict(zip(classes["class"], classes["class_name"])) | dict(pairs.itertuples(index=False, name=None))
         class_names = [str(lookup.get(i, i)) for i in range(int(max(lookup)) + 1)] if lookup else None
     name = (lambda c: class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c))
-    approx = not bool(classes["exact"].all())
-    parts = ['<section class="tracing"><h2>What in training drove the important evolutions</h2>',
-             ('<p class="note">Share of each neuron\'s traced change (t &rarr; t\', input map fixed) on the '
-              "class's images contributed by each training source (Pfahler &amp; Morik); shares sum to 1."
-              + (" <b>Approximate</b> (non-SGD optimiser): class split in proportion to gradient contribution."
-                 if approx else "") + "</p>"),
-             "<table><thead><tr><th>class</th><th>neuron</th><th>importance</th><th>top sources (share)</th>"
-             "</tr></thead><tbody>"]
-    for (c, layer, ch), g in classes.groupby(["class", "layer", "channel"], sort=False):
-        g = g.sort_values("share", ascending=False).head(top_sources)
-        cells = ", ".join(
-            f"{html.escape(name(int(r['source_class'])) if r['source_class'] >= 0 else str(r['source']))} "
-            f"{r['share']:.2f}" for _, r in g.iterrows())
-        parts.append(f"<tr><td>{html.escape(name(int(c)))}</td><td>{html.escape(str(layer))}:{int(ch)}</td>"
-                     f"<td>{g['score'].iloc[0]:.3f}</td><td>{cells}</td></tr>")
-    parts.append("</tbody></table></section>")
+    parts = ['<section class="tracing"><h2>What in training drove the important evolutions</h2>']
+    if has_cls:
+        approx = not bool(classes["exact"].all())
+        parts += [('<p class="note">Share of each neuron\'s traced change (t &rarr; t\', input map fixed) on the '
+                   "class's images contributed by each training source (Pfahler &amp; Morik); shares sum to 1."
+                   + (" <b>Approximate</b> (non-SGD optimiser): class split in proportion to gradient contribution."
+                      if approx else "") + "</p>"),
+                  "<table><thead><tr><th>class</th><th>neuron</th><th>importance</th><th>top sources (share)</th>"
+                  "</tr></thead><tbody>"]
+        for (c, layer, ch), g in classes.groupby(["class", "layer", "channel"], sort=False):
+            g = g.sort_values("share", ascending=False).head(top_sources)
+            cells = ", ".join(
+                f"{html.escape(name(int(r['source_class'])) if r['source_class'] >= 0 else str(r['source']))} "
+                f"{r['share']:.2f}" for _, r in g.iterrows())
+            parts.append(f"<tr><td>{html.escape(name(int(c)))}</td><td>{html.escape(str(layer))}:{int(ch)}</td>"
+                         f"<td>{g['score'].iloc[0]:.3f}</td><td>{cells}</td></tr>")
+        parts.append("</tbody></table>")
+    if contributions is not None and len(contributions):
+        fig = contributions_figure(contributions, class_names)
+        payload = fig.to_json()
+        parts.append('<h3>Per-class contributions per layer</h3><p class="note">For each layer, the '
+                     "distribution over inputs of each training source's share of the layer's change "
+                     "(t &rarr; t', input map fixed); the original's ridge plots.</p>"
+                     '<div id="fig-tracing-contrib"></div>'
+                     '<script type="application/json" id="tracing-contrib-data">'
+                     + payload.replace("</", "<\\/") + "</script>"
+                     "<script>window.addEventListener('DOMContentLoaded', function () {"
+                     "var f = JSON.parse(document.getElementById('tracing-contrib-data').textContent);"
+                     "if (window.Plotly) Plotly.newPlot('fig-tracing-contrib', f.data, f.layout, "
+                     "{displaylogo: false});});</script>")
+    for p in images:
+        import base64
+
+        p = Path(p)
+        b64 = base64.b64encode(p.read_bytes()).decode("ascii")
+        parts.append(f'<figure class="tracing-examples"><img alt="top training examples" '
+                     f'src="data:image/png;base64,{b64}"><figcaption>{html.escape(p.stem)}: top training '
+                     "examples (largest dot with the input's change first)</figcaption></figure>")
+    parts.append("</section>")
     return "\n".join(parts)
 
 
