@@ -569,6 +569,7 @@ class Tracer:
         self.window_start = int(epoch)
         self.step_count = 0
         self.epoch_steps: dict[int, int] = {int(epoch): 0}
+        self._share_ref: dict[tuple[str, str], torch.Tensor] = {}
         self.max_mismatch = 0.0
         self.kappa_dev = 0.0
         self.lrs: list[float] = []
@@ -803,6 +804,32 @@ class Tracer:
             self._last_delta = getattr(self, "_last_delta", {})
             self._last_delta.setdefault(n, {})[key] = actual
 
+    def class_update_shares(self, top: int | None = 3) -> list[dict[str, Any]]:
+        """Each class's share of the traced layers' update since the previous call (since attach
+        on the first): ``‖U_c‖ / Σ_c' ‖U_c'‖`` with ``U_c`` the class's recorded update of all
+        traced weights and biases together. The ``top`` classes (all when None), largest
+        first, as ``{"class", "name", "share", "exact"}`` (``exact`` False for non-SGD
+        optimisers, whose class split is approximate). A :class:`~conceptevo.monitor.Monitor`
+        given this tracer logs them at every observation."""
+        if self.model is None:
+            raise ConceptEvoError("Tracer.class_update_shares before attach(model, optimizer)")
+        C = self.num_classes
+        n2 = torch.zeros(C, dtype=torch.float64)
+        for n, d in self.acc.items():
+            for k, acc in d.items():
+                now = acc[:C]
+                ref = self._share_ref.get((n, k))
+                delta = now if ref is None else now - ref
+                n2 += delta.reshape(C, -1).pow(2).sum(1).cpu()
+                self._share_ref[(n, k)] = now.clone()
+        norms = n2.sqrt()
+        tot = float(norms.sum())
+        shares = (norms / tot) if tot > 0 else torch.zeros(C, dtype=torch.float64)
+        order = torch.argsort(shares, descending=True, stable=True).tolist()
+        names = self.class_names or [str(c) for c in range(C)]
+        return [{"class": int(c), "name": names[c], "share": float(shares[c]), "exact": bool(self.exact)}
+                for c in order[:top if top is not None else C]]
+
     def _flush_steps(self) -> None:
         if not self._step_chunk_ids:
             return
@@ -834,6 +861,8 @@ class Tracer:
                 acc = self.acc[n][k]
                 acc[C + 2] += (now - self.win_w[n][k]) - acc.sum(0)
                 self.win_w[n][k] = now
+                if (n, k) in self._share_ref:             # the accumulators restart at zero
+                    self._share_ref[(n, k)] -= acc[:C]
         blob = {f"{n}.{k}": v for n, d in self.acc.items() for k, v in d.items()}
         self.windows[key] = blob
         if self.out is not None:
