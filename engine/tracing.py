@@ -211,7 +211,8 @@ class LayerSources:
     meta: pd.DataFrame
 
     def total(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.dw.sum(0), None if self.db is None else self.db.sum(0)
+        return (self.dw.sum(0, dtype=torch.float64),
+                None if self.db is None else self.db.sum(0, dtype=torch.float64))
 
     def grouped(self, by: str = "class") -> LayerSources:
         """Sum sources that share ``by`` (e.g. a class's sources over several epochs)."""
@@ -219,9 +220,12 @@ class LayerSources:
             lambda r: f"class {int(r['class'])}" if r["kind"] in ("class", "example") else r["kind"], axis=1)
         order = list(dict.fromkeys(keys))
         idx = torch.tensor([order.index(k) for k in keys])
-        dw = torch.zeros((len(order),) + tuple(self.dw.shape[1:]), dtype=self.dw.dtype).index_add_(0, idx, self.dw)
-        db = None if self.db is None else torch.zeros((len(order), self.db.shape[1]), dtype=self.db.dtype
-                                                      ).index_add_(0, idx, self.db)
+        # sums in float64 (the sources may be stored in float32), a block of sources at a time
+        dw = torch.zeros((len(order),) + tuple(self.dw.shape[1:]), dtype=torch.float64)
+        for lo in range(0, len(idx), 64):
+            dw.index_add_(0, idx[lo:lo + 64], self.dw[lo:lo + 64].double())
+        db = None if self.db is None else torch.zeros((len(order), self.db.shape[1]), dtype=torch.float64
+                                                      ).index_add_(0, idx, self.db.double())
         rows = []
         for k in order:
             part = self.meta[keys.values == k]
@@ -272,6 +276,22 @@ def checkpoint_sources(states: Mapping[int, Mapping[str, torch.Tensor]], layer: 
 
 
 # ----------------------------------------------------------------------------- scoring
+def _positions(info: LayerInfo, a: torch.Tensor) -> torch.Tensor:
+    """The layer's input patches, one row per output position: ``(N, K)`` with ``z = X Wᵀ + b``
+    (conv: the unfolded map, K ordered like ``weight.reshape(Cout, -1)``)."""
+    if info.kind == "linear":
+        return a.reshape(-1, a.shape[-1])
+    u = F.unfold(a, info.weight_shape[2:], info.dilation, info.padding, info.stride)   # (B, K, L)
+    return u.transpose(1, 2).reshape(-1, u.shape[1])
+
+
+def _outputs(info: LayerInfo, z: torch.Tensor) -> torch.Tensor:
+    """A layer output (or its change) as ``(N, C)``, rows in :func:`_positions`' order."""
+    if info.kind == "linear":
+        return z.reshape(-1, z.shape[-1])
+    return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+
+
 def decompose(info: LayerInfo, a: torch.Tensor, src: LayerSources, dz: torch.Tensor | None = None,
               channels: Sequence[int] | None = None, chunk: int = 64) -> tuple[pd.DataFrame, dict]:
     """Score every source of ``src`` on the input map ``a`` (a batch counts as one long vector).
@@ -280,6 +300,12 @@ def decompose(info: LayerInfo, a: torch.Tensor, src: LayerSources, dz: torch.Ten
     change; pass the checkpoint difference to check exactness. ``channels`` restricts
     ``z`` to those output channels (a neuron's map). Returns the table (meta + dot, norm,
     cos, share) and ``{"dz_norm", "residual"}`` with ``residual = ‖Σ_s c_s − Δz‖/‖Δz‖``.
+
+    All in float64 on the unfolded input ``X`` (``c_s = X ΔW_sᵀ + Δb_s``), without forming
+    the sources' outputs one by one: ``dot_s = ⟨ΔW_s, Δzᵀ X⟩ + ⟨Δb_s, Σ Δz⟩`` (one
+    weight-gradient for all sources), ``‖c_s‖²`` from the Gram matrix ``XᵀX`` when the patch
+    size is below the number of positions (else from ``X ΔW_sᵀ`` directly), and
+    ``Σ_s c_s = X (Σ_s ΔW_s)ᵀ + Σ_s Δb_s`` (linear in the sources) for the residual.
     """
     a = a.double()
     s_count = src.dw.shape[0]
@@ -291,24 +317,66 @@ def decompose(info: LayerInfo, a: torch.Tensor, src: LayerSources, dz: torch.Ten
     dz = dz.double()
     if tuple(dz.shape[1:2]) != (len(ch),):
         dz = dz[:, ch] if dz.shape[1] == cout else dz
+    if info.kind == "conv2d" and info.groups != 1:
+        return _decompose_grouped(info, a, src, dz, ch, chunk)
+    full = ch == list(range(cout))
+    chi = None if full else torch.tensor(ch)
+    X = _positions(info, a)                                    # (N, K)
+    Z = _outputs(info, dz)                                     # (N, Cc)
+    N, K = X.shape
+    Cc = Z.shape[1]
+    gram = K < N
+    if gram:
+        G = (Z.T @ X).reshape(-1)                              # weight-gradient of <z, dz>
+        gb = Z.sum(0)
+        M = X.T @ X
+        v = X.sum(0)
+    else:
+        ZT = Z.T.contiguous()
+        osum = torch.zeros(Cc, N, dtype=torch.float64)
     dots = torch.empty(s_count, dtype=torch.float64)
-    norms = torch.empty(s_count, dtype=torch.float64)
-    ssum = torch.zeros_like(dz)
-    for lo in range(0, s_count, chunk):
-        hi = min(s_count, lo + chunk)
-        dw = src.dw[lo:hi][:, ch].double()
+    norms2 = torch.empty(s_count, dtype=torch.float64)
+    wsum = torch.zeros(Cc * K, dtype=torch.float64)
+    bsum = torch.zeros(Cc, dtype=torch.float64)
+    step = max(1, min(chunk * 8, (1 << 22) // max(1, Cc * (K if gram else N))))
+    for lo in range(0, s_count, step):
+        hi = min(s_count, lo + step)
         n = hi - lo
-        db = None if src.db is None else src.db[lo:hi][:, ch].double().reshape(-1)
-        if info.groups != 1:
-            outs = torch.stack([info.apply(a, dw[i], None if db is None else src.db[lo + i][ch].double())
-                                for i in range(n)], 1)
+        dw = src.dw[lo:hi]
+        dw = (dw if full else dw.index_select(1, chi)).double().reshape(n, Cc * K)
+        db = None
+        if src.db is not None:
+            db = src.db[lo:hi]
+            db = (db if full else db.index_select(1, chi)).double()
+        W2 = dw.reshape(n * Cc, K)
+        if gram:
+            dots[lo:hi] = dw @ G + (db @ gb if db is not None else 0.0)
+            wsum += dw.sum(0)
+            q = ((W2 @ M) * W2).sum(1)
+            if db is not None:
+                bf = db.reshape(-1)
+                q += 2.0 * bf * (W2 @ v) + bf * bf * N
+                bsum += db.sum(0)
+            norms2[lo:hi] = q.reshape(n, Cc).sum(1)
         else:
-            out = info.apply(a, dw.reshape(n * len(ch), *dw.shape[2:]), db)   # (B, n*C, ...)
-            outs = out.reshape(out.shape[0], n, len(ch), *out.shape[2:])
-        ssum += outs.sum(1)
-        flat = outs.transpose(0, 1).reshape(n, -1)
-        dots[lo:hi] = flat @ dz.reshape(-1)
-        norms[lo:hi] = flat.norm(dim=1)
+            # few positions: the sources' outputs themselves, one pass over the weight changes
+            O = (W2 @ X.T).reshape(n, Cc, N)
+            if db is not None:
+                O += db.reshape(n, Cc, 1)
+            osum += O.sum(0)
+            dots[lo:hi] = (O * ZT).sum((1, 2))
+            norms2[lo:hi] = O.pow(2).sum((1, 2))
+    norms = norms2.clamp_min(0.0).sqrt()
+    if gram:
+        ssum = X @ wsum.reshape(Cc, K).T + (bsum if src.db is not None else 0.0)
+    else:
+        ssum = osum.T
+    return _score_table(src, dots, norms, ssum, Z)
+
+
+def _score_table(src: LayerSources, dots: torch.Tensor, norms: torch.Tensor, ssum: torch.Tensor,
+                 dz: torch.Tensor) -> tuple[pd.DataFrame, dict]:
+    s_count = dots.shape[0]
     dzn = float(dz.norm())
     res = float((ssum - dz).norm() / dzn) if dzn > 0 else float((ssum - dz).norm())
     table = src.meta.copy()
@@ -322,6 +390,25 @@ def decompose(info: LayerInfo, a: torch.Tensor, src: LayerSources, dz: torch.Ten
     return table, {"dz_norm": dzn, "residual": res}
 
 
+def _decompose_grouped(info: LayerInfo, a: torch.Tensor, src: LayerSources, dz: torch.Tensor, ch: list[int],
+                       chunk: int) -> tuple[pd.DataFrame, dict]:
+    """Grouped convolutions: every source's output by the layer's own operation."""
+    s_count = src.dw.shape[0]
+    dots = torch.empty(s_count, dtype=torch.float64)
+    norms = torch.empty(s_count, dtype=torch.float64)
+    ssum = torch.zeros_like(dz)
+    for i in range(s_count):
+        out = info.apply(a, src.dw[i][ch].double(), None if src.db is None else src.db[i][ch].double())
+        ssum += out
+        dots[i] = (out * dz).sum()
+        norms[i] = out.norm()
+    return _score_table(src, dots, norms, ssum, dz)
+
+
+class _StopForward(Exception):
+    pass
+
+
 @torch.no_grad()
 def layer_input(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
     """The input map of ``layer`` when ``model`` (eval mode) sees ``x``."""
@@ -329,11 +416,18 @@ def layer_input(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
     if layer not in mods:
         raise LayerError(f"the model has no layer {layer!r}")
     got: list[torch.Tensor] = []
-    h = mods[layer].register_forward_hook(lambda m, inp, out: got.append(inp[0].detach()))
+
+    def hook(m, inp):
+        got.append(inp[0].detach())
+        raise _StopForward                     # the rest of the network is not needed
+
+    h = mods[layer].register_forward_pre_hook(hook)
     was = model.training
     model.eval()
     try:
         model(x)
+    except _StopForward:
+        pass
     finally:
         h.remove()
         model.train(was)
@@ -954,15 +1048,16 @@ def _window_sources(meta: dict, load: Callable[[tuple[int, int]], dict], layer: 
     has_b = bool(meta["layer_info"][layer]["has_bias"])
     for w in chain:
         blob = load(w)
-        dws.append(blob[f"{layer}.weight"].double())
+        dws.append(blob[f"{layer}.weight"])
         if has_b:
-            dbs.append(blob[f"{layer}.bias"].double())
+            dbs.append(blob[f"{layer}.bias"])
         for i, nm in enumerate(names):
             kind = "class" if i < C else _EXTRA[i - C]
             exact = bool(meta["exact"]) or kind == "weight_decay"
             rows.append({"source": f"{'class ' + nm if i < C else nm} @{w[0]}->{w[1]}", "kind": kind,
                          "class": i if i < C else -1, "epoch_from": w[0], "epoch_to": w[1],
                          "exact": exact, "example": -1})
+    # kept in the stored dtype (float32 on disk): converted to float64 block by block where scored
     return LayerSources(layer, torch.cat(dws), torch.cat(dbs) if has_b else None, _meta(rows))
 
 
@@ -1111,8 +1206,10 @@ class TraceRun:
             raise ConceptEvoError(f"{self.root} has no recorded sources (trace/trace.json); "
                                   "train with a Tracer or use kind='checkpoint'")
         tdir = self.root / "trace"
+        # memory-mapped: only this layer's accumulators are read from each window file
         classes = _window_sources(self.trace_meta, lambda w: torch.load(
-            tdir / f"window_{w[0]:03d}_{w[1]:03d}.pt", map_location="cpu", weights_only=True), layer, t, t2)
+            tdir / f"window_{w[0]:03d}_{w[1]:03d}.pt", map_location="cpu", weights_only=True, mmap=True),
+            layer, t, t2)
         if kind == "class":
             return classes
         s0, s1 = self.step_range(t, t2)

@@ -569,3 +569,34 @@ def test_cli_trace_granularity_input_and_contributions(recorded_run, tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "ex" / "trace_examples_features.conv3_2.png").is_file()
     assert set(pd.read_parquet(tmp_path / "ex" / "trace_sources.parquet")["layer"]) == {"features.conv3_2"}
+
+
+@pytest.mark.parametrize("conv,hw", [(dict(padding=2, dilation=2), 9), (dict(stride=2, padding=1), 3),
+                                     (dict(padding=1, groups=2), 6)])
+def test_decompose_matches_every_source_applied_by_the_layer(conv, hw):
+    """Gram (patch < positions) and direct branches, dilation, stride, groups: each source's dot and
+    norm against its own output computed by F.conv2d, on a channel subset too."""
+    g = torch.Generator().manual_seed(7)
+    m = nn.Conv2d(4, 6, 3, **conv)
+    info = layer_info(nn.Sequential(m), "0")
+    S = 9
+    dw = torch.randn(S, *m.weight.shape, generator=g, dtype=torch.float64)
+    db = torch.randn(S, 6, generator=g, dtype=torch.float64)
+    meta = tracing._meta([{"source": str(i), "kind": "class", "class": i, "epoch_from": 0, "epoch_to": 1,
+                           "exact": True, "example": -1} for i in range(S)])
+    src = tracing.LayerSources("0", dw, db, meta)
+    a = torch.randn(2, 4, hw, hw, generator=g, dtype=torch.float64)
+    for ch in (None, [1, 4]):
+        if ch is not None and m.groups != 1:
+            continue
+        c = list(range(6)) if ch is None else ch
+        dz = F.conv2d(a, dw.sum(0)[c], db.sum(0)[c], m.stride, m.padding, m.dilation, m.groups)
+        dz = dz + 1e-3 * torch.randn(dz.shape, generator=g, dtype=torch.float64)   # not quite the sum
+        table, st = decompose(info, a, src, dz, channels=ch, chunk=2)
+        for i in range(S):
+            out = F.conv2d(a, dw[i][c], db[i][c], m.stride, m.padding, m.dilation, m.groups)
+            assert math.isclose(table["dot"][i], float((out * dz).sum()), rel_tol=1e-9, abs_tol=1e-9)
+            assert math.isclose(table["norm"][i], float(out.norm()), rel_tol=1e-9)
+        ref = float((sum(F.conv2d(a, dw[i][c], db[i][c], m.stride, m.padding, m.dilation, m.groups)
+                         for i in range(S)) - dz).norm() / dz.norm())
+        assert math.isclose(st["residual"], ref, rel_tol=1e-6)
