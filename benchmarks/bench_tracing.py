@@ -15,6 +15,7 @@
 
     python benchmarks/bench_tracing.py            # 12 blocks of 5 steps each way
     python benchmarks/bench_tracing.py --quick
+    python benchmarks/bench_tracing.py --quick --tracer-threads 1   # the tracer's work on one thread
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ from conceptevo.data import builtin_dataset
 from conceptevo.models import build_model
 from conceptevo.train import REGIMES, train_run
 from torch import nn
+
+
+TRACER_THREADS = None
 
 
 def step_loop(net, opt, data, steps, start, tracer=None, clip=5.0, batch=64):
@@ -57,7 +61,7 @@ def recording_cost(data, blocks, steps, layers):
     net = build_model(cfg["model_name"], num_classes=data.num_classes, dropout=cfg["dropout"])
     net = net.to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(net.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"])
-    tr = tracing.Tracer(layers=layers, num_classes=data.num_classes, verbose=False)
+    tr = tracing.Tracer(layers=layers, num_classes=data.num_classes, verbose=False, threads=TRACER_THREADS)
     step_loop(net, opt, data, 3, 0)                          # warm-up (allocator, kernels)
     tr.attach(net, opt)
     step_loop(net, opt, data, 2, 3, tr)
@@ -92,14 +96,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tracer-threads", type=int, default=None,
+                    help="Tracer(threads=...): torch threads for the tracer's own work (default: leave alone)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global TRACER_THREADS
+    TRACER_THREADS = args.tracer_threads
     blocks, steps = (4, 3) if args.quick else (12, 5)
     data = builtin_dataset("train", seed=0, num_images=640 if args.quick else 1280)
     classes = data.num_classes
     steps_per_epoch = -(-6000 // 64)
     rows = []
-    print(f"# device: {machine_line(None, f'torch threads {args.threads}')}", file=sys.stderr)
+    print(f"# device: {machine_line(None, f'torch threads {args.threads}, tracer threads {args.tracer_threads}')}",
+          file=sys.stderr)
     for label, layers in (("conv layers", None), ("conv + linear", (nn.Conv2d, nn.Linear))):
         p, t, params, _, pc, tc = recording_cost(data, blocks, steps, layers)
         rows.append((f"class tracing, {label}: wall s/step", f"{params:,} params", f"{t:.4f}", f"{p:.4f}",

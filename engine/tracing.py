@@ -63,10 +63,17 @@ Sources, from free to fine:
 Recorded files live in ``<run>/trace/`` (``trace.json`` + ``window_<t>_<t'>.pt`` per window,
 plain tensors, weights-only loadable; ``steps/`` and ``examples/`` chunks when asked).
 
-:func:`explain` gives the table of sources for one input, :func:`attribute_evolutions` joins
-them with ConceptEvo's important evolutions (which training classes drove them),
-:func:`trace_run` writes ``trace_sources.parquet`` and ``trace_classes.parquet``, and
-:func:`report_section` renders the HTML fragment of the report.
+:func:`explain` gives the table of sources for one input at any recorded granularity
+(``granularity="class" | "checkpoint" | "step" | "example"``), :func:`example_grid` draws the
+top training examples of an example-level table as an image grid (PNG),
+:func:`class_contributions` gives the per-class contribution distributions per layer (the
+original's ridge plots; :func:`contributions_figure` draws them), :func:`attribute_evolutions`
+joins the sources with ConceptEvo's important evolutions (which training classes drove them),
+:func:`trace_run` (``conceptevo trace``) writes ``trace_sources.parquet`` and
+``trace_classes.parquet`` (and optionally ``trace_explain.parquet``,
+``trace_examples_<layer>.png``, ``trace_contributions.parquet``), and :func:`report_section`
+renders the HTML fragment of the report. :meth:`Tracer.class_update_shares` feeds the live
+monitor (``Monitor(..., tracer=tracer)``).
 """
 from __future__ import annotations
 
@@ -581,13 +588,17 @@ class Tracer:
         ``chunk_steps`` steps, under ``out/steps``).
     example_layers : layers whose per-example sources are recorded (needs ``ids`` in
         ``after_step``); ``sketch`` > 0 stores a Gaussian projection of dimension ``sketch``.
+    threads : torch threads for the tracer's own work in ``after_step`` (restored after; None:
+        leave the setting alone). Its many small per-class products scale poorly; on a shared
+        or loaded CPU, ``threads=1`` avoids OpenMP threads spinning on busy cores (measured in
+        benchmarks/RESULTS.md).
     """
 
     def __init__(self, layers=None, num_classes: int | None = None, out: str | Path | None = None, *,
                  save_epochs: Sequence[int] | None = None, class_names: Sequence[str] | None = None,
                  steps: bool = False, step_dtype: torch.dtype = torch.bfloat16, chunk_steps: int = 256,
                  example_layers: Sequence[str] | None = None, sketch: int = 0, sketch_seed: int = 0,
-                 verbose: bool = True):
+                 verbose: bool = True, threads: int | None = None):
         self.layer_spec = layers
         self.num_classes = None if num_classes is None else int(num_classes)
         self.out = None if out is None else Path(out)
@@ -600,6 +611,7 @@ class Tracer:
         self.sketch = int(sketch)
         self.sketch_seed = int(sketch_seed)
         self.verbose = verbose
+        self.threads = None if threads is None else int(threads)
         self.model: nn.Module | None = None
         self.windows: dict[tuple[int, int], dict[str, dict[str, torch.Tensor]]] = {}
 
@@ -724,6 +736,16 @@ class Tracer:
     @torch.no_grad()
     def after_step(self, y: torch.Tensor, ids: torch.Tensor | None = None) -> None:
         """Account for the optimiser step just taken on a batch with labels ``y`` (and dataset ``ids``)."""
+        n = torch.get_num_threads()
+        if self.threads is None or self.threads == n:
+            return self._after_step(y, ids)
+        torch.set_num_threads(self.threads)
+        try:
+            return self._after_step(y, ids)
+        finally:
+            torch.set_num_threads(n)
+
+    def _after_step(self, y: torch.Tensor, ids: torch.Tensor | None = None) -> None:
         if self.model is None:
             raise ConceptEvoError("Tracer.after_step before attach(model, optimizer)")
         y = torch.as_tensor(y).reshape(-1).to(torch.int64)

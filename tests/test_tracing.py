@@ -600,3 +600,18 @@ def test_decompose_matches_every_source_applied_by_the_layer(conv, hw):
         ref = float((sum(F.conv2d(a, dw[i][c], db[i][c], m.stride, m.padding, m.dilation, m.groups)
                          for i in range(S)) - dz).norm() / dz.norm())
         assert math.isclose(st["residual"], ref, rel_tol=1e-6)
+
+
+def test_tracer_threads_option_restores_the_setting_and_records_the_same():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        wins = []
+        for threads in (None, 1):
+            tr, *_ = _train(_mlp(0), SGDS["momentum_wd"], tracer_kw={"threads": threads})
+            assert torch.get_num_threads() == 2
+            wins.append(tr.windows[(0, 1)])
+    finally:
+        torch.set_num_threads(saved)
+    for k in wins[0]:
+        assert torch.allclose(wins[0][k], wins[1][k], atol=1e-9)
