@@ -101,11 +101,12 @@ __all__ = [
     "Tracer",
     "attribute_evolutions",
     "checkpoint_sources",
-    "decompose",
-    "explain",
     "class_contributions",
     "contributions_figure",
+    "decompose",
     "example_grid",
+    "example_sources",
+    "explain",
     "explain_examples",
     "layer_info",
     "layer_input",
@@ -1468,7 +1469,7 @@ def contributions_figure(contrib: pd.DataFrame, class_names: Sequence[str] | Non
             fig.add_trace(go.Violin(x=vals, y=[nm] * len(vals), name=nm, orientation="h", side="positive",
                                     width=1.8, points=False, line_width=1, showlegend=False,
                                     meanline_visible=True), row=1, col=k + 1)
-    fig.update_layout(height=max(300, 22 * len(order) + 120), margin=dict(l=10, r=10, t=40, b=30),
+    fig.update_layout(height=max(300, 22 * len(order) + 120), margin={"l": 10, "r": 10, "t": 40, "b": 30},
                       violingap=0, violinmode="overlay")
     fig.update_yaxes(categoryorder="array", categoryarray=order[::-1])
     fig.update_xaxes(title_text=value)
@@ -1660,8 +1661,8 @@ def report_section(classes: pd.DataFrame | None, class_names: Sequence[str] | No
                    "class's images contributed by each training source (Pfahler &amp; Morik); shares sum to 1."
                    + (" <b>Approximate</b> (non-SGD optimiser): class split in proportion to gradient contribution."
                       if approx else "") + "</p>"),
-                  "<table><thead><tr><th>class</th><th>neuron</th><th>importance</th><th>top sources (share)</th>"
-                  "</tr></thead><tbody>"]
+                  ("<table><thead><tr><th>class</th><th>neuron</th><th>importance</th><th>top sources (share)</th>"
+                   "</tr></thead><tbody>")]
         for (c, layer, ch), g in classes.groupby(["class", "layer", "channel"], sort=False):
             g = g.sort_values("share", ascending=False).head(top_sources)
             cells = ", ".join(

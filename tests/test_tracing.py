@@ -571,8 +571,8 @@ def test_cli_trace_granularity_input_and_contributions(recorded_run, tmp_path):
     assert set(pd.read_parquet(tmp_path / "ex" / "trace_sources.parquet")["layer"]) == {"features.conv3_2"}
 
 
-@pytest.mark.parametrize("conv,hw", [(dict(padding=2, dilation=2), 9), (dict(stride=2, padding=1), 3),
-                                     (dict(padding=1, groups=2), 6)])
+@pytest.mark.parametrize("conv,hw", [({"padding": 2, "dilation": 2}, 9), ({"stride": 2, "padding": 1}, 3),
+                                     ({"padding": 1, "groups": 2}, 6)])
 def test_decompose_matches_every_source_applied_by_the_layer(conv, hw):
     """Gram (patch < positions) and direct branches, dilation, stride, groups: each source's dot and
     norm against its own output computed by F.conv2d, on a channel subset too."""
