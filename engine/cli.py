@@ -340,10 +340,19 @@ def trace(
         "--importance", help="importance.parquet to join with (default: computed, Eq. 2-4).")] = None,
     top: Annotated[int, typer.Option(help="Important evolutions per class.")] = 5,
     images: Annotated[int, typer.Option(help="Images per class.")] = 32, seed: Seed = 0,
+    granularity: Annotated[str, typer.Option(
+        "--granularity", help="Sources: auto, class, checkpoint, step (Tracer(steps=True)) or example "
+        "(Tracer(example_layers=...)).")] = "auto",
+    input_index: Annotated[Optional[int], typer.Option(
+        "--input", help="Also explain this test image (trace_explain.parquet; with --granularity example "
+        "the grid of its top training examples, trace_examples_<layer>.png).")] = None,
+    contributions: Annotated[int, typer.Option(
+        "--contributions", help="Per-class contribution distributions on this many test images "
+        "(trace_contributions.parquet; 0: none).")] = 0,
 ) -> None:
     """Trace what in training drove the evolutions t -> t' (Pfahler & Morik): the layer's change split
-    into recorded class sources (or checkpoint sources when nothing was recorded). Writes
-    trace_sources.parquet and trace_classes.parquet."""
+    into recorded sources at the chosen granularity (checkpoint sources when nothing was recorded).
+    Writes trace_sources.parquet and trace_classes.parquet."""
     import pandas as pd
 
     from . import tracing
@@ -353,7 +362,8 @@ def trace(
         imp = pd.read_parquet(importance_table) if importance_table else None
         res = tracing.trace_run(run, out, t=t, t2=t2, layers=layers or None, importance=imp,
                                 classes=classes or ([0, 1, 2] if imp is None else None), top=top,
-                                images_per_class=images, seed=seed)
+                                images_per_class=images, seed=seed, granularity=granularity,
+                                input_index=input_index, contributions=contributions)
     except (ConceptEvoError, OSError) as exc:
         _fail(exc)
     cls = res["classes"]

@@ -379,6 +379,9 @@ class Monitor:
         probe_accuracy: run the probe's forward to the logits for its top-1 accuracy. None
             (default): only when the caller passes no ``train_acc`` (the stimuli need no logits,
             and the head is skipped otherwise).
+        tracer: a :class:`conceptevo.tracing.Tracer` observing the same training: every
+            observation logs its top 3 classes by share of the traced layers' update since the
+            previous observation (``trace_top_classes`` in the entry and ``metrics.jsonl``).
     """
 
     def __init__(
@@ -405,6 +408,7 @@ class Monitor:
         resume: bool = True,
         image_size: int = 32,
         probe_accuracy: bool | None = None,
+        tracer: Any | None = None,
     ) -> None:
         from .stimuli import Extraction, StimulusOptions
 
@@ -417,6 +421,7 @@ class Monitor:
         if layout not in ("pca", "umap"):
             raise ConceptEvoError(f"layout must be 'pca' or 'umap', got {layout!r}")
         self.model = model
+        self.tracer = tracer
         self.every, self.name, self.layout = int(every), str(name), layout
         self.base_from, self.refit_every, self.seed = int(base_from), refit_every, int(seed)
         self.space_kw = {"threads": 1, "progress": False, **dict(space_kw or {})}
@@ -601,6 +606,8 @@ class Monitor:
                  "train_top1": _finite(train_acc) if train_acc is not None else _finite(probe_acc),
                  "test_top1": _finite(test_acc), "probe_top1": _finite(probe_acc),
                  "train_acc_source": "caller" if train_acc is not None else "probe", "diverged": why is not None}
+        if self.tracer is not None and getattr(self.tracer, "model", None) is not None:
+            entry["trace_top_classes"] = self.tracer.class_update_shares(top=3)
         self.entries.append(entry)
         self.calls += 1
 
@@ -750,6 +757,8 @@ class Monitor:
         rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         rec.update({"time": time.time(), "base": self.base, "seconds": entry["seconds"],
                     "alerts": [a.to_dict() for a in alerts]})
+        if "trace_top_classes" in entry:
+            rec["trace_top_classes"] = entry["trace_top_classes"]
         rec.pop("alerts_str", None)
         if self.diagnosis is not None and not self.diagnosis.speed.empty:
             rec["milestone_speed"] = self.diagnosis.speed.drop(columns=["model"]).to_dict("records")

@@ -127,6 +127,8 @@ class ReportData:
     layer_order: Sequence[str] | None = None
     diagnostic_metrics: Sequence[str] | None = None
     tracing: pd.DataFrame | None = None   # trace_classes table (conceptevo.tracing.attribute_evolutions)
+    tracing_contributions: pd.DataFrame | None = None   # conceptevo.tracing.class_contributions (ridge plots)
+    tracing_images: Sequence[str | Path] = ()           # PNG grids of top training examples (example_grid)
     extra_sections: Sequence[str] = ()
 
 
@@ -656,10 +658,11 @@ def _html(payload: dict, data: ReportData, plotly_js: str) -> str:
         parts.append('<section><h2>Reversion check</h2><p class="note">Reverting the evolutions of more '
                      "important neurons should lower accuracy more; the random bin is the baseline.</p>"
                      '<div id="fig-reversion"></div></section>')
-    if data.tracing is not None:
+    if data.tracing is not None or data.tracing_contributions is not None or data.tracing_images:
         from .tracing import report_section
 
-        parts.append(report_section(data.tracing))
+        parts.append(report_section(data.tracing, contributions=data.tracing_contributions,
+                                    images=data.tracing_images))
     parts += [str(x) for x in (data.extra_sections or ())]
     parts += [
         f"<script>{plotly_js}</script>",

@@ -436,3 +436,27 @@ def test_train_regimes_monitor_switch(tmp_path):
     state = json.loads((watched["high_lr"] / "monitor" / "monitor_state.json").read_text())
     assert state["params"]["num_images"] == 40 and state["params"]["name"] == "high_lr"
     assert not (plain["high_lr"] / "monitor").exists()
+
+
+def test_monitor_logs_tracer_class_shares(data, tmp_path):
+    """With a Tracer, every observation logs the top 3 classes by share of the traced update since
+    the previous observation; reference: the class rows of the tracer's own epoch windows."""
+    from conceptevo.tracing import Tracer
+
+    train, probe = data
+    m = _model(train.num_classes, seed=2)
+    tr = Tracer(verbose=False)
+    mon = Monitor(m, probe, out=tmp_path / "mon", tracer=tr, **KW)
+    train_run(tmp_path / "run", "vgg_small", train, probe, epochs=2, lr=0.05, seed=2, batch_size=32, model=m,
+              model_kw=TINY, progress=False, monitor=mon, tracer=tr, save_epochs=[0, 1, 2])
+    C = train.num_classes
+    for ep in (1, 2):
+        win = tr.windows[(ep - 1, ep)]
+        n2 = sum(v[:C].reshape(C, -1).pow(2).sum(1) for v in win.values())
+        ref = (n2.sqrt() / n2.sqrt().sum()).numpy()
+        got = next(e for e in mon.entries if e["index"] == ep)["trace_top_classes"]
+        assert len(got) == 3 and [g["class"] for g in got] == list(np.argsort(-ref, kind="stable")[:3])
+        assert np.allclose([g["share"] for g in got], np.sort(ref)[::-1][:3], rtol=1e-9)
+        assert got[0]["name"] == train.class_names[got[0]["class"]] and got[0]["exact"]
+    lines = [json.loads(s) for s in (tmp_path / "mon" / "metrics.jsonl").read_text().splitlines()]
+    assert [g["class"] for g in lines[-1]["trace_top_classes"]] == [g["class"] for g in got]

@@ -437,3 +437,181 @@ def test_class_arriving_late_drives_its_evolution():
     assert st["residual"] <= 1e-5
     share = table.set_index("source")["share"]
     assert share["class 2"] > 0.5 and share["class 2"] == share.max()
+
+
+# ------------------------------------------------------- granularities, grids, ridge plots
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory):
+    """A built-in run with per-step deltas (float32) and per-example records of one layer."""
+    from conceptevo.data import builtin_dataset
+    from conceptevo.train import train_run
+
+    root = tmp_path_factory.mktemp("recorded")
+    tr_set = builtin_dataset("train", seed=4, num_images=64)
+    te_set = builtin_dataset("test", seed=4, num_images=16)
+    tracer = Tracer(verbose=False, steps=True, step_dtype=torch.float32, chunk_steps=3,
+                    example_layers=["features.conv3_2"])
+    train_run(root / "run", "vgg_small", tr_set, te_set, epochs=3, lr=0.02, weight_decay=1e-3,
+              model_kw={"channels": (4, 8, 8, 8), "hidden": 16}, batch_size=16, progress=False,
+              eval_train_max=16, save_epochs=[0, 1, 3], tracer=tracer)
+    return root / "run", tr_set, te_set
+
+
+@pytest.mark.parametrize("layer", ["features.conv1_2", "features.conv3_2"])
+def test_step_sources_sum_to_dz_and_to_the_checkpoints(recorded_run, layer):
+    path, _, te_set = recorded_run
+    run = tracing.TraceRun(path)
+    x = te_set[1][0]
+    for t, t2, steps in ((0, 3, 12), (1, 3, 8)):
+        table = tracing.explain(run, x, layer, t, t2, granularity="step")
+        assert (table["kind"] == "step").all() and len(table) == steps
+        assert table["exact"].all() and table.attrs["residual"] <= 1e-5
+        assert math.isclose(table["share"].sum(), 1.0, rel_tol=1e-5)
+        # independent reference: the steps' weight deltas add up to the checkpoint difference
+        src = run.sources(layer, t, t2, "step")
+        full = run.state(t2)[f"{layer}.weight"].double() - run.state(t)[f"{layer}.weight"].double()
+        assert torch.allclose(src.dw.sum(0), full, atol=1e-7)
+        # per-step, per-class and per-checkpoint tables agree on every source sum
+        for kind in ("class", "checkpoint"):
+            other = tracing.explain(run, x, layer, t, t2, granularity=kind)
+            assert math.isclose(other["dot"].sum(), table["dot"].sum(), rel_tol=1e-6)
+
+
+def test_example_sources_sum_to_dz_and_rank_like_explain_examples(recorded_run, tmp_path):
+    from PIL import Image
+
+    path, tr_set, te_set = recorded_run
+    run = tracing.TraceRun(path)
+    layer = "features.conv3_2"
+    x = te_set[2][0]
+    table = tracing.explain(run, x, layer, 0, 3, granularity="example")
+    ex = table[table["kind"] == "example"]
+    assert ex["example"].nunique() == len(ex) == 64            # every training image was seen
+    assert set(table.loc[table["kind"] != "example", "kind"]) <= {"weight_decay", "prior_momentum", "other"}
+    assert table.attrs["residual"] <= 1e-5
+    labels = tr_set.labels.numpy() if hasattr(tr_set.labels, "numpy") else np.asarray(tr_set.labels)
+    assert (ex["class"].to_numpy() == labels[ex["example"].to_numpy()]).all()
+    # the examples of each class add up to that class's recorded source
+    src = run.sources(layer, 0, 3, "example")
+    cls = run.sources(layer, 0, 3, "class").grouped("class")
+    for c in range(3):
+        rows = torch.from_numpy(((src.meta["kind"] == "example") & (src.meta["class"] == c)).to_numpy().copy())
+        assert torch.allclose(src.dw[rows].sum(0), cls.dw[c], atol=1e-6)
+    # independent ranking: one weight-gradient G(x) against the raw per-example records
+    blob = torch.load(path / "trace" / "examples.pt", weights_only=True)
+    model = run.model(3)
+    info = layer_info(model, layer)
+    rows_, meta = tracing.example_sources(run.trace_meta, blob, layer, info.weight_shape, 0, run.step_range(0, 3)[1])
+    a = tracing.layer_input(model, layer, x[None])
+    w3, w0 = run.state(3), run.state(0)
+    dz = info.apply(a.double(), w3[f"{layer}.weight"].double() - w0[f"{layer}.weight"].double(),
+                    w3[f"{layer}.bias"].double() - w0[f"{layer}.bias"].double())
+    ref = tracing.explain_examples(info, a, dz, rows_, meta)
+    top = list(ref["example"].head(8))
+    assert list(ex["example"].head(8)) == top
+    # the grid's tiles are those examples' pixels, in rank order
+    png = tmp_path / "grid.png"
+    grid, ids = tracing.example_grid(table, tr_set, png, top=8, cols=4, scale=2, pad=2)
+    assert ids == top
+    back = np.asarray(Image.open(png).convert("RGB"))
+    assert back.shape == grid.shape == (2 * (64 + 4), 4 * (64 + 4), 3)
+    for k, i in enumerate(top):
+        r, c = divmod(k, 4)
+        tile = back[r * 68 + 2:r * 68 + 66, c * 68 + 2:c * 68 + 66]
+        assert np.array_equal(tile[::2, ::2], tr_set.raw(i)) and np.array_equal(tile[1::2, 1::2], tr_set.raw(i))
+
+
+def test_class_contributions_match_explain_per_image_and_render(recorded_run, tmp_path):
+    path, tr_set, te_set = recorded_run
+    run = tracing.TraceRun(path)
+    con = tracing.class_contributions(run, te_set, 0, 3, layers=["features.conv2_1", "features.conv4_1"], images=5)
+    assert con["image"].nunique() == 5 and set(con["layer"]) == {"features.conv2_1", "features.conv4_1"}
+    sums = con.groupby(["layer", "image"])["share"].sum()
+    assert np.allclose(sums.to_numpy(), 1.0, atol=1e-5)
+    i = int(con["image"].iloc[0])
+    one = con[(con["image"] == i) & (con["layer"] == "features.conv4_1")].set_index("source")["share"]
+    ref = tracing.explain(run, te_set[i][0], "features.conv4_1", 0, 3, by="class").set_index("source")["share"]
+    assert np.allclose(one.sort_index().to_numpy(), ref.loc[one.sort_index().index].to_numpy(), atol=1e-9)
+    png = tmp_path / "g.png"
+    tab = tracing.explain(run, te_set[0][0], "features.conv3_2", 0, 3, granularity="example")
+    tracing.example_grid(tab, tr_set, png, top=4)
+    frag = tracing.report_section(None, te_set.class_names, contributions=con, images=[png])
+    assert 'id="fig-tracing-contrib"' in frag and "data:image/png;base64," in frag
+    fig = tracing.contributions_figure(con, te_set.class_names)
+    assert len(fig.data) == 2 * con.groupby("layer")["source"].nunique().iloc[0]
+    from conceptevo._reference import synthetic_report_data
+    from conceptevo.report import _html
+
+    rd = synthetic_report_data(runs=("a",), epochs=(0, 1), num_images=40)
+    rd.tracing_contributions, rd.tracing_images = con, [png]
+    page = _html({"figs": {}, "verdicts": []}, rd, "")
+    assert "fig-tracing-contrib" in page and "tracing-examples" in page
+
+
+def test_cli_trace_granularity_input_and_contributions(recorded_run, tmp_path):
+    from conceptevo.cli import app
+    from typer.testing import CliRunner
+
+    path, _, _ = recorded_run
+    res = CliRunner().invoke(app, ["trace", "--run", str(path), "--out", str(tmp_path), "--layer", "features.conv3_2",
+                                   "--class", "1", "--top", "1", "--images", "4", "--granularity", "step",
+                                   "--input", "0", "--contributions", "3"])
+    assert res.exit_code == 0, res.output
+    src = pd.read_parquet(tmp_path / "trace_sources.parquet")
+    assert set(src["kind"]) == {"step"} and len(src) == 12
+    assert math.isclose(src["weight_share"].sum(), 1.0, rel_tol=1e-6)
+    ex = pd.read_parquet(tmp_path / "trace_explain.parquet")
+    assert set(ex["kind"]) == {"step"} and (ex["residual"] <= 1e-5).all()
+    con = pd.read_parquet(tmp_path / "trace_contributions.parquet")
+    assert con["image"].nunique() == 3
+    res = CliRunner().invoke(app, ["trace", "--run", str(path), "--out", str(tmp_path / "ex"), "--class", "1",
+                                   "--top", "1", "--images", "4", "--granularity", "example", "--input", "0"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "ex" / "trace_examples_features.conv3_2.png").is_file()
+    assert set(pd.read_parquet(tmp_path / "ex" / "trace_sources.parquet")["layer"]) == {"features.conv3_2"}
+
+
+@pytest.mark.parametrize("conv,hw", [({"padding": 2, "dilation": 2}, 9), ({"stride": 2, "padding": 1}, 3),
+                                     ({"padding": 1, "groups": 2}, 6)])
+def test_decompose_matches_every_source_applied_by_the_layer(conv, hw):
+    """Gram (patch < positions) and direct branches, dilation, stride, groups: each source's dot and
+    norm against its own output computed by F.conv2d, on a channel subset too."""
+    g = torch.Generator().manual_seed(7)
+    m = nn.Conv2d(4, 6, 3, **conv)
+    info = layer_info(nn.Sequential(m), "0")
+    S = 9
+    dw = torch.randn(S, *m.weight.shape, generator=g, dtype=torch.float64)
+    db = torch.randn(S, 6, generator=g, dtype=torch.float64)
+    meta = tracing._meta([{"source": str(i), "kind": "class", "class": i, "epoch_from": 0, "epoch_to": 1,
+                           "exact": True, "example": -1} for i in range(S)])
+    src = tracing.LayerSources("0", dw, db, meta)
+    a = torch.randn(2, 4, hw, hw, generator=g, dtype=torch.float64)
+    for ch in (None, [1, 4]):
+        if ch is not None and m.groups != 1:
+            continue
+        c = list(range(6)) if ch is None else ch
+        dz = F.conv2d(a, dw.sum(0)[c], db.sum(0)[c], m.stride, m.padding, m.dilation, m.groups)
+        dz = dz + 1e-3 * torch.randn(dz.shape, generator=g, dtype=torch.float64)   # not quite the sum
+        table, st = decompose(info, a, src, dz, channels=ch, chunk=2)
+        for i in range(S):
+            out = F.conv2d(a, dw[i][c], db[i][c], m.stride, m.padding, m.dilation, m.groups)
+            assert math.isclose(table["dot"][i], float((out * dz).sum()), rel_tol=1e-9, abs_tol=1e-9)
+            assert math.isclose(table["norm"][i], float(out.norm()), rel_tol=1e-9)
+        ref = float((sum(F.conv2d(a, dw[i][c], db[i][c], m.stride, m.padding, m.dilation, m.groups)
+                         for i in range(S)) - dz).norm() / dz.norm())
+        assert math.isclose(st["residual"], ref, rel_tol=1e-6)
+
+
+def test_tracer_threads_option_restores_the_setting_and_records_the_same():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        wins = []
+        for threads in (None, 1):
+            tr, *_ = _train(_mlp(0), SGDS["momentum_wd"], tracer_kw={"threads": threads})
+            assert torch.get_num_threads() == 2
+            wins.append(tr.windows[(0, 1)])
+    finally:
+        torch.set_num_threads(saved)
+    for k in wins[0]:
+        assert torch.allclose(wins[0][k], wins[1][k], atol=1e-9)
