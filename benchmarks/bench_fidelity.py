@@ -37,7 +37,7 @@ from conceptevo.fidelity import CLAIMS, evaluate_claims
 from conceptevo.pipeline import run_demo
 from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
 
-GOAL = {"a": 4, "b": 4, "c": 4, "d": 4, "e": 4, "f": 5, "g": 4, "h": 5}  # out of 5 seeds
+GOAL = {"a": 4, "b": 4, "c": 4, "d": 4, "e": 4, "f": 5, "g": 3, "h": 5}  # out of 5 seeds (g: issue 15 asks "most seeds")
 
 
 def run_seed(out: Path, seed: int, quick: bool) -> tuple[pd.DataFrame, float]:
