@@ -51,15 +51,21 @@ def demo(
     quick: Annotated[bool, typer.Option(help="Smaller data and shorter training: a smoke test.")] = False,
     seed: Seed = 0,
     threads: Threads = None,
+    monitor: Annotated[bool, typer.Option(
+        help="Watch each training run with the live monitor (conceptevo.monitor): when each alert fires.")] = True,
+    trace: Annotated[bool, typer.Option(
+        help="Record per-class updates while training (conceptevo.tracing; about twice the training time) "
+             "and report which training classes drove the important evolutions.")] = False,
 ) -> None:
     """The whole method on the built-in data: dataset, three training runs (well-trained, too-high
-    learning rate, overfitted), stimuli, unified space, 2-D map, important evolutions, reversion
-    check, diagnostics and the HTML report. Re-running reuses what is already computed."""
+    learning rate, overfitted) watched by the live monitor, stimuli, unified space, 2-D map,
+    important evolutions, reversion check, diagnostics and the HTML report. Re-running reuses what
+    is already computed."""
     from .errors import ConceptEvoError
     from .pipeline import run_demo
 
     try:
-        run_demo(out, quick=quick, seed=seed, threads=threads)
+        run_demo(out, quick=quick, seed=seed, threads=threads, monitor=monitor, trace=trace)
     except ConceptEvoError as exc:
         _fail(exc)
 

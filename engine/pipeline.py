@@ -85,6 +85,8 @@ class PipelineConfig:
     directions_runs: list[str] | None = None  # runs to analyse; default: the base run
     directions_images: int = 32           # images per class for the relevance (gradient) pass
     directions_gradient: str = "logit"    # "logit" or "loss" (the authors' code; see conceptevo.directions)
+    trace: bool = True                    # trace the base run's evolutions when it recorded trace/ (conceptevo.tracing)
+    trace_contributions: int = 64         # test images for the per-class contribution figure (0: none)
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -501,6 +503,18 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
             for msg in v.get("messages", []):  # each message starts with the run's name
                 console.print(msg)
 
+    # what in training drove the base run's important evolutions (a run trained with a Tracer)
+    trace_res = None
+    base_dir = Path(cfg.runs.get(base_run, ""))
+    if cfg.trace and base_dir.is_dir() and (base_dir / "trace").is_dir():
+        from . import tracing
+
+        with _Timer(seconds, "tracing"):
+            trace_res = tracing.trace_run(base_dir, store.path("trace"), t=t, t2=t2, importance=imp,
+                                          data=test_set if test_set is not None else train_set,
+                                          seed=cfg.seed, contributions=int(cfg.trace_contributions))
+            store.update_manifest(tracing={"run": base_run, "t": t, "t_prime": t2, "out": "trace/"})
+
     # the live monitor's alerts of runs trained with one (conceptevo.train + conceptevo.monitor)
     monitored = _monitor_summaries(cfg)
     if monitored:
@@ -529,7 +543,8 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
 
                 extra.append(alerts_report_section(monitored))
             report_path = _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summary, diag, align,
-                                        (base_run, base_epoch), (t, t2), patches, report_mod, rev_note, extra_sections=extra)
+                                        (base_run, base_epoch), (t, t2), patches, report_mod, rev_note, extra_sections=extra,
+                                        trace=trace_res)
     total = time.perf_counter() - t_all
     seconds["total"] = total
     store.update_manifest(pipeline_seconds={k: round(v, 2) for k, v in seconds.items()})
@@ -552,7 +567,7 @@ def _datasets(cfg: PipelineConfig, train_set=None, test_set=None):
 
 
 def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summary, diag, align, base, tt, patches,
-                  report_mod, rev_note: str, extra_sections=()) -> Path:
+                  report_mod, rev_note: str, extra_sections=(), trace: dict | None = None) -> Path:
     """Assemble ReportData: points + tags, patches, neighbours, accuracy, diagnostics, evolutions.
 
     ``base`` is the (run, epoch) the space was fitted on (the configured ``base``)."""
@@ -624,7 +639,9 @@ def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summa
     rd = report_mod.ReportData(points=points, patches=pats, neighbours=neighbours, accuracy=accuracy,
                                diagnostics=diag.table, verdicts=verdict_text, evolutions=top, reversion=rev_plot,
                                title="ConceptEvo report", facts=facts,
-                               layer_order=list(next(iter(stims.values())).layers), extra_sections=extra_sections)
+                               layer_order=list(next(iter(stims.values())).layers), extra_sections=extra_sections,
+                               tracing=(trace or {}).get("classes"),
+                               tracing_contributions=(trace or {}).get("contributions"))
     from .report_folder import report_format  # one file or a folder, and the threshold (shown in the report too)
 
     store.update_manifest(report_format=report_format(len(points)))
@@ -718,7 +735,8 @@ def _jsonable(d: dict) -> dict:
 
 # ------------------------------------------------------------------------------------- demo
 def run_demo(out: str | Path = "conceptevo-runs/demo", *, quick: bool = False, seed: int = 0,
-             threads: int | None = None, report: bool = True, monitor: bool = True) -> RunResult:
+             threads: int | None = None, report: bool = True, monitor: bool = True,
+             trace: bool = False) -> RunResult:
     """The whole method on the built-in data: data, three training runs, every stage, the report.
 
     ``quick`` shrinks the data and training (for smoke tests); the full demo is sized
@@ -727,6 +745,9 @@ def run_demo(out: str | Path = "conceptevo-runs/demo", *, quick: bool = False, s
     the demo prints which of its claims (:mod:`conceptevo.fidelity`) held in this run.
     ``monitor`` watches each training run with the live :class:`conceptevo.monitor.Monitor`
     (every epoch, 2,000 probe images), so the demo also shows when each alert would have fired.
+    ``trace`` records per-class update accumulators while training (:mod:`conceptevo.tracing`;
+    about twice the training time) and adds which training classes drove well_trained's
+    important evolutions to the report.
     """
     from . import data, fidelity, train
 
@@ -739,7 +760,7 @@ def run_demo(out: str | Path = "conceptevo-runs/demo", *, quick: bool = False, s
     runs_dirs = train.train_regimes(out / "training", seed=seed, data_root=out / "data",
                                     train_images=n_train, test_images=n_test,
                                     epoch_scale=0.34 if quick else 1.0, threads=threads or 1,
-                                    workers=min(3, os.cpu_count() or 1), monitor=monitor,
+                                    workers=min(3, os.cpu_count() or 1), monitor=monitor, trace=trace,
                                     monitor_probe=400 if quick else 2000)
     train_set = data.builtin_dataset("train", seed=seed, root=out / "data", num_images=n_train)
     test_set = data.builtin_dataset("test", seed=seed, root=out / "data", num_images=n_test)

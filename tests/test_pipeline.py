@@ -19,8 +19,13 @@ def tiny_runs(tmp_path_factory):
     runs = {}
     for name, lr in (("a", 0.05), ("b", 0.02)):
         runs[name] = root / "training" / name
+        tracer = None
+        if name == "a":  # the base run records per-class updates: the pipeline traces its evolutions
+            from conceptevo.tracing import Tracer
+
+            tracer = Tracer(verbose=False)
         train.train_run(runs[name], "vgg_small", tr, te, epochs=2, lr=lr, save_epochs=[0, 1, 2], seed=3,
-                        model_kw={"channels": (8, 8, 16, 16), "hidden": 32}, progress=False)
+                        model_kw={"channels": (8, 8, 16, 16), "hidden": 32}, progress=False, tracer=tracer)
     return root, tr, te, runs
 
 
@@ -62,6 +67,13 @@ def test_pipeline_end_to_end_and_cache(tiny_runs):
     assert "in-sample" in html and "held-out RMSE</td><td>" in html
     assert "plotly" in html.lower() and "http://" not in html.split("<body", 1)[0].lower().replace("http://www.w3.org", "")
     manifest = json.loads((out / "manifest.json").read_text())
+    # the traced base run: which training classes drove each important evolution, in the report too
+    cls = pd.read_parquet(out / "trace" / "trace_classes.parquet")
+    assert manifest["tracing"] == {"run": "a", "t": t, "t_prime": t2, "out": "trace/"}
+    assert set(cls["class"]) <= {0, 1} and len(cls)
+    np.testing.assert_allclose(cls.groupby(["class", "layer", "channel"])["share"].sum(), 1.0, atol=1e-6)
+    assert "What in training drove the important evolutions" in html
+    assert (out / "trace" / "trace_contributions.parquet").exists()
     assert {"space", "importance", "reversion"} <= set(manifest["stages"])
     assert manifest["backends"]["umap"] == "umap-learn"
     from conceptevo.space import UnifiedSpace
