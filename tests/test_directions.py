@@ -52,6 +52,33 @@ def test_streamed_gram_matches_numpy_svd(rng, center):
     np.testing.assert_allclose(res[1][1], s, atol=1e-10)
 
 
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("center", [False, True])
+def test_top_directions_match_numpy_svd(rng, center, precision):
+    """The partial eigensolver (top r only; float32 + float64 Rayleigh-Ritz) against a NumPy full SVD of Ā."""
+    n, c, r = 400, 60, 12
+    # a decaying spectrum with distinct leading singular values, as activations have
+    abar = rng.standard_normal((n, c)) * np.geomspace(10, 0.1, c)[None] @ np.linalg.qr(rng.standard_normal((c, c)))[0]
+    abar += rng.random(c)
+    ref = abar - abar.mean(0) if center else abar
+    _u, s_ref, vh_ref = np.linalg.svd(ref, full_matrices=False)
+    gram, sums = abar.T @ abar, abar.sum(0)
+    vh, s = D.directions_from_gram(gram, sums, n, center=center, top=r, precision=precision)
+    assert vh.shape == (r, c) and s.shape == (r,)
+    np.testing.assert_allclose(s, s_ref[:r], rtol=1e-9 if precision == "float64" else 1e-6)
+    tol = 1e-6 if precision == "float64" else 1e-4  # float32: ~eps32 x ||G|| / gap
+    for j in range(r):
+        assert subspace_angles(vh[j][:, None], vh_ref[j][:, None]).max() <= tol, j
+    assert subspace_angles(vh.T, vh_ref[:r].T).max() <= tol
+    assert np.all(abar.mean(0) @ vh.T > 0)  # the sign rule holds for the partial solve too
+    full, _s = D.directions_from_gram(gram, sums, n, center=center)
+    np.testing.assert_allclose(np.abs(vh @ full[:r].T), np.eye(r), atol=10 * tol)
+    res = D.batched_directions([(gram, sums, n), (np.eye(3) * 2.0, np.ones(3), 4)], center=center, top=r,
+                               precision=precision)
+    assert res[1][0].shape == (3, 3)  # top is capped at the width
+    np.testing.assert_allclose(res[0][1], s, rtol=1e-12)
+
+
 def _numpy_z(P, groups, k):
     inside, outside = P[groups == k], P[groups != k]
     return (inside.mean(0) - outside.mean(0)) / outside.std(0)
@@ -343,6 +370,14 @@ def test_stage_writes_artifacts_and_reuses_them(rng, tmp_path):
     assert len(again["directions"]) == len(dirs)
     with pytest.raises(ConceptEvoError, match="unknown directions parameter"):
         D.run_stage(store, runs, ds, nope=1)
+    # top=3: the leading 3 directions only; "explained" keeps the full spectrum as its denominator
+    few = D.run_stage(None, runs, ds, batch_size=16, progress=False, k=4, images_per_class=8, top=3)["directions"]
+    assert len(few) == 3 * (3 + 3)
+    key = ["epoch", "layer", "direction"]
+    both = few.merge(dirs, on=key, suffixes=("", "_all"))
+    assert len(both) == len(few)
+    np.testing.assert_allclose(both["explained"], both["explained_all"], rtol=1e-9)
+    np.testing.assert_allclose(both["singular_value"], both["singular_value_all"], rtol=1e-9)
     # the report section: per class, top directions per epoch with images and concept maps, lives
     html = D.stage_report_section(tables, ds, runs, store=store)
     assert html.count("<h3>") == len(set(cls["class"])) and "<img" in html and "←" in html
