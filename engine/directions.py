@@ -142,18 +142,33 @@ class GramAccumulator:
     entries over its convs, 224 MB of float64 read and written per update), so small batches
     would otherwise cost more than the forward pass; buffered, the update is one GEMM per
     ``flush_rows`` images. ``gram`` / ``sums`` flush on access.
+
+    The per-batch work is only the spatial mean and a copy of the (B, C) rows: no device sync
+    (the finiteness check runs once per flush), and the C x C matrix of a layer is allocated at
+    its first flush (``add_layer`` adds a layer without touching the others), so a pass over few
+    images pays no fixed cost beyond the one GEMM per layer that it needs.
     """
 
     def __init__(self, channels: Mapping[str, int], device: str | torch.device = "cpu",
                  flush_rows: int = 512) -> None:
-        self.channels = {str(n): int(c) for n, c in channels.items()}
+        self.channels: dict[str, int] = {}
         self.device = torch.device(device)
         self.flush_rows = max(1, int(flush_rows))
-        self._gram = {n: torch.zeros(c, c, dtype=torch.float64, device=self.device) for n, c in self.channels.items()}
-        self._sums = {n: torch.zeros(c, dtype=torch.float64, device=self.device) for n, c in self.channels.items()}
-        self._buf: dict[str, list[torch.Tensor]] = {n: [] for n in self.channels}
-        self._rows = {n: 0 for n in self.channels}
-        self.count = {n: 0 for n in self.channels}
+        self._gram: dict[str, torch.Tensor] = {}
+        self._sums: dict[str, torch.Tensor] = {}
+        self._buf: dict[str, list[torch.Tensor]] = {}
+        self._rows: dict[str, int] = {}
+        self.count: dict[str, int] = {}
+        for n, c in channels.items():
+            self.add_layer(n, c)
+
+    def add_layer(self, layer: str, channels: int) -> None:
+        """Accumulate one more layer (nothing is allocated until its first flush)."""
+        layer = str(layer)
+        if layer in self.channels:
+            raise LayerError(f"layer {layer!r} is already accumulated")
+        self.channels[layer] = int(channels)
+        self._buf[layer], self._rows[layer], self.count[layer] = [], 0, 0
 
     def update(self, layer: str, out: torch.Tensor) -> None:
         if layer not in self.channels:
@@ -161,22 +176,29 @@ class GramAccumulator:
         a = pooled(out.detach(), layer)
         if a.shape[1] != self.channels[layer]:
             raise LayerError(f"layer {layer!r} has {a.shape[1]} channels, expected {self.channels[layer]}")
-        a = a.to(self.device, torch.float64)
-        if not torch.isfinite(a).all():
-            raise ActivationError(f"layer {layer!r}: non-finite activations in the Gram accumulation")
-        self._buf[layer].append(a)
+        self._buf[layer].append(a.to(self.device, torch.float64, non_blocking=True))
         self._rows[layer] += int(a.shape[0])
         self.count[layer] += int(a.shape[0])
         if self._rows[layer] >= self.flush_rows:
             self._flush(layer)
 
+    def _alloc(self, layer: str) -> None:
+        if layer not in self._gram:
+            c = self.channels[layer]
+            with torch.inference_mode(False):  # normal tensors: usable (merge, +=) after an inference pass too
+                self._gram[layer] = torch.zeros(c, c, dtype=torch.float64, device=self.device)
+                self._sums[layer] = torch.zeros(c, dtype=torch.float64, device=self.device)
+
     def _flush(self, layer: str) -> None:
+        self._alloc(layer)
         if not self._buf[layer]:
             return
         a = torch.cat(self._buf[layer]) if len(self._buf[layer]) > 1 else self._buf[layer][0]
+        self._buf[layer], self._rows[layer] = [], 0
+        if not bool(torch.isfinite(a).all()):
+            raise ActivationError(f"layer {layer!r}: non-finite activations in the Gram accumulation")
         self._gram[layer].addmm_(a.T, a)
         self._sums[layer] += a.sum(0)
-        self._buf[layer], self._rows[layer] = [], 0
 
     def flush(self) -> None:
         for n in self.channels:
@@ -223,15 +245,10 @@ def gram_observer(channels: Mapping[str, int] | None = None, device: str | torch
 
     def observer(name: str, layer: str, out: torch.Tensor) -> None:
         acc = accs.get(name)
-        if acc is None or layer not in acc.channels:
-            widths.setdefault(layer, int(out.shape[1]))
-            with torch.inference_mode(False):  # normal tensors: usable (merge, +=) after the pass too
-                fresh = GramAccumulator(widths, device if device is not None else out.device)
-            if acc is not None:  # a layer first seen now (channels=None): keep what is summed
-                g, sm = acc.gram, acc.sums
-                for n in acc.channels:
-                    fresh._gram[n], fresh._sums[n], fresh.count[n] = g[n], sm[n], acc.count[n]
-            accs[name] = acc = fresh
+        if acc is None:
+            accs[name] = acc = GramAccumulator({}, device if device is not None else out.device)
+        if layer not in acc.channels:  # a layer first seen now (channels=None learns widths on the way)
+            acc.add_layer(layer, widths.setdefault(layer, int(out.shape[1])))
         acc.update(layer, out)
 
     return observer, accs

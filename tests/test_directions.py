@@ -10,7 +10,7 @@ from scipy.linalg import subspace_angles
 from torch import nn
 
 from conceptevo import directions as D
-from conceptevo.errors import ConceptEvoError, LayerError
+from conceptevo.errors import ActivationError, ConceptEvoError, LayerError
 
 LONG = pytest.mark.skipif(not os.environ.get("CONCEPTEVO_LONG_TESTS"),
                           reason="a quality check of several minutes (train + analyse a run): "
@@ -275,6 +275,36 @@ def test_gram_in_the_stimulus_pass_equals_gram_pass(rng, tmp_path):
         for layer in ("c1", "c2"):
             np.testing.assert_allclose(accs[name].gram[layer].numpy(), r.gram[layer].numpy(), rtol=1e-10, atol=1e-9)
             assert accs[name].count[layer] == len(ds)
+
+
+def test_accumulator_lazy_layers_merge_and_nonfinite(rng):
+    """Layers added on the way (as the observer learns them) allocate nothing until flushed; the sums
+    equal NumPy's on the stored rows; merge adds; a non-finite output is caught at the flush."""
+    a1 = torch.from_numpy(rng.standard_normal((37, 6, 2, 2))).float()
+    a2 = torch.from_numpy(rng.standard_normal((37, 4))).float()
+    acc = D.GramAccumulator({"x": 6}, flush_rows=16)
+    acc.add_layer("y", 4)
+    assert acc._gram == {}  # nothing allocated before the first flush
+    for lo in range(0, 37, 10):
+        acc.update("x", a1[lo:lo + 10])
+        acc.update("y", a2[lo:lo + 10])
+    ref = {"x": a1.mean(dim=(2, 3)).double().numpy(), "y": a2.double().numpy()}
+    for n, r in ref.items():
+        np.testing.assert_allclose(acc.gram[n].numpy(), r.T @ r, rtol=1e-12)
+        np.testing.assert_allclose(acc.sums[n].numpy(), r.sum(0), rtol=1e-12)
+    other = D.GramAccumulator({"x": 6, "y": 4})
+    other.update("x", a1[:5])
+    acc.merge(other)
+    np.testing.assert_allclose(acc.gram["y"].numpy(), ref["y"].T @ ref["y"], rtol=1e-12)  # y: zeros added
+    assert acc.count == {"x": 42, "y": 37}
+    bad = D.GramAccumulator({"x": 6})
+    b = a1[:3].clone()
+    b[1, 2, 0, 0] = float("nan")
+    bad.update("x", b)
+    with pytest.raises(ActivationError, match="non-finite"):
+        bad.flush()
+    with pytest.raises(LayerError, match="already"):
+        acc.add_layer("x", 6)
 
 
 def test_direction_stimuli_match_a_plain_sort(rng):
