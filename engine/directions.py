@@ -40,12 +40,32 @@ For one layer and one checkpoint, over N images:
    bilinearly to the image size, thresholded at a percentile of its own pixels:
    :data:`MAP_PERCENTILE` = 90 (the map's top 10% of pixels), a tight mask that still covers a
    small object part at 32x32; change it per call.
+   Two limits, measured on the confounder check (benchmarks/RESULTS.md): a map resolves an object
+   only where the layer's stride is at most the object's size (vgg_small's conv4_1 has stride 8:
+   a 5-px stamp falls inside one cell, and the upsampled peak sits at that cell's centre, beside
+   the stamp), and a percentile mask keeps ``(1 - p/100) H W`` pixels whatever the object's
+   area ``a``, so its IoU with the object is at most ``a / ((1 - p/100) H W)`` (0.24 for a 5x5
+   stamp at 32x32 and p = 90); the share of the object covered by the mask is reported beside it.
 6. Outliers of a class along a direction: the robust z of the projection ``Ā·v`` within the
    class, ``(x - median) / (1.4826 MAD)``; images with ``|robust z| >= 3.5`` (Iglewicz & Hoaglin's
    cut) are outliers, listed with label and prediction.
 7. Neuron alignment: ``|cos|`` of each direction with each channel axis is ``|v_c|``; a direction
    is "one neuron" when the largest is close to 1. ``effective_channels = 1 / Σ v_c⁴`` (the
    participation ratio: 1 for one channel, C for a uniform mix) says how many it mixes.
+
+Which layer
+    The method assumes non-negative (post-ReLU) activations, as in the authors' code: the
+    uncentred SVD's first direction is then the mean activation, the sign rule points towards
+    what images have, and ``ReLU(g) ⊙ A`` keeps positive evidence. A hook on a Conv2d whose ReLU
+    is a separate module (vgg_small, torchvision's VGG) sees the PRE-activation map; pass the ReLU
+    modules (``layers=["features.relu3_2"]``) to analyse the method's layer. (On the confounder
+    check neither kind of layer was reliably better: RESULTS.md.)
+
+Many checkpoints
+    ``top=r`` keeps only the r leading directions of each Gram matrix (a partial eigensolver,
+    ``syevr``): 13 VGG16-wide layers x 100 checkpoints in 18.7 CPU-s for r = 32 in float64
+    (37.1 for the full solve), 11.7 CPU-s with ``precision="float32"`` (+ a float64
+    Rayleigh-Ritz step: principal angles <= 5e-6 rad to the float64 solve).
 
 Across epochs
     Each checkpoint's directions are matched to the previous checkpoint's by the Hungarian
