@@ -1244,11 +1244,44 @@ def _overlay(raw: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out.clip(0, 255).astype(np.uint8)
 
 
+def _virtual_neuron_map(layout: np.ndarray, vecs: pd.DataFrame, labelled: set[int]) -> str:
+    """PNG data URI: real neurons as grey dots, directions as stars (labelled ones named); "" if none placed."""
+    ok = np.isfinite(vecs["x"].to_numpy(float)) & np.isfinite(vecs["y"].to_numpy(float)) if len(vecs) else []
+    if not len(vecs) or not np.any(ok):
+        return ""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    v = vecs[ok]
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=80)
+    real = layout[np.isfinite(layout).all(1)]
+    ax.scatter(real[:, 0], real[:, 1], s=3, c="#c8c8c8", linewidths=0, label="neurons")
+    ax.scatter(v["x"], v["y"], s=60, marker="*", c="#d62728", edgecolors="k", linewidths=0.4,
+               label="directions (virtual neurons)")
+    for r in v.itertuples():
+        if int(r.direction) in labelled:
+            ax.annotate(f"d{int(r.direction)}", (r.x, r.y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.legend(loc="best", fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def directions_report_section(tables: Mapping[str, pd.DataFrame], data: Any, *, run: str | None = None,
                               layer: str | None = None, top: int = 3, images: int = 4,
                               classes: Sequence[int] | None = None, epochs: Sequence[int] | None = None,
                               map_model: nn.Module | None = None, map_epoch: int | None = None,
-                              map_vh: np.ndarray | None = None, percentile: float = MAP_PERCENTILE) -> str:
+                              map_vh: np.ndarray | None = None, percentile: float = MAP_PERCENTILE,
+                              neuron_layout: np.ndarray | None = None) -> str:
     """HTML fragment: per class, its top concept directions at each epoch (top images; concept maps
     when ``map_model`` -- the model of ``map_epoch`` (default the last) -- and ``map_vh``, its
     directions of ``layer``, are given), the outliers along them, and each
@@ -1256,6 +1289,9 @@ def directions_report_section(tables: Mapping[str, pd.DataFrame], data: Any, *, 
 
     ``tables``: the output of :func:`run_stage` (or the parquet files loaded back). ``data``: the
     images (``raw(i)`` gives uint8 HxWx3). Defaults: the first run, its last layer, every class.
+    ``neuron_layout``: the real neurons' 2-D map positions (N, 2); with the ``direction_vectors``
+    table (the stage run with ``space=``) the section opens with that map, the layer's directions
+    at the last epoch drawn on it as virtual neurons (stars) beside the real ones (grey dots).
     """
     import html
 
@@ -1316,6 +1352,16 @@ def directions_report_section(tables: Mapping[str, pd.DataFrame], data: Any, *, 
              "Each cell: direction, z, and its top images"
              + (f" (concept map: top {100 - percentile:.0f}% of the direction's map kept)" if cd else "")
              + ". Life: the direction's matched predecessors back to the first epoch.</p>"]
+    vecs = tables.get("direction_vectors")
+    if neuron_layout is not None and vecs is not None and len(vecs):
+        v = vecs[(vecs["run"] == run) & (vecs["layer"] == layer) & (vecs["epoch"] == last)]
+        tops = cls_t[(cls_t["epoch"] == last) & (cls_t["rank"] == 1)]["direction"].astype(int).unique()
+        png = _virtual_neuron_map(np.asarray(neuron_layout, np.float64), v, set(tops.tolist()))
+        if png:
+            parts.append(f'<p>The map with the directions of {html.escape(layer)} at epoch {last} as virtual '
+                         'neurons (stars; labelled: some class\'s top direction), placed at the mean position of '
+                         'the real neurons (grey) nearest to them in the unified space.</p>'
+                         f'<img src="{png}" alt="directions on the map">')
     for c in classes:
         cname = f"{c}: {names[c]}" if c < len(names) else str(c)
         parts.append(f"<h3>{html.escape(cname)}</h3><table class='directions'><tr><th>epoch</th>"
@@ -1361,6 +1407,12 @@ def stage_report_section(tables: Mapping[str, pd.DataFrame], data: Any, runs: Ma
     if store is not None and store.exists(f"directions/{run}/epoch_{last:03d}/{_layer_file(layer)}.vh.npy"):
         vh = store.load_array(f"directions/{run}/epoch_{last:03d}/{_layer_file(layer)}.vh")
         (model,) = _load_models(runs[run], [last], torch.device(device))
+    if "neuron_layout" not in kw and store is not None:  # the unified space's map, saved by the pipeline
+        from pathlib import Path
+
+        f = Path(store.path("space")) / "layout.npy"
+        if f.exists():
+            kw["neuron_layout"] = np.load(f, allow_pickle=False)
     return directions_report_section(tables, data, run=run, layer=layer, map_model=model, map_epoch=last,
                                      map_vh=vh, **kw)
 

@@ -450,7 +450,17 @@ def test_pipeline_switch_end_to_end(tmp_path):
     cls = pd.read_parquet(out / "direction_classes.parquet")
     assert {"class", "direction", "z", "rank"} <= set(cls.columns)
     assert (out / "direction_importance.parquet").exists() and (out / "direction_vectors.parquet").exists()
-    assert 'id="directions-section"' in res.report.read_text(encoding="utf-8")
+    page = res.report.read_text(encoding="utf-8")
+    assert 'id="directions-section"' in page
+    assert 'alt="directions on the map"' in page  # the directions drawn as virtual neurons on the map
+    # they sit where place_on_map puts them: the mean layout position of their nearest real neurons
+    from conceptevo.space import UnifiedSpace
+
+    space = UnifiedSpace.load(out / "space")
+    vec = pd.read_parquet(out / "direction_vectors.parquet")
+    row = vec.iloc[0]
+    d = ((space.vectors - np.asarray(row["vector"], np.float32)) ** 2).sum(1)
+    np.testing.assert_allclose([row["x"], row["y"]], space.layout[np.argsort(d)[:10]].mean(0), rtol=1e-4, atol=1e-5)
 
 
 def test_tag_purity_reference(rng):
