@@ -40,12 +40,32 @@ For one layer and one checkpoint, over N images:
    bilinearly to the image size, thresholded at a percentile of its own pixels:
    :data:`MAP_PERCENTILE` = 90 (the map's top 10% of pixels), a tight mask that still covers a
    small object part at 32x32; change it per call.
+   Two limits, measured on the confounder check (benchmarks/RESULTS.md): a map resolves an object
+   only where the layer's stride is at most the object's size (vgg_small's conv4_1 has stride 8:
+   a 5-px stamp falls inside one cell, and the upsampled peak sits at that cell's centre, beside
+   the stamp), and a percentile mask keeps ``(1 - p/100) H W`` pixels whatever the object's
+   area ``a``, so its IoU with the object is at most ``a / ((1 - p/100) H W)`` (0.24 for a 5x5
+   stamp at 32x32 and p = 90); the share of the object covered by the mask is reported beside it.
 6. Outliers of a class along a direction: the robust z of the projection ``Ā·v`` within the
    class, ``(x - median) / (1.4826 MAD)``; images with ``|robust z| >= 3.5`` (Iglewicz & Hoaglin's
    cut) are outliers, listed with label and prediction.
 7. Neuron alignment: ``|cos|`` of each direction with each channel axis is ``|v_c|``; a direction
    is "one neuron" when the largest is close to 1. ``effective_channels = 1 / Σ v_c⁴`` (the
    participation ratio: 1 for one channel, C for a uniform mix) says how many it mixes.
+
+Which layer
+    The method assumes non-negative (post-ReLU) activations, as in the authors' code: the
+    uncentred SVD's first direction is then the mean activation, the sign rule points towards
+    what images have, and ``ReLU(g) ⊙ A`` keeps positive evidence. A hook on a Conv2d whose ReLU
+    is a separate module (vgg_small, torchvision's VGG) sees the PRE-activation map; pass the ReLU
+    modules (``layers=["features.relu3_2"]``) to analyse the method's layer. (On the confounder
+    check neither kind of layer was reliably better: RESULTS.md.)
+
+Many checkpoints
+    ``top=r`` keeps only the r leading directions of each Gram matrix (a partial eigensolver,
+    ``syevr``): 13 VGG16-wide layers x 100 checkpoints in 18.7 CPU-s for r = 32 in float64
+    (37.1 for the full solve), 11.7 CPU-s with ``precision="float32"`` (+ a float64
+    Rayleigh-Ritz step: principal angles <= 5e-6 rad to the float64 solve).
 
 Across epochs
     Each checkpoint's directions are matched to the previous checkpoint's by the Hungarian
@@ -142,18 +162,33 @@ class GramAccumulator:
     entries over its convs, 224 MB of float64 read and written per update), so small batches
     would otherwise cost more than the forward pass; buffered, the update is one GEMM per
     ``flush_rows`` images. ``gram`` / ``sums`` flush on access.
+
+    The per-batch work is only the spatial mean and a copy of the (B, C) rows: no device sync
+    (the finiteness check runs once per flush), and the C x C matrix of a layer is allocated at
+    its first flush (``add_layer`` adds a layer without touching the others), so a pass over few
+    images pays no fixed cost beyond the one GEMM per layer that it needs.
     """
 
     def __init__(self, channels: Mapping[str, int], device: str | torch.device = "cpu",
                  flush_rows: int = 512) -> None:
-        self.channels = {str(n): int(c) for n, c in channels.items()}
+        self.channels: dict[str, int] = {}
         self.device = torch.device(device)
         self.flush_rows = max(1, int(flush_rows))
-        self._gram = {n: torch.zeros(c, c, dtype=torch.float64, device=self.device) for n, c in self.channels.items()}
-        self._sums = {n: torch.zeros(c, dtype=torch.float64, device=self.device) for n, c in self.channels.items()}
-        self._buf: dict[str, list[torch.Tensor]] = {n: [] for n in self.channels}
-        self._rows = {n: 0 for n in self.channels}
-        self.count = {n: 0 for n in self.channels}
+        self._gram: dict[str, torch.Tensor] = {}
+        self._sums: dict[str, torch.Tensor] = {}
+        self._buf: dict[str, list[torch.Tensor]] = {}
+        self._rows: dict[str, int] = {}
+        self.count: dict[str, int] = {}
+        for n, c in channels.items():
+            self.add_layer(n, c)
+
+    def add_layer(self, layer: str, channels: int) -> None:
+        """Accumulate one more layer (nothing is allocated until its first flush)."""
+        layer = str(layer)
+        if layer in self.channels:
+            raise LayerError(f"layer {layer!r} is already accumulated")
+        self.channels[layer] = int(channels)
+        self._buf[layer], self._rows[layer], self.count[layer] = [], 0, 0
 
     def update(self, layer: str, out: torch.Tensor) -> None:
         if layer not in self.channels:
@@ -161,22 +196,29 @@ class GramAccumulator:
         a = pooled(out.detach(), layer)
         if a.shape[1] != self.channels[layer]:
             raise LayerError(f"layer {layer!r} has {a.shape[1]} channels, expected {self.channels[layer]}")
-        a = a.to(self.device, torch.float64)
-        if not torch.isfinite(a).all():
-            raise ActivationError(f"layer {layer!r}: non-finite activations in the Gram accumulation")
-        self._buf[layer].append(a)
+        self._buf[layer].append(a.to(self.device, torch.float64, non_blocking=True))
         self._rows[layer] += int(a.shape[0])
         self.count[layer] += int(a.shape[0])
         if self._rows[layer] >= self.flush_rows:
             self._flush(layer)
 
+    def _alloc(self, layer: str) -> None:
+        if layer not in self._gram:
+            c = self.channels[layer]
+            with torch.inference_mode(False):  # normal tensors: usable (merge, +=) after an inference pass too
+                self._gram[layer] = torch.zeros(c, c, dtype=torch.float64, device=self.device)
+                self._sums[layer] = torch.zeros(c, dtype=torch.float64, device=self.device)
+
     def _flush(self, layer: str) -> None:
+        self._alloc(layer)
         if not self._buf[layer]:
             return
         a = torch.cat(self._buf[layer]) if len(self._buf[layer]) > 1 else self._buf[layer][0]
+        self._buf[layer], self._rows[layer] = [], 0
+        if not bool(torch.isfinite(a).all()):
+            raise ActivationError(f"layer {layer!r}: non-finite activations in the Gram accumulation")
         self._gram[layer].addmm_(a.T, a)
         self._sums[layer] += a.sum(0)
-        self._buf[layer], self._rows[layer] = [], 0
 
     def flush(self) -> None:
         for n in self.channels:
@@ -223,15 +265,10 @@ def gram_observer(channels: Mapping[str, int] | None = None, device: str | torch
 
     def observer(name: str, layer: str, out: torch.Tensor) -> None:
         acc = accs.get(name)
-        if acc is None or layer not in acc.channels:
-            widths.setdefault(layer, int(out.shape[1]))
-            with torch.inference_mode(False):  # normal tensors: usable (merge, +=) after the pass too
-                fresh = GramAccumulator(widths, device if device is not None else out.device)
-            if acc is not None:  # a layer first seen now (channels=None): keep what is summed
-                g, sm = acc.gram, acc.sums
-                for n in acc.channels:
-                    fresh._gram[n], fresh._sums[n], fresh.count[n] = g[n], sm[n], acc.count[n]
-            accs[name] = acc = fresh
+        if acc is None:
+            accs[name] = acc = GramAccumulator({}, device if device is not None else out.device)
+        if layer not in acc.channels:  # a layer first seen now (channels=None learns widths on the way)
+            acc.add_layer(layer, widths.setdefault(layer, int(out.shape[1])))
         acc.update(layer, out)
 
     return observer, accs
@@ -304,69 +341,87 @@ def _fix_signs(vh: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     return vh * sign.unsqueeze(-1)
 
 
-def _eigh(m: torch.Tensor, precision: str = "float64") -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched symmetric eigendecomposition (ascending), float64 results.
+def _eigh(m: torch.Tensor, precision: str = "float64", top: int | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched symmetric eigendecomposition (ascending), float64 results; ``top``: only the largest ``top``.
 
-    CUDA: ``torch.linalg.eigh`` on the whole batch. CPU: LAPACK ``syevd`` (SciPy) per matrix on a
-    pool of ``torch.get_num_threads()`` threads, each with single-threaded BLAS (the matrices are
-    independent; on 2 cores this is ~1.5x faster than torch's CPU eigh, which runs the batch one
-    matrix at a time). ``precision="float32"`` decomposes in float32 (about 2x faster, eigenvector
-    error ~1e-6 relative to the spectral gap) -- for very many checkpoints.
+    CUDA: ``torch.linalg.eigh`` on the whole batch (then the last ``top`` columns). CPU: LAPACK per
+    matrix (SciPy) on a pool of ``torch.get_num_threads()`` threads, each with single-threaded BLAS
+    (the matrices are independent; on 2 cores this is ~1.5x faster than torch's CPU eigh, which
+    runs the batch one matrix at a time): ``syevd`` for the full spectrum, ``syevr`` with
+    ``subset_by_index`` for the top ``top`` (the tridiagonal reduction stays O(C³), but the
+    eigenvectors -- the back-transformation, the rest of the cost -- are computed for ``top``
+    only: ~2.3x faster for 32 of 512). ``precision="float32"`` decomposes in float32 and then
+    refines in float64 by one Rayleigh-Ritz step on the float64 matrix (orthonormalise the
+    float32 eigenvectors, eigendecompose the ``top x top`` projected matrix): the eigenvalues
+    are then float64-accurate and the eigenvectors lie within ~1e-7 / (relative gap) of the
+    float64 ones (principal angles measured in benchmarks/bench_directions.py).
     """
     if precision not in ("float64", "float32"):
         raise ConceptEvoError(f"precision must be 'float64' or 'float32', got {precision!r}")
+    C = int(m.shape[-1])
+    r = C if top is None else max(1, min(int(top), C))
     dt = torch.float32 if precision == "float32" else torch.float64
     if m.device.type != "cpu":
         w, u = torch.linalg.eigh(m.to(dt))
-        return w.double(), u.double()
-    import contextlib
-    from concurrent.futures import ThreadPoolExecutor
+        w, u = w[..., C - r:].double(), u[..., C - r:].double()
+    else:
+        import contextlib
+        from concurrent.futures import ThreadPoolExecutor
 
-    from scipy.linalg import eigh as sp_eigh
+        from scipy.linalg import eigh as sp_eigh
 
-    arr = m.to(dt).numpy()
+        arr = m.to(dt).numpy()
+        kw = dict(driver="evd") if r == C else dict(driver="evr", subset_by_index=[C - r, C - 1])
 
-    def one(i: int):
-        return sp_eigh(arr[i], driver="evd", check_finite=False)
+        def one(i: int):
+            return sp_eigh(arr[i], check_finite=False, **kw)
 
-    workers = max(1, min(torch.get_num_threads(), len(arr)))
-    limit = contextlib.nullcontext()
-    if True:  # one BLAS thread per matrix (also for one worker: a threaded syevd is slower at these sizes)
-        with contextlib.suppress(ImportError):
+        workers = max(1, min(torch.get_num_threads(), len(arr)))
+        limit = contextlib.nullcontext()
+        with contextlib.suppress(ImportError):  # one BLAS thread per matrix (a threaded syevd is slower here)
             from threadpoolctl import threadpool_limits
 
             limit = threadpool_limits(1)
-    with limit:
-        if workers > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                res = list(pool.map(one, range(len(arr))))
-        else:
-            res = [one(i) for i in range(len(arr))]
-    w = torch.from_numpy(np.stack([r[0] for r in res]).astype(np.float64))
-    u = torch.from_numpy(np.stack([r[1] for r in res]).astype(np.float64))
+        with limit:
+            if workers > 1:
+                with ThreadPoolExecutor(workers) as pool:
+                    res = list(pool.map(one, range(len(arr))))
+            else:
+                res = [one(i) for i in range(len(arr))]
+        w = torch.from_numpy(np.stack([x[0] for x in res]).astype(np.float64)).reshape(*m.shape[:-2], r)
+        u = torch.from_numpy(np.stack([x[1] for x in res]).astype(np.float64)).reshape(*m.shape[:-2], C, r)
+    if dt == torch.float32:  # Rayleigh-Ritz refinement in float64 on the float64 matrix
+        m64 = m.to(u.device, torch.float64)
+        q, _ = torch.linalg.qr(u)
+        h = q.transpose(-1, -2) @ m64 @ q
+        w, y = torch.linalg.eigh(0.5 * (h + h.transpose(-1, -2)))
+        u = q @ y
     return w, u
 
 
 def _decompose(grams: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, center: bool,
-               precision: str = "float64"):
-    """Batched: grams (B, C, C), sums (B, C), counts (B,) -> vh (B, C, C) rows desc, s (B, C)."""
+               precision: str = "float64", top: int | None = None):
+    """Batched: grams (B, C, C), sums (B, C), counts (B,) -> vh (B, D, C) rows desc, s (B, D); D = top or C."""
     counts = counts.to(grams.dtype).clamp_min(1)
     m = grams
     if center:
         m = grams - sums.unsqueeze(-1) * sums.unsqueeze(-2) / counts.view(-1, 1, 1)
     m = 0.5 * (m + m.transpose(-1, -2))
-    w, u = _eigh(m, precision)  # ascending
+    w, u = _eigh(m, precision, top)  # ascending
     w, u = w.flip(-1), u.flip(-1)
     vh = u.transpose(-1, -2)
     s = w.clamp_min(0).sqrt()
-    vh = _fix_signs(vh, sums / counts.view(-1, 1))
+    vh = _fix_signs(vh, (sums / counts.view(-1, 1)).to(vh.device))
     return vh, s
 
 
-def directions_from_gram(gram, sums=None, count=None, center: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Directions ``vh`` (C, C) float64 (rows, by descending singular value) and singular values (C,).
+def directions_from_gram(gram, sums=None, count=None, center: bool = False, top: int | None = None,
+                         precision: str = "float64") -> tuple[np.ndarray, np.ndarray]:
+    """Directions ``vh`` (D, C) float64 (rows, by descending singular value) and singular values (D,).
 
     ``gram`` = ĀᵀĀ, ``sums`` = Σ Ā (needed for the sign and for ``center=True``), ``count`` = N.
+    ``top``: only the ``top`` leading directions (a partial eigensolver, see :func:`_eigh`); D = C by default.
     """
     g = torch.as_tensor(np.asarray(gram, np.float64))
     if g.dim() != 2 or g.shape[0] != g.shape[1]:
@@ -375,16 +430,18 @@ def directions_from_gram(gram, sums=None, count=None, center: bool = False) -> t
     if center and (sums is None or count is None):
         raise ConceptEvoError("center=True needs the column sums and the image count")
     n = torch.tensor([1.0 if count is None else float(count)], dtype=torch.float64)
-    vh, sv = _decompose(g[None], s[None], n, center)
+    vh, sv = _decompose(g[None], s[None], n, center, precision, top)
     return vh[0].numpy(), sv[0].numpy()
 
 
 def batched_directions(items: Sequence[tuple[Any, Any, Any]], center: bool = False,
-                       device: str | torch.device = "cpu", precision: str = "float64"
+                       device: str | torch.device = "cpu", precision: str = "float64", top: int | None = None
                        ) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`directions_from_gram` of many ``(gram, sums, count)``: one batched ``eigh`` per width.
 
-    On a GPU (``device="cuda"``) the batches run there; results are NumPy float64.
+    On a GPU (``device="cuda"``) the batches run there; results are NumPy float64. ``top``: only
+    the leading ``top`` directions of each matrix (``min(top, C)``); ``precision="float32"``:
+    float32 eigensolver + float64 Rayleigh-Ritz refinement (see :func:`_eigh`).
     """
     dev = torch.device(device)
     out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(items)
@@ -395,7 +452,7 @@ def batched_directions(items: Sequence[tuple[Any, Any, Any]], center: bool = Fal
         g = torch.stack([torch.as_tensor(np.asarray(items[i][0], np.float64)) for i in idx]).to(dev)
         s = torch.stack([torch.as_tensor(np.asarray(items[i][1], np.float64)) for i in idx]).to(dev)
         n = torch.tensor([float(items[i][2]) for i in idx], dtype=torch.float64, device=dev)
-        vh, sv = _decompose(g, s, n, center, precision)
+        vh, sv = _decompose(g, s, n, center, precision, top)
         vh, sv = vh.cpu().numpy(), sv.cpu().numpy()
         for j, i in enumerate(idx):
             out[i] = (vh[j], sv[j])
@@ -641,17 +698,20 @@ class ConceptDirections:
     >>> cd.outliers(rel, "features.8", direction=3, cls=5)
 
     Attributes after fit: ``vh[layer]`` (D, C) float64 rows = directions (descending singular
-    value), ``singular_values[layer]`` (D,), ``mean[layer]`` (C,), ``count``.
+    value), ``singular_values[layer]`` (D,), ``mean[layer]`` (C,), ``count``. ``top``: keep only
+    the D = ``top`` leading directions per layer (a partial eigensolver; default all, D = C).
     """
 
     def __init__(self, layers: LayerSpec = None, center: bool = False, gradient: str = "logit",
-                 by: str = "predicted", batch_size: int = 64, device: str | torch.device = "cpu") -> None:
+                 by: str = "predicted", batch_size: int = 64, device: str | torch.device = "cpu",
+                 top: int | None = None) -> None:
         if gradient not in GRADIENTS:
             raise ConceptEvoError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
         if by not in GROUPINGS:
             raise ConceptEvoError(f"by must be one of {GROUPINGS}, got {by!r}")
         self.layers, self.center, self.gradient, self.by = layers, bool(center), gradient, by
         self.batch_size, self.device = int(batch_size), torch.device(device)
+        self.top = None if top is None else int(top)
         self.vh: dict[str, np.ndarray] = {}
         self.singular_values: dict[str, np.ndarray] = {}
         self.mean: dict[str, np.ndarray] = {}
@@ -669,7 +729,7 @@ class ConceptDirections:
         arrays = acc.arrays() if isinstance(acc, GramAccumulator) else acc
         names = list(arrays)
         res = batched_directions([(arrays[n]["gram"], arrays[n]["sums"], int(arrays[n]["count"])) for n in names],
-                                 center=self.center, device=self.device)
+                                 center=self.center, device=self.device, top=self.top)
         for n, (vh, s) in zip(names, res):
             cnt = int(arrays[n]["count"])
             if cnt == 0:
@@ -986,7 +1046,7 @@ def direction_importance(model_t: nn.Module, model_t2: nn.Module, data: Any, dir
 # ================================================================ pipeline stage
 #: Parameters of the directions stage (``directions_*`` fields of the pipeline config map onto these).
 STAGE_DEFAULTS: dict[str, Any] = {"k": 10, "images_per_class": 32, "center": False, "gradient": "logit",
-                                  "by": "predicted", "outliers_top": 10, "classes_top": 5}
+                                  "by": "predicted", "outliers_top": 10, "classes_top": 5, "top": None}
 
 
 def _load_models(spec: Any, epochs: Sequence[int], device: torch.device) -> list[nn.Module]:
@@ -1066,7 +1126,11 @@ def run_stage(store: Any, runs: Mapping[str, Any], data: Any, *, run_names: Sequ
         lnames = list(accs[epochs[0]].gram)
         items = [(accs[e].gram[n], accs[e].sums[n], accs[e].count[n]) for e in epochs for n in lnames]
         dec = batched_directions([(g.cpu().numpy(), s.cpu().numpy(), c) for g, s, c in items],
-                                 center=bool(p["center"]), device=dev)
+                                 center=bool(p["center"]), device=dev, top=p["top"])
+        # total energy (trace of the decomposed matrix): the denominator of "explained" when only
+        # the top directions are computed
+        total = [float(torch.trace(g).item() - (float((s * s).sum()) / max(c, 1) if p["center"] else 0.0))
+                 for g, s, c in items]
         per_epoch = {e: {n: dec[i * len(lnames) + j] for j, n in enumerate(lnames)} for i, e in enumerate(epochs)}
         vh_of = {e: {n: per_epoch[e][n][0] for n in lnames} for e in epochs}
         if run == names[0]:
@@ -1093,7 +1157,8 @@ def run_stage(store: Any, runs: Mapping[str, Any], data: Any, *, run_names: Sequ
                        if i > 0 else np.nan)
                 energy = s ** 2
                 df = pd.DataFrame({"run": run, "epoch": e, "layer": n, "direction": np.arange(vh.shape[0]),
-                                   "singular_value": s, "explained": energy / max(energy.sum(), 1e-300),
+                                   "singular_value": s,
+                                   "explained": energy / max(total[i * len(lnames) + lnames.index(n)], 1e-300),
                                    "prev_direction": tr["prev_direction"].to_numpy(),
                                    "cos_prev": tr["cos_prev"].to_numpy(), "angle": tr["angle"].to_numpy(),
                                    "status": tr["status"].to_numpy(), "subspace_angle": sub,
@@ -1179,11 +1244,44 @@ def _overlay(raw: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out.clip(0, 255).astype(np.uint8)
 
 
+def _virtual_neuron_map(layout: np.ndarray, vecs: pd.DataFrame, labelled: set[int]) -> str:
+    """PNG data URI: real neurons as grey dots, directions as stars (labelled ones named); "" if none placed."""
+    ok = np.isfinite(vecs["x"].to_numpy(float)) & np.isfinite(vecs["y"].to_numpy(float)) if len(vecs) else []
+    if not len(vecs) or not np.any(ok):
+        return ""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    v = vecs[ok]
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=80)
+    real = layout[np.isfinite(layout).all(1)]
+    ax.scatter(real[:, 0], real[:, 1], s=3, c="#c8c8c8", linewidths=0, label="neurons")
+    ax.scatter(v["x"], v["y"], s=60, marker="*", c="#d62728", edgecolors="k", linewidths=0.4,
+               label="directions (virtual neurons)")
+    for r in v.itertuples():
+        if int(r.direction) in labelled:
+            ax.annotate(f"d{int(r.direction)}", (r.x, r.y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.legend(loc="best", fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def directions_report_section(tables: Mapping[str, pd.DataFrame], data: Any, *, run: str | None = None,
                               layer: str | None = None, top: int = 3, images: int = 4,
                               classes: Sequence[int] | None = None, epochs: Sequence[int] | None = None,
                               map_model: nn.Module | None = None, map_epoch: int | None = None,
-                              map_vh: np.ndarray | None = None, percentile: float = MAP_PERCENTILE) -> str:
+                              map_vh: np.ndarray | None = None, percentile: float = MAP_PERCENTILE,
+                              neuron_layout: np.ndarray | None = None) -> str:
     """HTML fragment: per class, its top concept directions at each epoch (top images; concept maps
     when ``map_model`` -- the model of ``map_epoch`` (default the last) -- and ``map_vh``, its
     directions of ``layer``, are given), the outliers along them, and each
@@ -1191,6 +1289,9 @@ def directions_report_section(tables: Mapping[str, pd.DataFrame], data: Any, *, 
 
     ``tables``: the output of :func:`run_stage` (or the parquet files loaded back). ``data``: the
     images (``raw(i)`` gives uint8 HxWx3). Defaults: the first run, its last layer, every class.
+    ``neuron_layout``: the real neurons' 2-D map positions (N, 2); with the ``direction_vectors``
+    table (the stage run with ``space=``) the section opens with that map, the layer's directions
+    at the last epoch drawn on it as virtual neurons (stars) beside the real ones (grey dots).
     """
     import html
 
@@ -1251,6 +1352,16 @@ def directions_report_section(tables: Mapping[str, pd.DataFrame], data: Any, *, 
              "Each cell: direction, z, and its top images"
              + (f" (concept map: top {100 - percentile:.0f}% of the direction's map kept)" if cd else "")
              + ". Life: the direction's matched predecessors back to the first epoch.</p>"]
+    vecs = tables.get("direction_vectors")
+    if neuron_layout is not None and vecs is not None and len(vecs):
+        v = vecs[(vecs["run"] == run) & (vecs["layer"] == layer) & (vecs["epoch"] == last)]
+        tops = cls_t[(cls_t["epoch"] == last) & (cls_t["rank"] == 1)]["direction"].astype(int).unique()
+        png = _virtual_neuron_map(np.asarray(neuron_layout, np.float64), v, set(tops.tolist()))
+        if png:
+            parts.append(f'<p>The map with the directions of {html.escape(layer)} at epoch {last} as virtual '
+                         'neurons (stars; labelled: some class\'s top direction), placed at the mean position of '
+                         'the real neurons (grey) nearest to them in the unified space.</p>'
+                         f'<img src="{png}" alt="directions on the map">')
     for c in classes:
         cname = f"{c}: {names[c]}" if c < len(names) else str(c)
         parts.append(f"<h3>{html.escape(cname)}</h3><table class='directions'><tr><th>epoch</th>"
@@ -1296,6 +1407,12 @@ def stage_report_section(tables: Mapping[str, pd.DataFrame], data: Any, runs: Ma
     if store is not None and store.exists(f"directions/{run}/epoch_{last:03d}/{_layer_file(layer)}.vh.npy"):
         vh = store.load_array(f"directions/{run}/epoch_{last:03d}/{_layer_file(layer)}.vh")
         (model,) = _load_models(runs[run], [last], torch.device(device))
+    if "neuron_layout" not in kw and store is not None:  # the unified space's map, saved by the pipeline
+        from pathlib import Path
+
+        f = Path(store.path("space")) / "layout.npy"
+        if f.exists():
+            kw["neuron_layout"] = np.load(f, allow_pickle=False)
     return directions_report_section(tables, data, run=run, layer=layer, map_model=model, map_epoch=last,
                                      map_vh=vh, **kw)
 
