@@ -78,6 +78,7 @@ and optionally ``vector`` (one array per row), as the unified space exports, whe
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -124,6 +125,18 @@ def entropy_1d(values, method: str = "ebrahimi", window_length: int | None = Non
     return float(h)
 
 
+def _entropy_rows(samples: np.ndarray, method: str) -> np.ndarray:
+    """:func:`entropy_1d` of each row of ``samples`` (rows of equal length) in one SciPy call."""
+    v = np.asarray(samples, dtype=np.float64)
+    if not np.all(np.isfinite(v)):
+        raise EmbeddingError("entropy of a sample with NaN or infinite values")
+    m = math.floor(math.sqrt(v.shape[1]) + 0.5)
+    if v.shape[1] < 5 or not 1 <= m < v.shape[1] / 2:
+        return np.full(len(v), np.nan)
+    with np.errstate(divide="ignore"):
+        return np.asarray(stats.differential_entropy(v, method=method, axis=1), dtype=np.float64)
+
+
 def knn_entropy(points, k: int = 3, floor: float = 0.0) -> float:
     """Kozachenko-Leonenko k-NN differential entropy of a d-dim sample, **per dimension** (nats).
 
@@ -136,7 +149,6 @@ def knn_entropy(points, k: int = 3, floor: float = 0.0) -> float:
     of a space so that they stay comparable); with ``floor=0`` coinciding points give
     ``-inf``. Fewer than ``k + 2`` points give NaN.
     """
-    from scipy.spatial import cKDTree
     from scipy.special import digamma, gammaln
 
     x = np.asarray(points, dtype=np.float64)
@@ -147,13 +159,22 @@ def knn_entropy(points, k: int = 3, floor: float = 0.0) -> float:
     n, d = x.shape
     if n < k + 2 or d == 0:
         return float("nan")
-    dist, _ = cKDTree(x).query(x, k=k + 1)  # column 0 is the point itself
-    eps = np.maximum(dist[:, k], floor)
+    eps = np.maximum(_knn_eps(x, k), floor)
     with np.errstate(divide="ignore"):
         log_eps = np.log(eps)
     log_vd = (d / 2) * math.log(math.pi) - gammaln(d / 2 + 1)
     h = digamma(n) - digamma(k) + log_vd + d * float(np.mean(log_eps))
     return float(h / d)
+
+
+def _knn_eps(x: np.ndarray, k: int) -> np.ndarray:
+    """Each point's distance to its k-th nearest other point (k-d tree; empty when too few)."""
+    from scipy.spatial import cKDTree
+
+    if len(x) < k + 1:
+        return np.zeros(0)
+    dist, _ = cKDTree(x).query(x, k=k + 1)  # column 0 is the point itself
+    return dist[:, k]
 
 
 def _knn_entropy_with_error(x: np.ndarray, k: int, floor: float, rng: np.random.Generator,
@@ -176,15 +197,42 @@ def _knn_entropy_with_error(x: np.ndarray, k: int, floor: float, rng: np.random.
 def entropy_floor(emb: pd.DataFrame, fraction: float = 1e-3) -> float:
     """One distance floor for :func:`knn_entropy` over a whole space: ``fraction`` of the
     median nearest-neighbour distance of the alive rows (deterministic: every row)."""
-    from scipy.spatial import cKDTree
-
     pts = _points(emb, "vector")
     pts = pts[~np.isnan(pts).any(axis=1)]
     if len(pts) < 2:
         return 0.0
-    dist, _ = cKDTree(pts).query(pts, k=2)
-    positive = dist[:, 1][dist[:, 1] > 0]
+    positive = _nn_distances(pts)
+    positive = positive[positive > 0]
     return float(fraction * np.median(positive)) if positive.size else 0.0
+
+
+def _nn_distances(pts: np.ndarray) -> np.ndarray:
+    """Each row's distance to its nearest other row (float64).
+
+    Rows that repeat another row exactly get 0. The others' nearest neighbour is found by an
+    exact FAISS flat search in float32 (a k-d tree is slow in 30 dimensions) and its distance
+    recomputed in float64, so only a near-tie (within float32 rounding) can pick another
+    neighbour at the same distance to ~1e-7; without FAISS, a k-d tree."""
+    n = len(pts)
+    _, inverse, counts = np.unique(pts, axis=0, return_inverse=True, return_counts=True)
+    repeated = counts[inverse.ravel()] > 1
+    try:
+        import faiss
+    except ImportError:  # pragma: no cover - faiss is a dependency
+        from scipy.spatial import cKDTree
+
+        return cKDTree(pts).query(pts, k=2)[0][:, 1]
+    x = np.ascontiguousarray(pts, dtype=np.float32)
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    _, nb = index.search(x, min(3, n))
+    rows = np.arange(n)
+    j = np.where(nb[:, 0] == rows, nb[:, 1], nb[:, 0])
+    if nb.shape[1] > 2:
+        j = np.where(j == rows, nb[:, 2], j)
+    dist = np.linalg.norm(pts - pts[j], axis=1)
+    dist[repeated] = 0.0
+    return dist
 
 
 def _check_columns(emb: pd.DataFrame, cols: Sequence[str]) -> None:
@@ -196,7 +244,7 @@ def _check_columns(emb: pd.DataFrame, cols: Sequence[str]) -> None:
 def concept_diversity(
     emb: pd.DataFrame, coords: Sequence[str] = ("x", "y"), method: str = "ebrahimi", *,
     knn: bool | None = None, knn_k: int = 3, floor: float | None = None, seed: int = 0,
-    errors: bool = True,
+    errors: bool = True, cache: dict | None = None,
 ) -> pd.DataFrame:
     """Diversity per (model, epoch), by two measures.
 
@@ -210,6 +258,12 @@ def concept_diversity(
     neurons without a valid stimulus) are left out and counted in ``n_dead``; infinite values
     are an error. Returns columns ``model, epoch, diversity, entropy_<coord>..., n_neurons,
     n_dead`` (+ ``diversity_se, diversity_knn, diversity_knn_se``).
+
+    ``cache``: a dict kept by the caller between calls (the live monitor, which diagnoses its
+    growing run at every observation). A (model, epoch)'s k-NN values are reused when its
+    vectors, ``knn_k``, ``seed`` and ``errors`` are unchanged and the floor clamps no distance
+    in either call (every k-th-neighbour distance of the full sample is >= both floors; a
+    half-sample's are larger still), so a reused value equals a recomputed one exactly.
     """
     _check_columns(emb, ["model", "epoch", *coords])
     if knn is None:
@@ -233,20 +287,33 @@ def concept_diversity(
             a = pts[alive]
             n = len(a)
             if n >= 10:
-                halves = [np.mean([entropy_1d(a[rng.choice(n, n // 2, replace=False), j], method=method)
-                                   for j in range(len(coords))]) for _ in range(16)]
-                halves = np.asarray([h for h in halves if np.isfinite(h)])
+                picks = np.stack([rng.choice(n, n // 2, replace=False) for _ in range(16)])
+                # every half-sample of a coordinate in one vectorised call (same values as one by one)
+                halves = np.mean([_entropy_rows(a[picks, j], method) for j in range(len(coords))], axis=0)
+                halves = halves[np.isfinite(halves)]
                 row["diversity_se"] = float(np.std(halves, ddof=1) / math.sqrt(2)) if halves.size > 2 else np.nan
             else:
                 row["diversity_se"] = np.nan
         if knn:
             vec = _points(g, "vector")
             vec = vec[~np.isnan(vec).any(axis=1)]
-            if errors:
-                h, se = _knn_entropy_with_error(vec, knn_k, floor, rng)
-                row["diversity_knn"], row["diversity_knn_se"] = h, se
+            key = (str(model), int(epoch))
+            fp = (hashlib.blake2b(vec.tobytes(), digest_size=16).hexdigest(), vec.shape, int(knn_k), int(seed),
+                  bool(errors))
+            hit = None if cache is None else cache.get(key)
+            if hit is not None and hit["fp"] == fp and hit["min_eps"] >= max(floor, hit["floor"]):
+                row.update(hit["values"])
             else:
-                row["diversity_knn"] = knn_entropy(vec, knn_k, floor)
+                if errors:
+                    h, se = _knn_entropy_with_error(vec, knn_k, floor, rng)
+                    values = {"diversity_knn": h, "diversity_knn_se": se}
+                else:
+                    values = {"diversity_knn": knn_entropy(vec, knn_k, floor)}
+                row.update(values)
+                if cache is not None:
+                    eps = _knn_eps(vec, knn_k)
+                    cache[key] = {"fp": fp, "floor": float(floor), "values": values,
+                                  "min_eps": float(eps.min()) if eps.size else -math.inf}
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -403,7 +470,7 @@ def milestone_speed(
 
 def epoch_table(
     emb: pd.DataFrame, logs: Mapping | None = None, method: str = "ebrahimi", min_gain: float = 0.01,
-    seed: int = 0,
+    seed: int = 0, cache: dict | None = None,
 ) -> pd.DataFrame:
     """Per-run, per-saved-epoch table.
 
@@ -411,9 +478,9 @@ def epoch_table(
     (d-dim, from the previous saved epoch; only with a ``vector`` column),
     ``movement_2d``, and with logs ``train_top1, test_top1`` (when logged),
     ``train_gain`` (since the previous saved epoch) and ``movement_per_gain`` (NaN where
-    the gain is below ``min_gain``).
+    the gain is below ``min_gain``). ``cache``: see :func:`concept_diversity`.
     """
-    table = concept_diversity(emb, method=method, seed=seed)
+    table = concept_diversity(emb, method=method, seed=seed, cache=cache)
     spaces = [("movement", "vector")] if "vector" in emb.columns else []
     spaces.append(("movement_2d", "xy"))
     for col, space in spaces:
@@ -463,6 +530,7 @@ def diagnose(
     seed: int = 0,
     bootstrap: int = 200,
     diverged: Mapping[str, Mapping[int, str]] | None = None,
+    cache: dict | None = None,
 ) -> Diagnosis:
     """Per-run verdicts against the ``reference`` run (the well-trained one).
 
@@ -489,6 +557,8 @@ def diagnose(
         diverged: run -> {epoch: what diverged}, checkpoints that could not be placed in the
             space (NaN/inf weights or activations); reported as findings, and a run with
             one gets ``diverged = True``.
+        cache: a dict the caller keeps between calls on a growing run (the live monitor):
+            unchanged checkpoints' k-NN diversity is reused exactly (:func:`concept_diversity`).
 
     Returns:
         :class:`Diagnosis` with ``verdicts[run]`` holding ``diversity_collapses`` and
@@ -510,7 +580,7 @@ def diagnose(
         measure = "knn" if "vector" in emb.columns else "map"
     col = "diversity_knn" if measure == "knn" else "diversity"
     logs = _logs(logs)
-    table = epoch_table(emb, logs, method=method, min_gain=min_gain, seed=seed)
+    table = epoch_table(emb, logs, method=method, min_gain=min_gain, seed=seed, cache=cache)
     speed = milestone_speed(emb, logs, milestones, tolerance, min_gain, space)
     sets = _point_sets(emb, space)
     rng = np.random.default_rng([int(seed), 0x5EED])

@@ -454,6 +454,7 @@ class Monitor:
         self.space = None
         self.diagnosis: diagnostics.Diagnosis | None = None
         self._stimuli: dict[int, Any] = {}
+        self._diag_cache: dict = {}  # k-NN diversity of unchanged checkpoints (exact reuse, see diagnostics)
         self._writer = None
         if tensorboard is True and not tensorboard_available():
             raise ConceptEvoError("tensorboard=True but tensorboard is not installed (pip install tensorboard)")
@@ -644,7 +645,7 @@ class Monitor:
                 self.diagnosis = diagnostics.diagnose(
                     emb, {self.name: self._log_frame()}, reference=self.name,
                     collapse_fraction=p.collapse_fraction, accuracy_drop=p.accuracy_drop, slow_ratio=p.slow_ratio,
-                    min_gain=p.min_gain, peak_from_epoch=self.peak_from)
+                    min_gain=p.min_gain, peak_from_epoch=self.peak_from, cache=self._diag_cache)
             except (EmbeddingError, DataError, ValueError) as exc:
                 log.warning("monitor: diagnostics skipped at %s %d: %s", self.unit, index, exc)
         alerts += decide_alerts(self.diagnosis, self.name, index, self.alert_params, self.peak_from)

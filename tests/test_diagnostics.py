@@ -329,3 +329,44 @@ def test_diverged_checkpoints_are_findings_in_verdicts_and_table(runs):
     row = dx.table[(dx.table["model"] == "high_lr") & (dx.table["epoch"] == 7)]
     assert len(row) == 1 and bool(row["diverged"].iloc[0]) and np.isnan(row["diversity"].iloc[0])
     assert not dx.table.loc[dx.table["model"] == "well", "diverged"].any()
+
+
+def test_nearest_neighbour_distances_against_kdtree():
+    """The floor's nearest-neighbour distances (FAISS + float64 recompute, exact repeats) equal a k-d tree's."""
+    from scipy.spatial import cKDTree
+
+    from conceptevo.diagnostics import _nn_distances
+
+    rng = np.random.default_rng(5)
+    for n, d in ((2, 3), (7, 1), (300, 30), (1000, 8)):
+        x = rng.normal(size=(n, d)) * rng.uniform(0.01, 100)
+        if n > 10:
+            x[5] = x[3]            # exact repeats: distance 0
+            x[9] = x[3]
+            x[20] = x[21] + 1e-12  # a near repeat
+        ref = cKDTree(x).query(x, k=2)[0][:, 1]
+        np.testing.assert_allclose(_nn_distances(x), ref, rtol=1e-6, atol=1e-9)
+        assert ((_nn_distances(x) == 0) == (ref == 0)).all()
+
+
+def test_diversity_cache_reuses_exactly():
+    """concept_diversity(cache=...) on a growing run gives the same table as without a cache,
+    recomputes a checkpoint whose vectors changed, and reuses the unchanged ones."""
+    rng = np.random.default_rng(2)
+    rows = []
+    for e in range(5):
+        v = rng.normal(size=(60, 6)) * (1 + e)
+        if e == 2:
+            v[:4] = v[4]  # coinciding neurons: the floor clamps, never reused
+        rows += [{"model": "r", "epoch": e, "layer": "l", "channel": c, "x": float(p[0]), "y": float(p[1]),
+                  "vector": p} for c, p in enumerate(v)]
+    emb = pd.DataFrame(rows)
+    cache = {}
+    for upto in range(2, 6):  # the run grows one checkpoint at a time, as under the monitor
+        part = emb[emb["epoch"] < upto]
+        pd.testing.assert_frame_equal(concept_diversity(part, cache=cache), concept_diversity(part))
+    assert set(cache) == {("r", e) for e in range(5)}
+    assert cache[("r", 2)]["min_eps"] == 0.0
+    changed = emb.copy()
+    changed.loc[changed["epoch"] == 1, "vector"] = changed.loc[changed["epoch"] == 1, "vector"].map(lambda v: v * 2)
+    pd.testing.assert_frame_equal(concept_diversity(changed, cache=cache), concept_diversity(changed))
