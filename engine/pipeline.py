@@ -669,10 +669,13 @@ def _monitor_line(s: dict[str, Any]) -> str:
         + ("never" if s["chance_epoch"] is None else f"from epoch {s['chance_epoch']}"))
     if not s["alerts"]:
         return f"live monitor, {s['run']}: no alert in {s['observations']} observations{chance}"
-    fired = ", ".join(f"{a['kind']} at epoch {a['epoch']}"
-                      + ("" if a.get("train_top1") is None else f" (train top-1 {a['train_top1']:.3f})")
-                      for a in s["alerts"])
-    return f"live monitor, {s['run']}: {fired}{chance}"
+    parts = []
+    for kind, first in s["first"].items():  # one entry per kind: the first epoch, and how often it fired
+        a = next(x for x in s["alerts"] if x["kind"] == kind)
+        n = sum(x["kind"] == kind for x in s["alerts"])
+        acc = "" if a.get("train_top1") is None else f", train top-1 {a['train_top1']:.3f}"
+        parts.append(f"{kind} first at epoch {first}{acc} ({n} observation{'s' if n > 1 else ''})")
+    return f"live monitor, {s['run']}: {'; '.join(parts)}{chance}"
 
 
 def _dataset_id(ds) -> str | None:
