@@ -505,8 +505,8 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
 
     # what in training drove the base run's important evolutions (a run trained with a Tracer)
     trace_res = None
-    base_dir = Path(cfg.runs.get(base_run, ""))
-    if cfg.trace and base_dir.is_dir() and (base_dir / "trace").is_dir():
+    base_dir = Path(cfg.runs[base_run]) if base_run in cfg.runs else None  # runs= given directly: no folder
+    if cfg.trace and base_dir is not None and base_dir.is_dir() and (base_dir / "trace").is_dir():
         from . import tracing
 
         with _Timer(seconds, "tracing"):
