@@ -895,7 +895,8 @@ def alert_summary(run_dir: str | Path) -> dict[str, Any] | None:
     """What the live monitor of a built-in training run (``<run>/monitor``) said, and when.
 
     Reads the run's ``run.json`` and ``log.parquet`` (:func:`conceptevo.train.train_run`) and the
-    monitor's ``metrics.parquet`` and ``alerts.jsonl``. Returns None when the run had no monitor,
+    monitor's ``metrics.parquet`` and its current alerts (``monitor_state.json``; else the
+    append-only ``alerts.jsonl``). Returns None when the run had no monitor,
     else ``run, observations, alerts`` (kind, epoch, margin, message and the training top-1 at that
     epoch), ``first`` (kind -> first epoch), ``peak_epoch`` / ``peak_top1`` (best training top-1),
     ``chance_band`` (:func:`chance_band` over the trainer's accuracy sample) and ``chance_epoch``:
@@ -907,7 +908,10 @@ def alert_summary(run_dir: str | Path) -> dict[str, Any] | None:
         return None
     metrics = pd.read_parquet(mdir / "metrics.parquet")
     alerts = []
-    if (mdir / "alerts.jsonl").exists():
+    state = mdir / _STATE
+    if state.exists():  # the current alerts (a re-observed index drops the later ones; the log keeps them)
+        alerts = json.loads(state.read_text(encoding="utf-8")).get("alerts", [])
+    elif (mdir / "alerts.jsonl").exists():
         alerts = [json.loads(line) for line in (mdir / "alerts.jsonl").read_text(encoding="utf-8").splitlines()
                   if line.strip()]
     out: dict[str, Any] = {"run": run_dir.name, "observations": int(len(metrics)), "alerts": [], "first": {},

@@ -460,3 +460,19 @@ def test_monitor_logs_tracer_class_shares(data, tmp_path):
         assert got[0]["name"] == train.class_names[got[0]["class"]] and got[0]["exact"]
     lines = [json.loads(s) for s in (tmp_path / "mon" / "metrics.jsonl").read_text().splitlines()]
     assert [g["class"] for g in lines[-1]["trace_top_classes"]] == [g["class"] for g in got]
+
+
+def test_alert_summary_reads_the_current_alerts(tmp_path):
+    """A re-observed index drops later alerts from the monitor's state; the append-only log keeps
+    them. The summary follows the state (and the log only when there is no state)."""
+    from conceptevo.monitor import alert_summary
+
+    mdir = tmp_path / "run" / "monitor"
+    mdir.mkdir(parents=True)
+    pd.DataFrame({"epoch": [0, 1, 2], "train_top1": [0.1, 0.2, 0.3]}).to_parquet(mdir / "metrics.parquet")
+    old = {"kind": "lr_too_high", "epoch": 3, "margin": 0.1, "message": "m", "evidence": {}}
+    (mdir / "alerts.jsonl").write_text(json.dumps(old) + "\n")
+    assert [a["epoch"] for a in alert_summary(tmp_path / "run")["alerts"]] == [3]
+    (mdir / "monitor_state.json").write_text(json.dumps({"alerts": []}))
+    s = alert_summary(tmp_path / "run")
+    assert s["alerts"] == [] and s["first"] == {} and s["observations"] == 3 and s["chance_band"] is None
