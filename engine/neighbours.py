@@ -17,7 +17,8 @@ n           index                      why
 > 20,000    ``IndexIVFFlat``           k-means coarse quantiser with ``nlist = 2 sqrt(n)``
             (approximate)              lists (clipped to [64, 8192]; at most n/39) trained on at most
                                        ``64 nlist`` rows; ``nprobe`` starts at 2 and doubles
-                                       until recall@k on the sample reaches the target
+                                       until recall@k on the sample, less two standard
+                                       errors, reaches the target
 =========== ========================== =====================================================
 
 ``method="hnsw"`` (``IndexHNSWFlat``, ``M=32``, ``efConstruction=64``, ``efSearch``
@@ -29,7 +30,10 @@ minutes) and because it answers the *filtered* searches the alignment needs (an
 Recall. ``recall`` is recall@k against the exact search, measured on ``recall_sample``
 (default 1,000) live rows drawn with a fixed seed: for each sampled query, the share of
 its approximate neighbours whose distance is within its exact k-th distance (so ties
-count as hits). The exact method records 1.0. Method, parameters, thresholds, recall and
+count as hits). The search is widened until the sample's recall minus ``RECALL_Z`` = 2
+standard errors over the queries reaches the target, so that the recall of *all* rows does
+(one-sided 97.7%), not only the sample's; that bound is recorded as ``recall_lower_bound``.
+The exact method records 1.0. Method, parameters, thresholds, recall and
 timings are in :meth:`NeighbourGraph.to_dict` (written to the space's ``neighbours.json``
 and the run manifest).
 
@@ -58,6 +62,8 @@ from .errors import EmbeddingError
 __all__ = [
     "EXACT_MAX_ROWS",
     "RECALL_SAMPLE",
+    "recall_lower_bound",
+    "recall_per_query",
     "RECALL_TARGET",
     "NeighbourGraph",
     "brute_force_knn",
@@ -69,6 +75,8 @@ __all__ = [
 EXACT_MAX_ROWS = 20_000
 RECALL_TARGET = 0.95
 RECALL_SAMPLE = 1_000
+#: the search is widened until the sampled recall minus this many standard errors reaches the target
+RECALL_Z = 2.0
 _FORMAT = 1
 
 
@@ -125,14 +133,28 @@ def brute_force_knn(x: np.ndarray, k: int, queries: np.ndarray | None = None) ->
 
 def recall_at_k(approx_dist: np.ndarray, exact_dist: np.ndarray, rtol: float = 1e-4) -> float:
     """Mean share of approximate neighbours within each query's exact k-th distance (ties are hits)."""
+    per = recall_per_query(approx_dist, exact_dist, rtol)
+    return float(per.mean()) if per.size else 1.0
+
+
+def recall_per_query(approx_dist: np.ndarray, exact_dist: np.ndarray, rtol: float = 1e-4) -> np.ndarray:
+    """Each query's share of approximate neighbours within its exact k-th distance (queries with
+    no exact neighbour left out)."""
     a, e = np.asarray(approx_dist, np.float64), np.asarray(exact_dist, np.float64)
-    kth = np.nanmax(np.where(np.isfinite(e), e, -np.inf), axis=1)
+    kth = np.nanmax(np.where(np.isfinite(e), e, -np.inf), axis=1) if e.size else np.zeros(len(e))
     want = np.isfinite(e).sum(axis=1)
     ok = want > 0
-    if not ok.any():
-        return 1.0
     hits = (np.isfinite(a) & (a <= kth[:, None] * (1 + rtol) + 1e-6)).sum(axis=1)
-    return float(np.mean(np.minimum(hits[ok], want[ok]) / want[ok]))
+    return (np.minimum(hits[ok], want[ok]) / want[ok]).astype(np.float64)
+
+
+def recall_lower_bound(per_query: np.ndarray, z: float = RECALL_Z) -> float:
+    """The sampled recall minus ``z`` standard errors (over queries): what the recall of all
+    rows is at least, with one-sided confidence ``Phi(z)`` (97.7% for z = 2)."""
+    per = np.asarray(per_query, np.float64)
+    if per.size < 2:
+        return float(per.mean()) if per.size else 1.0
+    return float(per.mean() - z * per.std(ddof=1) / math.sqrt(per.size))
 
 
 def _drop_self(score: np.ndarray, pos: np.ndarray, q_ids: np.ndarray | None, k: int, l2: bool = True):
@@ -167,6 +189,7 @@ class NeighbourGraph:
     thresholds: dict = field(default_factory=dict)
     recall: float = 1.0
     recall_sample: int = 0
+    recall_lower: float = 1.0  # the sampled recall less RECALL_Z standard errors (the stopping rule)
     seconds: dict = field(default_factory=dict)
     backend: str = "faiss-cpu"
     _x: np.ndarray | None = field(default=None, repr=False)  # live vectors (for filtered searches)
@@ -250,7 +273,8 @@ class NeighbourGraph:
         knob = f"nprobe {self.params.get('nprobe')}/{self.params.get('nlist')} lists" if self.method == "ivf" \
             else f"efSearch {self.params.get('efSearch')}"
         return (f"approximate FAISS {self.method.upper()} ({knob}), k={self.k}, recall@{self.k} "
-                f"{self.recall:.3f} on {self.recall_sample:,} sampled queries (exact up to {limit:,} neurons)")
+                f"{self.recall:.3f} on {self.recall_sample:,} sampled queries (>= {self.recall_lower:.3f} for all "
+                f"rows at 97.7%; exact up to {limit:,} neurons)")
 
     # ---------------------------------------------------------------- records / files
     def to_dict(self) -> dict:
@@ -259,7 +283,7 @@ class NeighbourGraph:
         return {"format": _FORMAT, "k": int(self.k), "method": self.method, "backend": self.backend,
                 "rows": len(self.ids), "rows_with_neighbours": live, "params": dict(self.params),
                 "thresholds": dict(self.thresholds), "recall_at_k": round(float(self.recall), 4),
-                "recall_sample": int(self.recall_sample),
+                "recall_lower_bound": round(float(self.recall_lower), 4), "recall_sample": int(self.recall_sample),
                 "seconds": {k: round(float(v), 3) for k, v in self.seconds.items()}}
 
     def save(self, directory: str | Path) -> Path:
@@ -288,7 +312,8 @@ class NeighbourGraph:
                    distances=np.load(root / "neighbour_distances.npy", allow_pickle=False),
                    k=int(doc["k"]), method=doc["method"], params=doc.get("params") or {},
                    thresholds=doc.get("thresholds") or {}, recall=float(doc.get("recall_at_k", 1.0)),
-                   recall_sample=int(doc.get("recall_sample", 0)), seconds=doc.get("seconds") or {},
+                   recall_sample=int(doc.get("recall_sample", 0)),
+                   recall_lower=float(doc.get("recall_lower_bound", doc.get("recall_at_k", 1.0))), seconds=doc.get("seconds") or {},
                    backend=doc.get("backend", "faiss-cpu"))
 
 
@@ -381,11 +406,16 @@ def build_graph(
                 index.hnsw.efSearch = int(max(p["efSearch"], kk))
             s, pp = index.search(x[sample], kk)
             _, a_dist, _ = _drop_self(s, pp, sample, k)
-            rec = recall_at_k(a_dist, e_dist)
-            if rec >= recall_target or p[knob] >= limit:
+            per = recall_per_query(a_dist, e_dist)
+            rec = float(per.mean()) if per.size else 1.0
+            # the whole graph's recall, not only the sample's, must reach the target: its lower bound
+            lower = recall_lower_bound(per)
+            if lower >= recall_target or p[knob] >= limit:
                 break
             p[knob] = int(min(limit, p[knob] * 2))
         graph.recall, graph.recall_sample = rec, ns
+        graph.recall_lower = lower
+        graph.thresholds["recall_z"] = RECALL_Z
         graph.seconds["recall"] = time.perf_counter() - t0
     else:
         graph.recall, graph.recall_sample = 1.0, 0
