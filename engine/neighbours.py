@@ -33,7 +33,9 @@ its approximate neighbours whose distance is within its exact k-th distance (so 
 count as hits). The search is widened until the sample's recall minus ``RECALL_Z`` = 2
 standard errors over the queries reaches the target, so that the recall of *all* rows does
 (one-sided 97.7%), not only the sample's; that bound is recorded as ``recall_lower_bound``.
-The exact method records 1.0. Method, parameters, thresholds, recall and
+The exact method records 1.0. A row whose probed lists hold fewer than ``k`` other rows
+(small lists, few probes) is searched exactly instead, so every live row gets its ``k``
+neighbours (counted in ``params["exact_refill_rows"]``). Method, parameters, thresholds, recall and
 timings are in :meth:`NeighbourGraph.to_dict` (written to the space's ``neighbours.json``
 and the run manifest).
 
@@ -421,6 +423,12 @@ def build_graph(
         graph.recall, graph.recall_sample = 1.0, 0
     t0 = time.perf_counter()
     s, pos = index.search(x, kk)
+    if chosen != "exact":
+        # a row whose probed lists hold fewer than k other rows gets -1 slots: search it exactly
+        short = np.flatnonzero((pos < 0).any(axis=1))
+        if short.size:
+            s[short], pos[short] = flat.search(x[short], kk)
+        p["exact_refill_rows"] = int(short.size)
     graph.seconds["search"] = time.perf_counter() - t0
     nb, d, _ = _drop_self(s, pos, np.arange(n), k)
     ids[rows] = np.where(nb >= 0, rows[np.clip(nb, 0, None)], -1)

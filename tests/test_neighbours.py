@@ -132,3 +132,20 @@ def test_recall_lower_bound_against_a_plain_formula(rng):
     by_hand = v.mean() - 2.0 * np.sqrt(((v - v.mean()) ** 2).sum() / (v.size - 1)) / np.sqrt(v.size)
     assert nbm.recall_lower_bound(v) == pytest.approx(by_hand, rel=1e-12)
     assert nbm.recall_lower_bound(np.array([0.9])) == 0.9 and nbm.recall_lower_bound(np.array([])) == 1.0
+
+
+def test_rows_with_short_probed_lists_are_searched_exactly(rng):
+    """One probe into 300 lists of about 10 rows leaves many rows with fewer than k candidates: those rows are
+    searched exactly, so every row still gets k neighbours (never itself), equal to brute force."""
+    x = clustered(rng, 3000, d=8, clusters=40)
+    g = nbm.build_graph(x, 10, exact_max_rows=100, recall_target=0.0, params={"nlist": 300, "nprobe": 1}, seed=3)
+    assert g.method == "ivf" and g.params["nprobe"] == 1
+    assert (g.ids >= 0).all() and not (g.ids == np.arange(len(x))[:, None]).any()
+    n_refill = g.params["exact_refill_rows"]
+    assert n_refill > 0  # this setting does leave rows short
+    _, ref_d = nbm.brute_force_knn(x, 10)
+    assert np.isfinite(g.distances).all()
+    # every row's found distances are true distances to real rows, and at least the exact k-th
+    true = np.linalg.norm(x[:, None, :].astype(np.float64) - x[g.ids].astype(np.float64), axis=-1)
+    np.testing.assert_allclose(g.distances, true, rtol=1e-4, atol=1e-4)
+    assert (g.distances[:, -1] >= ref_d[:, -1] - 1e-4).all()
