@@ -24,3 +24,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def interrupt_training(monkeypatch):
+    """``interrupt_training(steps_per_epoch)``: the built-in trainer raises KeyboardInterrupt in the
+    middle of epoch 2 until ``.restore()`` is called (a crash to resume from)."""
+    import conceptevo.train as train_mod
+
+    real = train_mod._lr_at
+
+    class Interrupt:
+        def __call__(self, steps_per_epoch: int) -> None:
+            def crash(step, *a):
+                if step == steps_per_epoch + 1:  # in the middle of epoch 2
+                    raise KeyboardInterrupt
+                return real(step, *a)
+
+            monkeypatch.setattr(train_mod, "_lr_at", crash)
+
+        def restore(self) -> None:
+            monkeypatch.setattr(train_mod, "_lr_at", real)
+
+    return Interrupt()

@@ -377,12 +377,11 @@ def test_chance_band_bounds_guessing():
         assert 0.99 <= inside < 1.0, (classes, n, inside)
 
 
-def test_trainer_builds_monitor_and_resumes_it(data, tmp_path, monkeypatch):
+def test_trainer_builds_monitor_and_resumes_it(data, tmp_path, interrupt_training):
     """train_run(monitor=factory): one observation per epoch, the same weights as without it; an
     interrupted run resumes its monitor too (no epoch twice, none missing)."""
     import math
 
-    import conceptevo.train as train_mod
     from conceptevo.monitor import alert_summary
 
     train, test = data
@@ -393,18 +392,10 @@ def test_trainer_builds_monitor_and_resumes_it(data, tmp_path, monkeypatch):
         return Monitor(net, train, out=tmp_path / "cut" / "monitor", name="cut", resume=resume, **KW)
 
     ref = train_run(tmp_path / "ref", "vgg_small", train, test, **kw)
-    real = train_mod._lr_at
-    steps = math.ceil(len(train) / 32)
-
-    def crash(step, *a):
-        if step == steps + 1:  # in the middle of epoch 2
-            raise KeyboardInterrupt
-        return real(step, *a)
-
-    monkeypatch.setattr(train_mod, "_lr_at", crash)
+    interrupt_training(math.ceil(len(train) / 32))
     with pytest.raises(KeyboardInterrupt):
         train_run(tmp_path / "cut", "vgg_small", train, test, monitor=watch, **kw)
-    monkeypatch.setattr(train_mod, "_lr_at", real)
+    interrupt_training.restore()
     cut = train_run(tmp_path / "cut", "vgg_small", train, test, monitor=watch, **kw)
     for e in ref.checkpoints:
         a = torch.load(ref.checkpoints[e], weights_only=True)

@@ -192,27 +192,19 @@ def test_finished_run_is_reused_and_other_settings_refused(tmp_path, tiny_data):
     assert json.loads((run / "run.json").read_text())["hyper"]["lr"] == 0.02
 
 
-def test_interrupted_run_resumes_to_identical_weights(tmp_path, tiny_data, monkeypatch):
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, tiny_data, interrupt_training):
     tr, te = tiny_data
     kw = dict(epochs=3, lr=0.02, dropout=0.5, seed=1, model_kw=TINY, progress=False, threads=1, batch_size=32,
               save_epochs=[0, 1, 2, 3])
     ref = train_run(tmp_path / "ref", "vgg_small", tr, te, **kw)
 
-    real = train_mod._lr_at
-    steps = math.ceil(len(tr) / 32)
-
-    def crash(step, *a):
-        if step == steps + 1:  # in the middle of epoch 2
-            raise KeyboardInterrupt
-        return real(step, *a)
-
-    monkeypatch.setattr(train_mod, "_lr_at", crash)
+    interrupt_training(math.ceil(len(tr) / 32))
     with pytest.raises(KeyboardInterrupt):
         train_run(tmp_path / "cut", "vgg_small", tr, te, **kw)
     assert (tmp_path / "cut" / "resume.pt").exists()
     assert sorted(run_checkpoints(tmp_path / "cut")) == [0, 1]
     assert json.loads((tmp_path / "cut" / "run.json").read_text())["status"] == "running"
-    monkeypatch.setattr(train_mod, "_lr_at", real)
+    interrupt_training.restore()
     resumed = train_run(tmp_path / "cut", "vgg_small", tr, te, **kw)
     for e in (1, 2, 3):
         a, b = _weights(ref.checkpoints[e]), _weights(resumed.checkpoints[e])
