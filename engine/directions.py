@@ -26,6 +26,12 @@ For one layer and one checkpoint, over N images:
    variant finds it (|cos| >= 0.95); ``gradient="loss"`` stays available for fidelity.
    The projection is onto the directions (``@ Vh.T``: rows of Vh are directions); the authors' code
    mixes rows and columns there, this one does not.
+   The product ``ReLU(g) ⊙ A`` is elementwise, so a class's evidence lies along ``g ⊙ Ā``, not along
+   ``Ā``: where the gradient weights a concept's channels unequally, a direction orthogonal to the
+   concept but inside its channels can earn a larger z than the concept's own direction (found on a
+   planted class whose logit weights were proportional to the planted vector, with ``center=True``).
+   That is the method's relevance, kept as published; read a class's top few directions, not only
+   rank 1.
 4. Per class k and direction j::
 
        z_k[j] = (mean_{I_k} P[:, j] - mean_{¬I_k} P[:, j]) / std_{¬I_k} P[:, j]

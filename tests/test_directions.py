@@ -127,7 +127,12 @@ def _planted(rng, n=480, c=8, k=4, hw=6, target=2):
                                       fc=nn.Linear(c, k)))
     with torch.no_grad():
         w = torch.from_numpy(rng.standard_normal((k, c)) * 0.3).float()
-        w[target] = torch.from_numpy(4 * u).float()
+        # The target logit reads u's channels with EQUAL weights. Why not w = 4u: the method's relevance
+        # is v·(ReLU(g) ⊙ Ā), elementwise, and with g ∝ u the class's evidence lies along u ⊙ u, not u.
+        # When u's components differ (up to 3x here) a direction orthogonal to u inside its channels
+        # can then earn the larger z (seen with center=True, rng seed 2202401397). A flat g on the
+        # support keeps the evidence along u, so the check tests the z-ranking, not that distortion.
+        w[target] = torch.from_numpy(2.5 * (u > 0)).float()
         model.fc.weight.copy_(w)
         model.fc.bias.zero_()
         model.fc.bias[target] = -1.5  # off-class images (noise only) are not predicted as the target
