@@ -50,6 +50,7 @@ __all__ = [
     "image_folder",
     "tensor_dataset",
     "as_image_set",
+    "concat_image_sets",
     "indexed_loader",
     "CLASS_RULES",  # noqa: F822 (conceptevo.builtin, re-exported by __getattr__)
     "CLASS_NAMES",  # noqa: F822 (conceptevo.builtin, re-exported by __getattr__)
@@ -246,6 +247,55 @@ class _SubsetFetch:
 
     def __call__(self, i: int) -> torch.Tensor:
         return self.fetch(int(self.ids[i]))
+
+
+class _ConcatFetch:
+    """Picklable lazy concatenation: id ``i`` -> the set holding it and its id there."""
+
+    def __init__(self, sets: Sequence[ImageSet]) -> None:
+        self.sets = list(sets)
+        self.starts = np.cumsum([0] + [len(s) for s in self.sets])
+
+    def __call__(self, i: int) -> torch.Tensor:
+        j = int(np.searchsorted(self.starts, int(i), side="right")) - 1
+        return self.sets[j]._item(int(i) - int(self.starts[j]))
+
+
+def concat_image_sets(*sets: ImageSet, source: str = "") -> ImageSet:
+    """One ImageSet of ``sets`` one after the other (ids renumbered ``0..N-1`` in that order).
+
+    The sets must share their class names and their kind (uint8 or passthrough float). Tags and
+    ``meta`` arrays are kept where every set has them; ``meta["part"]`` says which set an image
+    came from and ``meta["part_id"]`` its id there. In-memory sets give an in-memory set.
+    """
+    if not sets:
+        raise DataError("concat_image_sets needs at least one set")
+    first = sets[0]
+    for k, s in enumerate(sets[1:], 1):
+        if s.class_names != first.class_names:
+            raise DataError(f"concat_image_sets: set {k} has other class names than set 0")
+        if s._passthrough != first._passthrough:
+            raise DataError(f"concat_image_sets: set {k} mixes float (passthrough) and uint8 images with set 0")
+    labels = torch.cat([s.labels for s in sets])
+    if all(s.images is not None for s in sets):
+        shapes = {tuple(s.images.shape[1:]) for s in sets}  # type: ignore[union-attr]
+        if len(shapes) > 1:
+            raise DataError(f"concat_image_sets: image shapes differ: {sorted(shapes)}")
+        images, fetch = torch.cat([s.images for s in sets]), None  # type: ignore[misc]
+    else:
+        images, fetch = None, _ConcatFetch(sets)
+    tags = tag_names = None
+    if all(s.tags is not None for s in sets):
+        fams = set.intersection(*(set(s.tags) for s in sets))  # type: ignore[arg-type]
+        tags = {f: np.concatenate([np.asarray(s.tags[f]) for s in sets]) for f in sorted(fams)}  # type: ignore[index]
+        tag_names = first.tag_names
+    keys = set.intersection(*(set(s.meta or {}) for s in sets)) - {"part", "part_id"}
+    meta = {k: np.concatenate([np.asarray(s.meta[k]) for s in sets]) for k in sorted(keys)}  # type: ignore[index]
+    meta["part"] = np.concatenate([np.full(len(s), k, dtype=np.int64) for k, s in enumerate(sets)])
+    meta["part_id"] = np.concatenate([np.arange(len(s), dtype=np.int64) for s in sets])
+    paths = [p for s in sets for p in s.paths] if all(s.paths is not None for s in sets) else None  # type: ignore[union-attr]
+    return ImageSet(images, labels, first.class_names, tags, tag_names, fetch=fetch, passthrough=first._passthrough,
+                    paths=paths, meta=meta, source=source or " + ".join(s.source or "set" for s in sets))
 
 
 def _float_to_display_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,25 @@ One object in the user's loop::
         if any(a.kind == "lr_too_high" for a in alerts):
             lower_the_learning_rate()
 
+Or, when the probe IS the loop's evaluation set, ride the evaluation forward instead of running
+a second one (the monitor's hooks read the chosen layers while the loop evaluates)::
+
+    mon = Monitor(model, val_set, out="runs/mon")
+    for epoch in range(1, epochs + 1):
+        train_one_epoch(model)
+        with mon.riding(epoch) as rp:                     # the val set's images, in order
+            te = evaluate(model, val_set)
+            rp.set_accuracy(train_acc=tr, test_acc=te)
+        alerts = rp.alerts
+
+The observation is the same as ``epoch_end``'s (``tests/test_monitor.py`` checks equal stimuli,
+positions and diagnostics): on the CPU a layer's output for an image does not depend on the
+batch it came in, except in a batch of ONE image, which takes another convolution path whose
+float rounding differs by ~1e-6 (so may a different memory format, e.g. channels-last); only
+step 2's forward is the caller's. The built-in trainer does this by default
+(:func:`conceptevo.train.train_regimes`, ``monitor_probe="eval"``), so the monitor's cost there
+is its top-k, space, diagnostics and logs, not a forward over the probe.
+
 Each observation (``epoch_end(epoch)``, or ``step(step)`` every ``every`` steps):
 
 1. **checkpoint** -- the model's weights as ``checkpoints/<unit>_<index>.safetensors``
@@ -82,6 +101,7 @@ __all__ = [
     "Alert",
     "AlertParams",
     "Monitor",
+    "RidingPass",
     "alert_summary",
     "alerts_report_section",
     "chance_band",
@@ -352,6 +372,32 @@ def _load_probe(probe: Any, image_size: int):
 
 
 # ================================================================================= monitor
+class RidingPass:
+    """What :meth:`Monitor.riding` yields: set the accuracies (or add logits) during the pass;
+    ``alerts`` holds the observation's alerts after the block."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+        self.train_acc: float | None = None
+        self.test_acc: float | None = None
+        self.alerts: list[Alert] = []
+        self._seen = self._correct = 0
+
+    def set_accuracy(self, train_acc: float | None = None, test_acc: float | None = None) -> None:
+        """The caller's accuracies for this observation (as ``epoch_end(train_acc=, test_acc=)``)."""
+        self.train_acc = None if train_acc is None else float(train_acc)
+        self.test_acc = None if test_acc is None else float(test_acc)
+
+    def add_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Count a batch's top-1 hits for the probe accuracy (used when no ``train_acc`` is set)."""
+        if logits.dim() == 2:
+            self._correct += int((logits.detach().argmax(dim=1).cpu() == torch.as_tensor(labels).cpu()).sum())
+            self._seen += int(logits.shape[0])
+
+    def probe_top1(self) -> float | None:
+        return self._correct / self._seen if self._seen else None
+
+
 class Monitor:
     """Live concept monitor for one model in a training loop (see the module docstring).
 
@@ -473,6 +519,68 @@ class Monitor:
         """Observe at training step ``step`` when ``step % every == 0``; returns the alerts."""
         return self._maybe("step", step, train_acc, test_acc)
 
+    @contextlib.contextmanager
+    def riding(self, epoch: int, *, unit: str = "epoch") -> Iterator[RidingPass]:
+        """Observe ``epoch`` on the caller's own forward pass over the probe (no forward of its own).
+
+        Inside the block, the caller runs the model over the probe's images *in probe order*
+        (ids ``0..N-1``, any batch sizes) -- typically its evaluation pass, when the probe IS the
+        evaluation set. Forward hooks on the chosen layers feed the streaming top-k; at the end
+        of the block the observation continues as in :meth:`epoch_end` (checkpoint, space,
+        diagnostics, alerts) and its alerts are in ``.alerts`` of the yielded object. Pass the
+        accuracies with ``set_accuracy`` (or the logits with ``add_logits`` for the probe's
+        top-1). The hooks only read the layers' outputs: the caller's results, gradients, modes
+        and random streams are untouched. ``every`` applies (an off epoch yields an inactive
+        pass). An error inside the block observes nothing; a pass that fed another number of
+        images than the probe has is a :class:`DataError` naming both.
+        """
+        from . import kernels
+        from .stimuli import _kernel_threads, _layer_hooks
+
+        index = int(epoch)
+        if self.unit is not None and unit != self.unit:
+            raise ConceptEvoError(f"this monitor observes by {self.unit}; do not mix epoch_end() and step()")
+        rp = RidingPass(active=index % self.every == 0)
+        if not rp.active:
+            yield rp
+            return
+        plan, n_images = self._plan, len(self.probe)
+        states = {n: kernels.new_state(plan.channels[n], plan.k, n_images, plan.k_i, plan.device)
+                  for n in self.layers}
+        seen = {n: 0 for n in self.layers}
+        bad: dict[str, str] = {}
+        spent = [0.0]
+
+        def hook(layer: str, out: torch.Tensor) -> None:
+            if bad:
+                return
+            t = time.perf_counter()
+            lo, b = seen[layer], int(out.shape[0])
+            if lo + b > n_images:
+                raise DataError(f"monitor.riding: the pass fed more images than the probe's {n_images} "
+                                f"(layer {layer!r} saw {lo + b}); feed exactly the probe, in order")
+            ids = torch.arange(lo, lo + b)
+            try:
+                with torch.no_grad():
+                    kernels.update(states[layer], out.detach(), ids, backend=plan.backend)
+            except ActivationError:
+                from .stimuli import _first_bad_ids
+
+                bad["why"] = f"NaN activations in layer {layer!r}, {_first_bad_ids(out.detach(), ids)}"
+            seen[layer] = lo + b
+            spent[0] += time.perf_counter() - t
+
+        with _kernel_threads(plan.backend), _layer_hooks(self.model, self.layers, hook):
+            yield rp
+        short = {n: c for n, c in seen.items() if c != n_images}
+        if short and not bad:
+            raise DataError(f"monitor.riding at {unit} {index}: the pass fed {min(short.values())} images, the "
+                            f"probe has {n_images}; feed exactly the probe's images, in order")
+        self.unit = unit
+        with _rng_guard(), _keep_modes(self.model):
+            rp.alerts = self._observe(index, rp.train_acc, rp.test_acc,
+                                      shared=(states, bad.get("why"), rp.probe_top1(), spent[0]))
+
     @property
     def table(self) -> pd.DataFrame:
         """The current metrics table (one row per observation)."""
@@ -542,7 +650,9 @@ class Monitor:
         with _rng_guard(), _keep_modes(self.model):
             return self._observe(index, train_acc, test_acc)
 
-    def _observe(self, index: int, train_acc, test_acc) -> list[Alert]:
+    def _observe(self, index: int, train_acc, test_acc, shared: tuple | None = None) -> list[Alert]:
+        """One observation; ``shared`` = (top-k states, why diverged, probe top-1, hook seconds) of a
+        :meth:`riding` pass (the caller's forward), else the monitor runs its own probe pass."""
         from .stimuli import CheckpointSpec
 
         seconds: dict[str, float] = {}
@@ -558,10 +668,19 @@ class Monitor:
         t = time.perf_counter()
         alerts: list[Alert] = []
         stim, probe_acc, why = None, None, None
+        spec = CheckpointSpec(label, f"the live model at {self.unit} {index}", None, path=ckpt)
         if nonfinite:
             why = f"non-finite weights in {nonfinite[:5]}{' ...' if len(nonfinite) > 5 else ''}"
+        elif shared is not None:
+            states, why, probe_acc, hook_seconds = shared
+            t -= hook_seconds  # the top-k work done during the caller's pass counts here
+            if why is None:
+                self._plan.diverged = {}
+                stim = self._plan.to_stimuli(spec, states)
+                infs = [n for n, s in stim.layers.items() if not np.isfinite(s.values[s.ids >= 0]).all()]
+                if infs:
+                    why = f"infinite activations in layer(s) {infs}"
         else:
-            spec = CheckpointSpec(label, f"the live model at {self.unit} {index}", None, path=ckpt)
             counts = {"correct": 0, "seen": 0, "nonfinite": 0}
 
             def on_logits(_j, _ids, logits, y):
@@ -606,7 +725,8 @@ class Monitor:
         entry = {"index": index, "checkpoint": f"checkpoints/{label}.safetensors", "stimuli": key,
                  "train_top1": _finite(train_acc) if train_acc is not None else _finite(probe_acc),
                  "test_top1": _finite(test_acc), "probe_top1": _finite(probe_acc),
-                 "train_acc_source": "caller" if train_acc is not None else "probe", "diverged": why is not None}
+                 "train_acc_source": "caller" if train_acc is not None else "probe", "diverged": why is not None,
+                 "probe_pass": "caller" if shared is not None else "monitor"}
         if self.tracer is not None and getattr(self.tracer, "model", None) is not None:
             entry["trace_top_classes"] = self.tracer.class_update_shares(top=3)
         self.entries.append(entry)
@@ -953,7 +1073,8 @@ def alerts_report_section(summaries: Sequence[dict[str, Any]]) -> str:
                         f"<td>{chance}</td><td>{_html.escape(a['message'])}</td></tr>")
     return ('<section><h2>Live monitor: when each alert fired during training</h2>'
             '<p class="note">Each run was watched by <code>conceptevo.monitor.Monitor</code> at every epoch '
-            '(a probe of training images); an alert is what a training loop would have received at that epoch. '
+            '(its probe: the images the run evaluates on, or a sample of training images); an alert is what a '
+            'training loop would have received at that epoch. '
             '"At chance from": the first epoch after the best one whose training top-1 is within three binomial '
             'standard deviations of guessing.</p>'
             '<table class="evo"><thead><tr><th>run</th><th>alert</th><th>epoch</th><th>train top-1</th>'

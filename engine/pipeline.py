@@ -747,7 +747,8 @@ def run_demo(out: str | Path = "conceptevo-runs/demo", *, quick: bool = False, s
     initialisation and the order (``benchmarks/bench_fidelity.py`` runs several). At the end
     the demo prints which of its claims (:mod:`conceptevo.fidelity`) held in this run.
     ``monitor`` watches each training run with the live :class:`conceptevo.monitor.Monitor`
-    (every epoch, 2,000 probe images), so the demo also shows when each alert would have fired.
+    (every epoch; its probe is each run's evaluation images, 1,000 training + 1,200 test, and it
+    rides the trainer's evaluation pass), so the demo also shows when each alert would have fired.
     ``trace`` records per-class update accumulators while training (:mod:`conceptevo.tracing`;
     about twice the training time) and adds which training classes drove well_trained's
     important evolutions to the report.
@@ -763,8 +764,7 @@ def run_demo(out: str | Path = "conceptevo-runs/demo", *, quick: bool = False, s
     runs_dirs = train.train_regimes(out / "training", seed=seed, data_root=out / "data",
                                     train_images=n_train, test_images=n_test,
                                     epoch_scale=0.34 if quick else 1.0, threads=threads or 1,
-                                    workers=min(3, os.cpu_count() or 1), monitor=monitor, trace=trace,
-                                    monitor_probe=400 if quick else 2000)
+                                    workers=min(3, os.cpu_count() or 1), monitor=monitor, trace=trace)
     train_set = data.builtin_dataset("train", seed=seed, root=out / "data", num_images=n_train)
     test_set = data.builtin_dataset("test", seed=seed, root=out / "data", num_images=n_test)
     # Fig. 7 over a seeded random half of the 32 classes (the paper: 100 random of ImageNet's 1,000)

@@ -152,6 +152,17 @@ def _evaluate(model: nn.Module, ds: ImageSet, ids: torch.Tensor, batch_size: int
     return top1 / n, top5 / n, loss / n
 
 
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` takes a keyword argument ``name``."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def _dataset_card(ds: ImageSet) -> dict[str, Any]:
     """Cheap identity of a dataset, recorded in run.json and checked on resume."""
     labels = ds.labels.numpy()
@@ -226,7 +237,11 @@ def train_run(
         ``monitor(net, resume=bool) -> Monitor`` that builds one on the model this function
         builds (``resume`` is True when the training continues an interrupted run). It is
         called at every logged epoch end with the train / test top-1 (it does not change the
-        training: the weights are bitwise the same with it).
+        training: the weights are bitwise the same with it). A factory that also takes
+        ``probe`` is handed the run's evaluation images (the ``eval_train_max`` training sample,
+        then the test set, as one ImageSet); a monitor built on exactly that set rides the
+        evaluation forward (:meth:`~conceptevo.monitor.Monitor.riding`): the logged accuracies
+        are unchanged (same batches) and the monitor runs no forward of its own.
     """
     run_dir = Path(run_dir)
     train_set = as_image_set(train_set)
@@ -343,9 +358,20 @@ def train_run(
                 resume_path.unlink()
         used_threads = torch.get_num_threads()
         built_monitor = monitor is not None and callable(monitor) and not hasattr(monitor, "epoch_end")
+        eval_probe = None
         if built_monitor:
-            # built here, on the trained model; its construction saves and restores the RNG states
-            monitor = monitor(net, resume=start_epoch > 0)
+            # built here, on the trained model; its construction saves and restores the RNG states.
+            # A factory taking `probe` gets the trainer's evaluation images (the train-accuracy
+            # sample, then the test set): the monitor then rides the evaluation pass (no forward
+            # of its own, see log_epoch)
+            kw = {}
+            if _accepts(monitor, "probe"):
+                from .data import concat_image_sets
+
+                eval_probe = kw["probe"] = concat_image_sets(train_set.subset(eval_train_ids.numpy()), test_set,
+                                                             source="evaluation images (train sample + test)")
+            monitor = monitor(net, resume=start_epoch > 0, **kw)
+        riding = eval_probe is not None and getattr(monitor, "probe", None) is eval_probe
         if tracer is not None:
             tracer.attach(net, opt, epoch=start_epoch, num_classes=int(num_classes),
                           class_names=train_set.class_names, out=run_dir / "trace", save_epochs=saves)
@@ -357,15 +383,21 @@ def train_run(
         t0 = time.perf_counter() - (rows[-1]["seconds"] if rows else 0.0)
 
         def log_epoch(epoch: int, train_loss: float | None, cur_lr: float) -> None:
-            tr1, tr5, tr_loss = _evaluate(net, train_set, eval_train_ids, 256, channels_last)
-            te1, te5, te_loss = _evaluate(net, test_set, eval_test_ids, 256, channels_last)
+            if riding:  # one forward serves the accuracies and the monitor's stimuli (same batches)
+                with monitor.riding(epoch) as rp:
+                    tr1, tr5, tr_loss = _evaluate(net, train_set, eval_train_ids, 256, channels_last)
+                    te1, te5, te_loss = _evaluate(net, test_set, eval_test_ids, 256, channels_last)
+                    rp.set_accuracy(train_acc=tr1, test_acc=te1)
+            else:
+                tr1, tr5, tr_loss = _evaluate(net, train_set, eval_train_ids, 256, channels_last)
+                te1, te5, te_loss = _evaluate(net, test_set, eval_test_ids, 256, channels_last)
             rows.append({"epoch": epoch, "train_top1": tr1, "train_top5": tr5, "test_top1": te1,
                          "test_top5": te5, "train_loss": tr_loss if train_loss is None else train_loss,
                          "lr": cur_lr, "test_loss": te_loss, "seconds": time.perf_counter() - t0})
             if epoch in saves:
                 _save_torch(ckpt_dir / f"epoch_{epoch:03d}.pt", _plain_state_dict(net))
             _save_log(log_path, rows)
-            if monitor is not None:
+            if monitor is not None and not riding:
                 monitor.epoch_end(epoch, train_acc=tr1, test_acc=te1)
             if epoch < epochs:  # what an interrupted run needs to continue exactly
                 _save_torch(resume_path, {"model": _plain_state_dict(net), "optimizer": opt.state_dict(),
@@ -519,7 +551,7 @@ def train_regimes(
     workers: int = 1,
     trace: bool = False,
     monitor: bool = False,
-    monitor_probe: int = 2000,
+    monitor_probe: int | str = "eval",
 ) -> dict[str, Path]:
     """Train the paper's three regimes on the built-in data; ``{name: run_dir}`` (``root/<name>``).
 
@@ -542,9 +574,13 @@ def train_regimes(
     ``trace`` records per-class update accumulators of every conv layer
     (:mod:`conceptevo.tracing`) into ``<run>/trace/``.
     ``monitor`` watches each run with a live :class:`conceptevo.monitor.Monitor` at its defaults
-    (every epoch, epoch 0 included) on a probe of ``monitor_probe`` training images (a seeded
-    sample of the full training set, the same for every run), writing ``<run>/monitor/``
-    (``alerts.jsonl``, ``metrics.parquet``, ``monitor.html``): when each alert would have fired.
+    (every epoch, epoch 0 included), writing ``<run>/monitor/`` (``alerts.jsonl``,
+    ``metrics.parquet``, ``monitor.html``): when each alert would have fired. Its probe:
+    ``monitor_probe="eval"`` (default) -- the run's own evaluation images (the train-accuracy
+    sample of ``eval_train_max`` = 1,000 training images, then the test set: 2,200 images at full
+    size), and the monitor rides the trainer's evaluation forward (:meth:`Monitor.riding`)
+    instead of running its own; an integer -- that many training images (a seeded sample of the
+    full training set, the same for every run), passed through by the monitor's own forward.
     """
     root = Path(root)
     unknown = [r for r in regimes if r not in REGIMES]
@@ -556,7 +592,9 @@ def train_regimes(
         return _train_regimes_in_processes(root, seed, list(regimes), data_root, train_images, test_images,
                                            epoch_scale, threads, resume, int(workers), progress, trace,
                                            monitor, monitor_probe)
-    probe = monitor_probe_set(train_set, monitor_probe, seed) if monitor else None
+    if monitor and not (monitor_probe == "eval" or (isinstance(monitor_probe, int) and monitor_probe > 0)):
+        raise ConceptEvoError(f"monitor_probe must be 'eval' or a positive number of images, got {monitor_probe!r}")
+    probe = monitor_probe_set(train_set, monitor_probe, seed) if monitor and monitor_probe != "eval" else None
     out: dict[str, Path] = {}
     for name in regimes:
         cfg = dict(REGIMES[name])
@@ -574,11 +612,15 @@ def train_regimes(
 
             tracer = Tracer(verbose=progress)
         watch = None
-        if probe is not None:
+        if monitor:
             from .monitor import Monitor
 
-            def watch(net, resume, _name=name):
-                return Monitor(net, probe, out=root / _name / "monitor", name=_name, seed=seed, resume=resume)
+            if probe is None:  # the trainer hands over its evaluation images and the monitor rides that pass
+                def watch(net, resume, probe, _name=name):
+                    return Monitor(net, probe, out=root / _name / "monitor", name=_name, seed=seed, resume=resume)
+            else:
+                def watch(net, resume, _name=name):
+                    return Monitor(net, probe, out=root / _name / "monitor", name=_name, seed=seed, resume=resume)
         train_run(root / name, model_name, train_set, test_set, seed=seed, threads=threads,
                   progress=progress, resume=resume, desc=name, tracer=tracer, monitor=watch, **cfg)
         out[name] = root / name
@@ -593,7 +635,7 @@ def monitor_probe_set(train_set: ImageSet, size: int, seed: int) -> ImageSet:
 
 def _train_one_regime(root: Path, name: str, seed: int, data_root, train_images, test_images, epoch_scale,
                       threads, resume, trace: bool = False, monitor: bool = False,
-                      monitor_probe: int = 2000) -> tuple[str, float]:
+                      monitor_probe: int | str = "eval") -> tuple[str, float]:
     """One regime in a worker process (the data come from ``data_root``'s cache or are regenerated)."""
     t0 = time.perf_counter()
     train_regimes(root, seed, regimes=[name], data_root=data_root, train_images=train_images,
@@ -605,7 +647,7 @@ def _train_one_regime(root: Path, name: str, seed: int, data_root, train_images,
 def _train_regimes_in_processes(root: Path, seed: int, regimes: list[str], data_root, train_images, test_images,
                                 epoch_scale, threads, resume, workers: int, progress: bool,
                                 trace: bool = False, monitor: bool = False,
-                                monitor_probe: int = 2000) -> dict[str, Path]:
+                                monitor_probe: int | str = "eval") -> dict[str, Path]:
     import concurrent.futures as cf
     import multiprocessing as mp
 

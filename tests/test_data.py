@@ -528,3 +528,37 @@ def test_warnings_are_not_raised_for_clean_folders(folder):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         image_folder(folder)
+
+
+def test_concat_image_sets_against_plain_concatenation(rng):
+    from conceptevo.data import concat_image_sets
+
+    a = builtin_dataset("train", seed=2, num_images=int(rng.integers(1, 40)), image_size=16)
+    b = builtin_dataset("test", seed=2, num_images=int(rng.integers(1, 40)), image_size=16)
+    ids = np.sort(rng.choice(len(a), size=int(rng.integers(1, len(a) + 1)), replace=False))
+    parts = [a.subset(ids), b]
+    c = concat_image_sets(*parts)
+    assert len(c) == len(ids) + len(b) and c.in_memory
+    xa, ya = a.batch(torch.from_numpy(ids))
+    xb, yb = b.batch(torch.arange(len(b)))
+    xc, yc = c.batch(torch.arange(len(c)))
+    assert torch.equal(xc, torch.cat([xa, xb])) and torch.equal(yc, torch.cat([ya, yb]))
+    for fam in a.tags:
+        np.testing.assert_array_equal(c.tags[fam], np.concatenate([np.asarray(a.tags[fam])[ids], b.tags[fam]]))
+    np.testing.assert_array_equal(c.meta["part"], np.r_[np.zeros(len(ids)), np.ones(len(b))])
+    np.testing.assert_array_equal(c.meta["part_id"], np.r_[np.arange(len(ids)), np.arange(len(b))])
+    # lazy parts give a lazy set with the same images
+    lazy = [ImageSet(None, p.labels, p.class_names, fetch=(lambda i, p=p: p.images[i])) for p in parts]
+    cl = concat_image_sets(*lazy)
+    assert not cl.in_memory
+    for i in rng.choice(len(c), size=min(10, len(c)), replace=False):
+        assert torch.equal(cl[int(i)][0], c[int(i)][0]) and cl[int(i)][1] == c[int(i)][1]
+    assert len(concat_image_sets(b)) == len(b)
+    with pytest.raises(DataError, match="at least one"):
+        concat_image_sets()
+    other = ImageSet(b.images, b.labels, [f"x{k}" for k in range(b.num_classes)])
+    with pytest.raises(DataError, match="other class names"):
+        concat_image_sets(b, other)
+    small = builtin_dataset("test", seed=2, num_images=3, image_size=8)
+    with pytest.raises(DataError, match="image shapes differ"):
+        concat_image_sets(b, small)

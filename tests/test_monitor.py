@@ -185,6 +185,83 @@ def test_monitor_leaves_training_alone(data, tmp_path):
                   model_kw=TINY, progress=False, monitor=mo)
 
 
+# ------------------------------------------------------------------------------ riding
+def _caller_pass(model, probe, batch, rp=None, poison=None):
+    """The caller's own evaluation forward over the probe, in probe order, in batches of ``batch``."""
+    model.eval()
+    with torch.no_grad():
+        for lo in range(0, len(probe), batch):
+            x, y = probe.batch(torch.arange(lo, min(lo + batch, len(probe))))
+            if poison is not None and lo == 0:
+                x[poison] = float("nan")
+            logits = model(x)
+            if rp is not None:
+                rp.add_logits(logits, y)
+
+
+def test_riding_equals_own_pass(data, tmp_path, rng):
+    """A monitor riding the caller's forward (odd batch sizes) observes what one running its own pass
+    observes: the same stimuli, positions, diagnostics and probe accuracy; the model is untouched."""
+    train, probe = data
+    model = _model(train.num_classes)
+    own = Monitor(model, probe, out=tmp_path / "own", probe_accuracy=True, **KW)
+    rider = Monitor(model, probe, out=tmp_path / "rider", **KW)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    for ep in range(4):
+        if ep:
+            _train_epoch(model, opt, train, gen)
+        own.epoch_end(ep, train_acc=0.1 * ep if ep else None)
+        modes = {n: m.training for n, m in model.named_modules()}
+        # any batch size, but no one-image batch: on the CPU a batch of one takes another convolution
+        # path whose float rounding differs (~1e-6); the monitor's own pass has batch_size 32
+        batch = int(rng.choice([b for b in range(2, len(probe) + 1) if len(probe) % b != 1]))
+        with rider.riding(ep) as rp:
+            _caller_pass(model, probe, batch, rp)
+            if ep:
+                rp.set_accuracy(train_acc=0.1 * ep)
+        assert rp.active and rp.alerts == rider.alerts[len(rider.alerts) - len(rp.alerts):]
+        assert {n: m.training for n, m in model.named_modules()} == {**modes, **{n: False for n in modes}}
+        model.train()
+    for a, b in zip(own.entries, rider.entries, strict=True):
+        assert a["index"] == b["index"] and b["probe_pass"] == "caller" and a["probe_pass"] == "monitor"
+        assert _load_stimuli(tmp_path / "own" / a["stimuli"]).equals(_load_stimuli(tmp_path / "rider" / b["stimuli"]))
+        assert a["train_top1"] == b["train_top1"]
+    assert rider.entries[0]["probe_top1"] == pytest.approx(own.entries[0]["probe_top1"])
+    e1, e2 = own.space.embeddings(), rider.space.embeddings()
+    np.testing.assert_array_equal(e1[["x", "y"]].to_numpy(), e2[["x", "y"]].to_numpy())
+    pd.testing.assert_frame_equal(own.diagnosis.table, rider.diagnosis.table)
+
+
+def test_riding_bad_passes(data, tmp_path):
+    """Too few or too many images are errors naming the counts; an error in the block observes
+    nothing; an off epoch (every=2) hooks nothing; NaN activations are a 'diverged' alert."""
+    train, probe = data
+    model = _model(train.num_classes)
+    mon = Monitor(model, probe, out=tmp_path / "mon", every=2, **KW)
+    with pytest.raises(DataError, match=f"fed {len(probe) - 8} images, the probe has {len(probe)}"), mon.riding(0):
+        _caller_pass(model, probe.subset(np.arange(len(probe) - 8)), 16)
+    with pytest.raises(DataError, match=f"more images than the probe's {len(probe)}"), mon.riding(0):
+        _caller_pass(model, probe, 16)
+        _caller_pass(model, probe, 16)
+    with pytest.raises(RuntimeError, match="the caller failed"), mon.riding(0):
+        _caller_pass(model, probe, 16)
+        raise RuntimeError("the caller failed")
+    assert mon.entries == [] and not list((tmp_path / "mon").glob("checkpoints/*"))
+    with mon.riding(1) as rp:  # not an observed epoch: nothing is hooked, any pass is fine
+        _caller_pass(model, probe.subset(np.arange(3)), 2)
+    assert not rp.active and mon.entries == []
+    with mon.riding(2) as rp:
+        _caller_pass(model, probe, 16, poison=1)
+    assert [a.kind for a in rp.alerts] == ["diverged"] and "NaN activations" in rp.alerts[0].message
+    assert mon.entries[-1]["diverged"] and mon.entries[-1]["stimuli"] is None
+    with mon.riding(4) as rp:  # a clean pass afterwards observes normally
+        _caller_pass(model, probe, 16)
+    assert rp.alerts == [] and mon.entries[-1]["stimuli"] is not None
+    with pytest.raises(ConceptEvoError, match="do not mix"), mon.riding(6, unit="step"):
+        pass
+
+
 # ------------------------------------------------------------------------------ bad input
 def test_bad_input_fails_at_construction(data, tmp_path):
     train, probe = data
@@ -377,9 +454,11 @@ def test_chance_band_bounds_guessing():
         assert 0.99 <= inside < 1.0, (classes, n, inside)
 
 
-def test_trainer_builds_monitor_and_resumes_it(data, tmp_path, interrupt_training):
+@pytest.mark.parametrize("riding", [False, True])
+def test_trainer_builds_monitor_and_resumes_it(data, tmp_path, interrupt_training, riding):
     """train_run(monitor=factory): one observation per epoch, the same weights as without it; an
-    interrupted run resumes its monitor too (no epoch twice, none missing)."""
+    interrupted run resumes its monitor too (no epoch twice, none missing). ``riding``: the factory
+    takes the trainer's evaluation images and the monitor rides its evaluation pass."""
     import math
 
     from conceptevo.monitor import alert_summary
@@ -388,8 +467,13 @@ def test_trainer_builds_monitor_and_resumes_it(data, tmp_path, interrupt_trainin
     kw = dict(epochs=3, lr=0.05, seed=2, model_kw=TINY, progress=False, threads=1, batch_size=32,
               save_epochs=[0, 1, 2, 3])
 
-    def watch(net, resume):
-        return Monitor(net, train, out=tmp_path / "cut" / "monitor", name="cut", resume=resume, **KW)
+    if riding:
+        def watch(net, resume, probe):
+            assert len(probe) == len(train) + len(test)  # eval_train_max 1000 > 64: all of train, then test
+            return Monitor(net, probe, out=tmp_path / "cut" / "monitor", name="cut", resume=resume, **KW)
+    else:
+        def watch(net, resume):
+            return Monitor(net, train, out=tmp_path / "cut" / "monitor", name="cut", resume=resume, **KW)
 
     ref = train_run(tmp_path / "ref", "vgg_small", train, test, **kw)
     interrupt_training(math.ceil(len(train) / 32))
@@ -408,6 +492,8 @@ def test_trainer_builds_monitor_and_resumes_it(data, tmp_path, interrupt_trainin
     assert s["observations"] == 4 and s["run"] == "cut"
     assert s["peak_top1"] == pytest.approx(cut.table["train_top1"].max())
     assert alert_summary(tmp_path / "ref") is None  # no monitor, no summary
+    state = json.loads((tmp_path / "cut" / "monitor" / "monitor_state.json").read_text())
+    assert {e["probe_pass"] for e in state["entries"]} == {"caller" if riding else "monitor"}
 
 
 def test_train_regimes_monitor_switch(tmp_path):
@@ -427,6 +513,32 @@ def test_train_regimes_monitor_switch(tmp_path):
     state = json.loads((watched["high_lr"] / "monitor" / "monitor_state.json").read_text())
     assert state["params"]["num_images"] == 40 and state["params"]["name"] == "high_lr"
     assert not (plain["high_lr"] / "monitor").exists()
+    # the default probe: the run's evaluation images, the monitor riding the trainer's evaluation pass
+    rode = train_regimes(tmp_path / "rode", regimes=["high_lr"], monitor=True, **kw)
+    c = load_train_log(rode["high_lr"])
+    pd.testing.assert_frame_equal(a.table.drop(columns="seconds"), c.table.drop(columns="seconds"))
+    for e in a.checkpoints:
+        sa = torch.load(a.checkpoints[e], weights_only=True)
+        sc = torch.load(c.checkpoints[e], weights_only=True)
+        assert all(torch.equal(sa[k], sc[k]) for k in sa), e
+    state = json.loads((rode["high_lr"] / "monitor" / "monitor_state.json").read_text())
+    assert state["params"]["num_images"] == 96 + 32  # min(eval_train_max, 96) training images + the test set
+    assert all(e["probe_pass"] == "caller" and e["train_acc_source"] == "caller" for e in state["entries"])
+    # its stimuli equal a post-hoc pass over the saved checkpoints and the same evaluation images
+    from conceptevo.data import builtin_dataset, concat_image_sets
+
+    tr = builtin_dataset("train", seed=4, num_images=96)
+    te = builtin_dataset("test", seed=4, num_images=32)
+    evalset = concat_image_sets(tr.subset(np.arange(96)), te)
+    ckpts = [rode["high_lr"] / "monitor" / e["checkpoint"] for e in state["entries"]]
+
+    def factory():  # channels-last as the trainer's model (the memory format changes the float rounding)
+        return build_model("vgg_small", num_classes=tr.num_classes).to(memory_format=torch.channels_last)
+
+    post = extract_stimuli(factory, ckpts, evalset, k=10, k_i=5, batch_size=50, progress=False,
+                           names=[f"e{i}" for i in range(len(ckpts))])
+    for e, s in zip(state["entries"], post, strict=True):
+        assert _load_stimuli(rode["high_lr"] / "monitor" / e["stimuli"]).equals(s), e["index"]
 
 
 def test_monitor_logs_tracer_class_shares(data, tmp_path):
