@@ -1,9 +1,9 @@
 """Live monitor overhead: the built-in well_trained run trained with and without a Monitor.
 
 Settings: :data:`conceptevo.train.REGIMES` ``["well_trained"]`` on the built-in data (9,600 train /
-1,200 test images, 12 epochs), the monitor at its defaults observing every epoch (epoch 0 too).
+1,600 test images, 12 epochs), the monitor at its defaults observing every epoch (epoch 0 too).
 Its probe, as in ``train_regimes(monitor=True)``: ``--probe eval`` (default) -- the trainer's
-evaluation images (its 1,000-image train-accuracy sample, then the 1,200 test images), the
+evaluation images (its 1,000-image train-accuracy sample, then the 1,600 test images), the
 monitor riding the trainer's evaluation forward (``Monitor.riding``); ``--probe N`` -- the first N
 training images, through the monitor's own forward (the earlier default, N = 2,000). The plain
 and the monitored run start from the same initial weights and seed and alternate ``--repeats``

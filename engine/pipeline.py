@@ -747,7 +747,7 @@ def run_demo(out: str | Path = "conceptevo-runs/demo", *, quick: bool = False, s
     initialisation and the order (``benchmarks/bench_fidelity.py`` runs several). At the end
     the demo prints which of its claims (:mod:`conceptevo.fidelity`) held in this run.
     ``monitor`` watches each training run with the live :class:`conceptevo.monitor.Monitor`
-    (every epoch; its probe is each run's evaluation images, 1,000 training + 1,200 test, and it
+    (every epoch; its probe is each run's evaluation images, 1,000 training + 1,600 test, and it
     rides the trainer's evaluation pass), so the demo also shows when each alert would have fired.
     ``trace`` records per-class update accumulators while training (:mod:`conceptevo.tracing`;
     about twice the training time) and adds which training classes drove well_trained's

@@ -577,7 +577,7 @@ def train_regimes(
     (every epoch, epoch 0 included), writing ``<run>/monitor/`` (``alerts.jsonl``,
     ``metrics.parquet``, ``monitor.html``): when each alert would have fired. Its probe:
     ``monitor_probe="eval"`` (default) -- the run's own evaluation images (the train-accuracy
-    sample of ``eval_train_max`` = 1,000 training images, then the test set: 2,200 images at full
+    sample of ``eval_train_max`` = 1,000 training images, then the test set: 2,600 images at full
     size), and the monitor rides the trainer's evaluation forward (:meth:`Monitor.riding`)
     instead of running its own; an integer -- that many training images (a seeded sample of the
     full training set, the same for every run), passed through by the monitor's own forward.
