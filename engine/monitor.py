@@ -972,13 +972,20 @@ def _svg_chart(table: pd.DataFrame, col: str, w: int = 260, h: int = 120) -> str
 
 # ================================================================================ Lightning
 def lightning_callback(monitor: Monitor, train_metric: str = "train_acc", test_metric: str = "val_acc",
-                       stop_on: Sequence[str] = ("diverged",)):
+                       stop_on: Sequence[str] = ("diverged",), ride_validation: bool = False):
     """A Lightning ``Callback`` that calls ``monitor.epoch_end`` after every training epoch.
 
     Accuracies are read from ``trainer.callback_metrics[train_metric / test_metric]`` when logged
     (else the probe's accuracy is used). Epochs are counted from 1 (``current_epoch + 1``).
     An alert whose kind is in ``stop_on`` sets ``trainer.should_stop``. The alerts of the last
     epoch are in ``callback.last_alerts``. Needs ``lightning`` or ``pytorch_lightning``.
+
+    ``ride_validation=True``: the monitor's probe IS the validation set, fed by one dataloader in
+    order (``shuffle=False``), one validation pass per epoch; the monitor then rides the validation pass (:meth:`Monitor.riding`)
+    instead of running its own forward, and observes at the epoch's end with the logged
+    accuracies. The sanity-check pass is not observed; an epoch without a validation pass is
+    observed with the monitor's own forward. A validation pass over other images than the probe
+    is a :class:`DataError` naming the counts.
     """
     pl = _lightning()
     if pl is None:
@@ -989,12 +996,30 @@ def lightning_callback(monitor: Monitor, train_metric: str = "train_acc", test_m
             super().__init__()
             self.monitor = monitor
             self.last_alerts: list[Alert] = []
+            self._ride: tuple[Any, RidingPass] | None = None  # (context, pass) while riding
+
+        def on_validation_epoch_start(self, trainer, pl_module) -> None:
+            if ride_validation and not trainer.sanity_checking and self._ride is None:
+                ctx = self.monitor.riding(int(trainer.current_epoch) + 1)
+                self._ride = (ctx, ctx.__enter__())
+
+        def on_exception(self, trainer, pl_module, exception) -> None:
+            if self._ride is not None:  # remove the hooks, observe nothing
+                ctx, self._ride = self._ride[0], None
+                with contextlib.suppress(Exception):
+                    ctx.__exit__(type(exception), exception, exception.__traceback__)
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             m = trainer.callback_metrics
             tr = _finite(m[train_metric]) if train_metric in m else None
             te = _finite(m[test_metric]) if test_metric in m else None
-            self.last_alerts = self.monitor.epoch_end(int(trainer.current_epoch) + 1, train_acc=tr, test_acc=te)
+            if self._ride is not None:
+                (ctx, rp), self._ride = self._ride, None
+                rp.set_accuracy(train_acc=tr, test_acc=te)
+                ctx.__exit__(None, None, None)  # the observation (or the count error)
+                self.last_alerts = rp.alerts
+            else:
+                self.last_alerts = self.monitor.epoch_end(int(trainer.current_epoch) + 1, train_acc=tr, test_acc=te)
             if any(a.kind in stop_on for a in self.last_alerts):
                 trainer.should_stop = True
 

@@ -442,6 +442,60 @@ def test_lightning_callback(data, tmp_path):
     assert mon.entries[-1]["train_acc_source"] == "caller"
 
 
+def test_lightning_callback_rides_validation(data, tmp_path):
+    """ride_validation: the monitor observes on Lightning's validation pass over the probe and equals a
+    monitor running its own forward on an identical training; the sanity check is not observed; a
+    validation set that is not the probe is an error naming the counts."""
+    from conceptevo.monitor import _lightning
+
+    pl = _lightning()
+    train, probe = data
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _model(train.num_classes)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, _i):
+            x, y = batch
+            out = self(x)
+            self.log("train_acc", (out.argmax(1) == y).float().mean(), on_epoch=True, on_step=False)
+            return torch.nn.functional.cross_entropy(out, y)
+
+        def validation_step(self, batch, _i):
+            x, y = batch
+            self.log("val_acc", (self(x).argmax(1) == y).float().mean(), on_epoch=True)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def fit(folder, ride, val_set=probe):
+        torch.manual_seed(0)
+        module = Module()
+        mon = Monitor(module, probe, out=tmp_path / folder, **KW)
+        cb = lightning_callback(mon, ride_validation=ride)
+        trainer = pl.Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                             num_sanity_val_steps=2)
+        trainer.fit(module, torch.utils.data.DataLoader(train, batch_size=32),
+                    torch.utils.data.DataLoader(val_set, batch_size=16, shuffle=False))  # no 1-image batch
+        return mon, cb
+
+    ride, cb = fit("ride", True)
+    own, _ = fit("own", False)
+    assert [e["index"] for e in ride.entries] == [1, 2] and [e["index"] for e in own.entries] == [1, 2]
+    for a, b in zip(own.entries, ride.entries, strict=True):
+        assert b["probe_pass"] == "caller" and a["probe_pass"] == "monitor"
+        assert b["train_acc_source"] == "caller" and b["test_top1"] == a["test_top1"]
+        assert _load_stimuli(tmp_path / "own" / a["stimuli"]).equals(_load_stimuli(tmp_path / "ride" / b["stimuli"]))
+    assert [a.kind for a in cb.last_alerts] == ride.entries[-1]["alerts"] == own.entries[-1]["alerts"]
+    with pytest.raises(DataError, match=f"the probe has {len(probe)}"):
+        fit("wrong", True, val_set=probe.subset(np.arange(len(probe) - 5)))
+
+
 # ------------------------------------------------------------------- the built-in trainer
 def test_chance_band_bounds_guessing():
     """The band holds a guessing classifier's accuracy (simulated) about 99.9% of the time."""
