@@ -532,7 +532,8 @@ class Monitor:
         top-1). The hooks only read the layers' outputs: the caller's results, gradients, modes
         and random streams are untouched. ``every`` applies (an off epoch yields an inactive
         pass). An error inside the block observes nothing; a pass that fed another number of
-        images than the probe has is a :class:`DataError` naming both.
+        images than the probe has is a :class:`DataError` naming both. The whole probe must pass
+        through this process: under DDP, where each rank evaluates a shard, use ``epoch_end``.
         """
         from . import kernels
         from .stimuli import _kernel_threads, _layer_hooks
