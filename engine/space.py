@@ -285,6 +285,20 @@ def _water_fill(sizes: np.ndarray, budget: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- the space
+def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (Arthur & Vassilvitskii, 2007): each next start is a row drawn with
+    probability proportional to its squared distance to the nearest start already chosen."""
+    starts = np.empty((k, x.shape[1]), dtype=np.float32)
+    starts[0] = x[rng.integers(x.shape[0])]
+    d2 = ((x - starts[0]) ** 2).sum(1, dtype=np.float64)
+    for j in range(1, k):
+        total = d2.sum()
+        i = rng.choice(x.shape[0], p=d2 / total) if total > 0 else rng.integers(x.shape[0])
+        starts[j] = x[i]
+        d2 = np.minimum(d2, ((x - starts[j]) ** 2).sum(1, dtype=np.float64))
+    return starts
+
+
 class UnifiedSpace:
     """Image vectors + registered checkpoints; see the module docstring.
 
@@ -874,14 +888,25 @@ class UnifiedSpace:
         used = _faiss_backend(backend)
         self.backends["faiss"] = used
         faiss = _faiss_module(used == "faiss-gpu")
-        km = faiss.Kmeans(x.shape[1], n_clusters, niter=int(niter), nredo=int(nredo), seed=int(seed),
-                          verbose=False, spherical=metric == "cosine", gpu=used == "faiss-gpu",
-                          max_points_per_centroid=max(256, math.ceil(x.shape[0] / n_clusters)))
-        km.train(x)
-        _, assign = km.index.search(x, 1)
+        # k-means++ starts (FAISS starts from random rows, which on well-separated groups put two
+        # centroids in one group and merged two others in 2% of planted test sets even with 3 redos);
+        # FAISS then runs Lloyd's iterations from each start, the lowest objective is kept
+        rng = np.random.default_rng(int(seed))
+        per = max(256, math.ceil(x.shape[0] / n_clusters))
+        cap = per * n_clusters
+        sample = x if x.shape[0] <= cap else x[np.sort(rng.choice(x.shape[0], cap, replace=False))]
+        best, best_obj = None, math.inf
+        for r in range(max(1, int(nredo))):
+            km = faiss.Kmeans(x.shape[1], n_clusters, niter=int(niter), nredo=1, seed=int(seed) + r, verbose=False,
+                              spherical=metric == "cosine", gpu=used == "faiss-gpu", max_points_per_centroid=per)
+            km.train(sample, init_centroids=_kmeans_pp(sample, n_clusters, rng))
+            obj = float(km.obj[-1]) if len(km.obj) else math.inf
+            if best is None or obj < best_obj:
+                best, best_obj = km, obj
+        _, assign = best.index.search(x, 1)
         labels = np.full(len(self), -1, dtype=np.int64)
         labels[mask] = assign[:, 0]
-        self.group_centroids = np.asarray(km.centroids, dtype=np.float32).copy()
+        self.group_centroids = np.asarray(best.centroids, dtype=np.float32).copy()
         return labels
 
     def _describe(self, row: int) -> str:
