@@ -891,15 +891,14 @@ class UnifiedSpace:
         # k-means++ starts (FAISS starts from random rows, which on well-separated groups put two
         # centroids in one group and merged two others in 2% of planted test sets even with 3 redos);
         # FAISS then runs Lloyd's iterations from each start, the lowest objective is kept
+        # (max_points_per_centroid covers every row: FAISS trains on all of them, no subsample)
         rng = np.random.default_rng(int(seed))
         per = max(256, math.ceil(x.shape[0] / n_clusters))
-        cap = per * n_clusters
-        sample = x if x.shape[0] <= cap else x[np.sort(rng.choice(x.shape[0], cap, replace=False))]
         best, best_obj = None, math.inf
         for r in range(max(1, int(nredo))):
             km = faiss.Kmeans(x.shape[1], n_clusters, niter=int(niter), nredo=1, seed=int(seed) + r, verbose=False,
                               spherical=metric == "cosine", gpu=used == "faiss-gpu", max_points_per_centroid=per)
-            km.train(sample, init_centroids=_kmeans_pp(sample, n_clusters, rng))
+            km.train(x, init_centroids=_kmeans_pp(x, n_clusters, rng))
             obj = float(km.obj[-1]) if len(km.obj) else math.inf
             if best is None or obj < best_obj:
                 best, best_obj = km, obj
