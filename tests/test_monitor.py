@@ -16,6 +16,7 @@ from conceptevo.monitor import (
     Alert,
     AlertParams,
     Monitor,
+    _lightning,
     _load_stimuli,
     decide_alerts,
     lightning_available,
@@ -407,54 +408,14 @@ def test_tensorboard_scalars_and_map(data, tmp_path):
     assert [e.step for e in acc.Scalars("conceptevo/probe_top1")] == [0, 1]
 
 
-@pytest.mark.skipif(not lightning_available(), reason="lightning / pytorch_lightning is not installed")
-def test_lightning_callback(data, tmp_path):
-    from conceptevo.monitor import _lightning
-
+def _lightning_module(num_classes):
+    """A LightningModule around the tiny model: logs train_acc per epoch and val_acc on validation."""
     pl = _lightning()
-    train, probe = data
 
     class Module(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = _model(train.num_classes)
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, _i):
-            x, y = batch
-            out = self(x)
-            self.log("train_acc", (out.argmax(1) == y).float().mean(), on_epoch=True, on_step=False)
-            return torch.nn.functional.cross_entropy(out, y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05)
-
-    module = Module()
-    mon = Monitor(module, probe, out=tmp_path / "mon", **KW)
-    cb = lightning_callback(mon)
-    loader = torch.utils.data.DataLoader(train, batch_size=32)
-    trainer = pl.Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
-    trainer.fit(module, loader)
-    assert [e["index"] for e in mon.entries] == [1, 2]
-    assert mon.entries[-1]["train_acc_source"] == "caller"
-
-
-def test_lightning_callback_rides_validation(data, tmp_path):
-    """ride_validation: the monitor observes on Lightning's validation pass over the probe and equals a
-    monitor running its own forward on an identical training; the sanity check is not observed; a
-    validation set that is not the probe is an error naming the counts."""
-    from conceptevo.monitor import _lightning
-
-    pl = _lightning()
-    train, probe = data
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = _model(train.num_classes)
+            self.net = _model(num_classes)
 
         def forward(self, x):
             return self.net(x)
@@ -472,9 +433,35 @@ def test_lightning_callback_rides_validation(data, tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.05)
 
+    return Module()
+
+
+@pytest.mark.skipif(not lightning_available(), reason="lightning / pytorch_lightning is not installed")
+def test_lightning_callback(data, tmp_path):
+    pl = _lightning()
+    train, probe = data
+    module = _lightning_module(train.num_classes)
+    mon = Monitor(module, probe, out=tmp_path / "mon", **KW)
+    cb = lightning_callback(mon)
+    loader = torch.utils.data.DataLoader(train, batch_size=32)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(module, loader)
+    assert [e["index"] for e in mon.entries] == [1, 2]
+    assert mon.entries[-1]["train_acc_source"] == "caller"
+
+
+@pytest.mark.skipif(not lightning_available(), reason="lightning / pytorch_lightning is not installed")
+def test_lightning_callback_rides_validation(data, tmp_path):
+    """ride_validation: the monitor observes on Lightning's validation pass over the probe and equals a
+    monitor running its own forward on an identical training; the sanity check is not observed; a
+    validation set that is not the probe is an error naming the counts."""
+    pl = _lightning()
+    train, probe = data
+
     def fit(folder, ride, val_set=probe):
         torch.manual_seed(0)
-        module = Module()
+        module = _lightning_module(train.num_classes)
         mon = Monitor(module, probe, out=tmp_path / folder, **KW)
         cb = lightning_callback(mon, ride_validation=ride)
         trainer = pl.Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False,

@@ -272,7 +272,7 @@ def test_train_regimes_small_writes_three_runs(tmp_path):
     runs = train_regimes(tmp_path, seed=0, train_images=120, test_images=48, epoch_scale=0.1, progress=False,
                          threads=1)
     assert set(runs) == {"well_trained", "high_lr", "overfit"}
-    for name, path in runs.items():
+    for path in runs.values():
         log = load_train_log(path)
         assert log.run["status"] == "done" and len(log.checkpoints) >= 2 and 0 in log.checkpoints
         assert log.table["epoch"].iloc[-1] == max(log.checkpoints)
