@@ -539,8 +539,7 @@ class Monitor:
         from .stimuli import _kernel_threads, _layer_hooks
 
         index = int(epoch)
-        if self.unit is not None and unit != self.unit:
-            raise ConceptEvoError(f"this monitor observes by {self.unit}; do not mix epoch_end() and step()")
+        self._check_unit(unit)
         rp = RidingPass(active=index % self.every == 0)
         if not rp.active:
             yield rp
@@ -635,10 +634,13 @@ class Monitor:
         log.info("monitor: resumed %d observations from %s", len(self.entries), self.out)
 
     # ------------------------------------------------------------------ one observation
-    def _maybe(self, unit: str, index: int, train_acc, test_acc) -> list[Alert]:
-        index = int(index)
+    def _check_unit(self, unit: str) -> None:
         if self.unit is not None and unit != self.unit:
             raise ConceptEvoError(f"this monitor observes by {self.unit}; do not mix epoch_end() and step()")
+
+    def _maybe(self, unit: str, index: int, train_acc, test_acc) -> list[Alert]:
+        index = int(index)
+        self._check_unit(unit)
         if index % self.every:
             return []
         self.unit = unit
