@@ -51,6 +51,7 @@ __all__ = [
     "tensor_dataset",
     "as_image_set",
     "concat_image_sets",
+    "plant_stamp",
     "indexed_loader",
     "CLASS_RULES",  # noqa: F822 (conceptevo.builtin, re-exported by __getattr__)
     "CLASS_NAMES",  # noqa: F822 (conceptevo.builtin, re-exported by __getattr__)
@@ -296,6 +297,43 @@ def concat_image_sets(*sets: ImageSet, source: str = "") -> ImageSet:
     paths = [p for s in sets for p in s.paths] if all(s.paths is not None for s in sets) else None  # type: ignore[union-attr]
     return ImageSet(images, labels, first.class_names, tags, tag_names, fetch=fetch, passthrough=first._passthrough,
                     paths=paths, meta=meta, source=source or " + ".join(s.source or "set" for s in sets))
+
+
+def plant_stamp(ds: ImageSet, cls: int, *, top_left: tuple[int, int] = (2, 25), size: int = 5,
+                colour: Sequence[int] = (255, 0, 255), p_class: float = 0.9, p_other: float = 0.03,
+                seed: int = 0) -> tuple[ImageSet, np.ndarray]:
+    """Plant a confounder: a ``size`` x ``size`` square of one colour on most images of one class.
+
+    A shortcut audit: train on the result and check whether an analysis finds the stamp. Each
+    image of class ``cls`` is stamped with probability ``p_class``, every other image with
+    ``p_other`` (one uniform draw per image: ``rng.random(N)`` twice, class images from the first
+    draw, the others from the second, ``rng = np.random.default_rng(seed)``). The square's top-left
+    pixel is ``top_left = (row, column)``. Returns a new in-memory set (labels, class names, tags and
+    meta kept; ``meta["stamped"]`` added) and the boolean mask of stamped images. The default
+    colour, magenta, lies outside the built-in world's palette.
+    """
+    if ds.images is None:
+        raise DataError("plant_stamp needs an in-memory set (call .to_memory() first)")
+    if not 0 <= int(cls) < len(ds.class_names):
+        raise DataError(f"plant_stamp: class {cls} is not one of the set's {len(ds.class_names)} classes")
+    (r0, c0), h, w = top_left, ds.images.shape[2], ds.images.shape[3]
+    if size < 1 or r0 < 0 or c0 < 0 or r0 + size > h or c0 + size > w:
+        raise DataError(f"plant_stamp: a {size}x{size} stamp at {tuple(top_left)} does not fit in "
+                        f"{h}x{w} images")
+    if len(colour) != 3 or not all(0 <= int(v) <= 255 for v in colour):
+        raise DataError(f"plant_stamp: colour must be three values in [0, 255], got {tuple(colour)}")
+    if not (0.0 <= p_class <= 1.0 and 0.0 <= p_other <= 1.0):
+        raise DataError(f"plant_stamp: probabilities must lie in [0, 1], got {p_class}, {p_other}")
+    rng = np.random.default_rng(seed)
+    labels = ds.labels.numpy()
+    in_class, other = rng.random(len(labels)) < p_class, rng.random(len(labels)) < p_other  # this order: documented
+    stamped = np.where(labels == int(cls), in_class, other)
+    images = ds.images.clone()
+    images[torch.from_numpy(stamped), :, r0:r0 + size, c0:c0 + size] = torch.tensor(
+        [int(v) for v in colour], dtype=torch.uint8).view(1, 3, 1, 1)
+    meta = {**(ds.meta or {}), "stamped": stamped.copy()}
+    return ImageSet(images, ds.labels.clone(), ds.class_names, ds.tags, ds.tag_names, paths=ds.paths, meta=meta,
+                    source=f"{ds.source or 'set'} + stamp on class {int(cls)}"), stamped
 
 
 def _float_to_display_uint8(x: torch.Tensor) -> torch.Tensor:

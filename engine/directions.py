@@ -67,6 +67,19 @@ Which layer
     modules (``layers=["features.relu3_2"]``) to analyse the method's layer. (On the confounder
     check neither kind of layer was reliably better: RESULTS.md.)
 
+Rare concepts: the ICA option and the audit
+    SVD directions are orthogonal and ordered by energy. A concept that few images carry (a 5x5
+    stamp on 6% of the images: 0.02-0.06% of the energy of Ā) is then not one direction: the best
+    linear detector of the stamp has ``|cos| <= 0.40`` with every singular vector and needs ~20 of
+    them for 90% of its length (benchmarks/study_confounder.py). ``ConceptDirections(basis="ica")``
+    uses FastICA filters of Ā instead (:func:`ica_directions`): whitening gives every direction unit
+    variance and a concept carried by few images is strongly skewed, so ICA finds it whatever its
+    energy (stamp AUROC 0.91-0.97 against 0.77-0.85 for the best singular vector, five seeds). It
+    needs Ā itself (:func:`pooled_pass`), not the streamed Gram matrix, so the pipeline stage stays
+    SVD. :meth:`ConceptDirections.audit` answers "which direction carries this concept, how does
+    it rank for the class, do its outliers flag the concept's images?" for images you mark
+    (:func:`conceptevo.data.plant_stamp` plants a known shortcut).
+
 Many checkpoints
     ``top=r`` keeps only the r leading directions of each Gram matrix (a partial eigensolver,
     ``syevr``): 13 VGG16-wide layers x 100 checkpoints in 18.7 CPU-s for r = 32 in float64
@@ -121,6 +134,8 @@ __all__ = [
     "gram_pass",
     "directions_from_gram",
     "batched_directions",
+    "pooled_pass",
+    "ica_directions",
     "neuron_alignment",
     "match_directions",
     "principal_angles",
@@ -146,6 +161,7 @@ OUTLIER_Z = 3.5
 _STABLE, _ROTATING = 0.9, 0.5
 GRADIENTS = ("loss", "logit")
 GROUPINGS = ("predicted", "label")
+BASES = ("svd", "ica")
 
 
 # =============================================================================== Gram
@@ -465,6 +481,100 @@ def batched_directions(items: Sequence[tuple[Any, Any, Any]], center: bool = Fal
     return out  # type: ignore[return-value]
 
 
+# ============================================================ ICA basis (an option)
+def pooled_pass(model: nn.Module, data: Any, layers: LayerSpec = None, batch_size: int = 64,
+                device: str | torch.device = "cpu", indices: np.ndarray | None = None, progress: bool = False
+                ) -> dict[str, np.ndarray]:
+    """``{layer: Ā (N, C) float32}``: the spatially averaged activations, one forward-only pass.
+
+    The SVD basis needs only ``ĀᵀĀ`` (:func:`gram_pass`); the ICA basis needs the rows themselves,
+    N x C floats per layer: subsample large sets with ``indices``.
+    """
+    from .data import as_image_set
+
+    ds = as_image_set(data)
+    dev = torch.device(device)
+    adapter = ModelAdapter(model.to(dev), layers=layers, input_shape=tuple(torch.as_tensor(ds[0][0]).shape))
+    idx = np.arange(len(ds)) if indices is None else np.asarray(indices, np.int64)
+    if idx.size == 0:
+        raise DataError("pooled_pass has no images")
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in adapter.layer_names}
+    starts = range(0, len(idx), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="activations", unit="batch", leave=False)
+    from .adapter import EvalMode
+
+    with torch.inference_mode(), EvalMode(model):
+        for st in starts:
+            x, _y = ds.batch(torch.as_tensor(idx[st:st + batch_size]))
+            _forward_layers(model, adapter, x.to(dev), lambda n, o: rows[n].append(pooled(o, n).cpu().numpy()))
+    return {n: np.concatenate(r) for n, r in rows.items()}
+
+
+def ica_directions(a_bar: np.ndarray, top: int | None = None, seed: int = 0, max_iter: int = 1000,
+                   tol: float = 1e-5, layer: str = "?") -> tuple[np.ndarray, np.ndarray]:
+    """Unit FastICA filters ``vh`` (D, C) of ``Ā`` (N, C) and their scales ``‖Ā v‖`` (D,), descending.
+
+    Why an ICA basis: SVD directions are orthogonal and ordered by energy, so a concept that few
+    images carry (a small stamp on 6% of them: 0.02-0.06% of the energy) is split over many
+    low-energy singular vectors (benchmarks/RESULTS.md, the confounder). ICA whitens Ā (every
+    direction gets unit variance) and then seeks the most non-Gaussian directions; a concept that
+    is present in few images is strongly skewed, so it is found whatever its energy.
+
+    ``sklearn.decomposition.FastICA`` (``whiten="unit-variance"``, logcosh, ``random_state=seed``)
+    on the centred rows, with D = min(rank of the centred Ā, ``top`` or C) components: dead or
+    duplicated channels (common after a ReLU) are dropped by the rank, not divided by zero.
+    Each filter (a row of the unmixing matrix, normalised to unit length) is signed so that its
+    source has a positive skew (it points towards the images that carry the concept; a skew of
+    exactly 0 falls back to the largest-|component|-positive rule). The scale ``‖Ā v‖`` plays the
+    role of the singular value (equal to it for an SVD direction of the uncentred Ā). The filters
+    are not orthogonal: read ``vh`` as directions to project on, not as a rotation.
+    """
+    import warnings
+
+    from sklearn.decomposition import FastICA
+    from sklearn.exceptions import ConvergenceWarning
+
+    a = np.asarray(a_bar, np.float64)
+    if a.ndim != 2:
+        raise ConceptEvoError(f"layer {layer!r}: Ā must be (N, C), got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ActivationError(f"layer {layer!r}: non-finite activations (NaN/inf) in Ā")
+    n, c = a.shape
+    if n < 2:
+        raise DataError(f"layer {layer!r}: the ICA basis needs at least 2 images, got {n}")
+    sv = np.linalg.svd(a - a.mean(0), compute_uv=False)
+    rank = int(np.sum(sv > sv[0] * 1e-6)) if sv.size and sv[0] > 0 else 0
+    if rank == 0:
+        raise DataError(f"layer {layer!r}: the activations do not vary over the {n} images; "
+                        "no ICA direction")
+    d = rank if top is None else max(1, min(int(top), rank))
+    ica = FastICA(n_components=d, whiten="unit-variance", random_state=int(seed), max_iter=int(max_iter),
+                  tol=float(tol))
+    with warnings.catch_warnings(record=True) as caught, np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("always", ConvergenceWarning)
+        sources = ica.fit_transform(a)  # (sklearn divides by the null singular values before dropping them)
+    for rec in caught:
+        if issubclass(rec.category, ConvergenceWarning):
+            warnings.warn(f"layer {layer!r}: FastICA did not converge in {max_iter} iterations (tol {tol:g}); "
+                          "near-Gaussian components are then arbitrary, skewed ones (rare concepts) usually "
+                          "settle first", RuntimeWarning, stacklevel=2)
+        else:
+            warnings.warn_explicit(rec.message, rec.category, rec.filename, rec.lineno)
+    w = np.asarray(ica.components_, np.float64)
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    centred = sources - sources.mean(0)
+    skew = (centred ** 3).mean(0) / np.maximum((centred ** 2).mean(0), 1e-300) ** 1.5
+    big = w[np.arange(d), np.abs(w).argmax(1)]
+    sign = np.where(np.abs(skew) > 1e-12, np.sign(skew), np.sign(big))
+    w *= np.where(sign == 0, 1.0, sign)[:, None]
+    scale = np.linalg.norm(a @ w.T, axis=0)
+    order = np.argsort(-scale, kind="stable")
+    return w[order], scale[order]
+
+
 def neuron_alignment(vh: np.ndarray) -> pd.DataFrame:
     """Per direction: the channel it is closest to, that |cos|, and the participation ratio."""
     a = np.abs(np.asarray(vh, np.float64))
@@ -706,18 +816,28 @@ class ConceptDirections:
     Attributes after fit: ``vh[layer]`` (D, C) float64 rows = directions (descending singular
     value), ``singular_values[layer]`` (D,), ``mean[layer]`` (C,), ``count``. ``top``: keep only
     the D = ``top`` leading directions per layer (a partial eigensolver; default all, D = C).
+
+    ``basis="ica"`` (an option, not the method): the directions are FastICA filters of Ā
+    (:func:`ica_directions`, ``seed`` its random state) instead of singular vectors. It finds
+    concepts that few images carry, which SVD splits over many low-energy directions (the
+    confounder study in benchmarks/RESULTS.md), but it needs Ā itself (N x C per layer, a pass of
+    :func:`pooled_pass`), not the streamed Gram matrix, so the pipeline stage stays SVD. ``center``
+    still decides whether maps and projections subtract the mean activation.
     """
 
     def __init__(self, layers: LayerSpec = None, center: bool = False, gradient: str = "logit",
                  by: str = "predicted", batch_size: int = 64, device: str | torch.device = "cpu",
-                 top: int | None = None) -> None:
+                 top: int | None = None, basis: str = "svd", seed: int = 0) -> None:
         if gradient not in GRADIENTS:
             raise ConceptEvoError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
         if by not in GROUPINGS:
             raise ConceptEvoError(f"by must be one of {GROUPINGS}, got {by!r}")
+        if basis not in BASES:
+            raise ConceptEvoError(f"basis must be one of {BASES}, got {basis!r}")
         self.layers, self.center, self.gradient, self.by = layers, bool(center), gradient, by
         self.batch_size, self.device = int(batch_size), torch.device(device)
         self.top = None if top is None else int(top)
+        self.basis, self.seed = basis, int(seed)
         self.vh: dict[str, np.ndarray] = {}
         self.singular_values: dict[str, np.ndarray] = {}
         self.mean: dict[str, np.ndarray] = {}
@@ -725,13 +845,40 @@ class ConceptDirections:
 
     # ------------------------------------------------------------------- fit
     def fit(self, model: nn.Module, data: Any, indices=None) -> ConceptDirections:
-        """One streamed Gram pass over ``data`` (or ``indices`` of it), then the eigendecomposition."""
+        """One pass over ``data`` (or ``indices`` of it), then the basis: a streamed Gram matrix and its
+        eigendecomposition (SVD), or Ā and FastICA (``basis="ica"``)."""
+        if self.basis == "ica":
+            acts = pooled_pass(model, data, layers=self.layers, batch_size=self.batch_size, device=self.device,
+                               indices=indices)
+            return self.fit_activations(acts)
         (acc,) = gram_pass(model, data, layers=self.layers, batch_size=self.batch_size, device=self.device,
                            indices=indices)
         return self.fit_gram(acc)
 
+    def fit_activations(self, activations: Mapping[str, np.ndarray | torch.Tensor]) -> ConceptDirections:
+        """Directions from arrays ``{layer: Ā (N, C)}`` (spatially averaged activations), either basis."""
+        if not activations:
+            raise DataError("fit_activations got no layer")
+        if self.basis == "svd":
+            arrays = {}
+            for n, a in activations.items():
+                a = torch.as_tensor(np.asarray(a), dtype=torch.float64)
+                if a.dim() != 2:
+                    raise ConceptEvoError(f"layer {n!r}: Ā must be (N, C), got shape {tuple(a.shape)}")
+                arrays[n] = {"gram": (a.T @ a).numpy(), "sums": a.sum(0).numpy(), "count": a.shape[0]}
+            return self.fit_gram(arrays)
+        for n, a in activations.items():
+            a = np.asarray(a, np.float64)
+            self.vh[n], self.singular_values[n] = ica_directions(a, top=self.top, seed=self.seed, layer=n)
+            self.mean[n] = a.mean(0)
+            self.count = a.shape[0]
+        return self
+
     def fit_gram(self, acc: GramAccumulator | Mapping[str, Mapping[str, Any]]) -> ConceptDirections:
-        """Directions from an accumulator (or ``{layer: {"gram", "sums", "count"}}``)."""
+        """Directions from an accumulator (or ``{layer: {"gram", "sums", "count"}}``); SVD basis only."""
+        if self.basis != "svd":
+            raise ConceptEvoError("the ICA basis needs the activations, not their Gram matrix: "
+                                  "use fit() or fit_activations()")
         arrays = acc.arrays() if isinstance(acc, GramAccumulator) else acc
         names = list(arrays)
         res = batched_directions([(arrays[n]["gram"], arrays[n]["sums"], int(arrays[n]["count"])) for n in names],
@@ -859,6 +1006,71 @@ class ConceptDirections:
     def alignment(self) -> pd.DataFrame:
         """:func:`neuron_alignment` of every layer (a ``layer`` column added)."""
         return pd.concat([neuron_alignment(v).assign(layer=n) for n, v in self.vh.items()], ignore_index=True)
+
+    # ------------------------------------------------------------------ audit
+    def audit(self, rel: RelevanceStats, layer: str, carries: np.ndarray, cls: int, *,
+              model: nn.Module | None = None, data: Any = None, region: np.ndarray | None = None,
+              percentile: float = MAP_PERCENTILE, max_maps: int = 32) -> dict[str, Any]:
+        """Does one direction carry a concept you know the images of (a suspected shortcut, a watermark)?
+
+        ``carries``: bool per image of the dataset (indexed by id) -- which images carry the concept.
+        The concept's direction is the one whose projection (``rel.proj``) best separates them
+        (AUROC, either pole: ``sign`` -1 means the concept sits at the negative pole and the figures
+        are for ``-v``). Returned: ``direction, sign, auroc``; ``z`` and ``rank`` of that direction for
+        class ``cls`` (step 4, this object's ``by``) and the class's ``top3``; ``outlier_auroc``: how well
+        the robust z of the projection within each label (step 6) flags the carrying images of the
+        other classes (NaN when they all or none carry it). With ``model``, ``data`` and ``region``
+        (bool (H, W): where the concept is in the image), the concept maps of up to ``max_maps``
+        carrying images at ``percentile``: ``map_iou`` and ``map_cover`` (the share of the region the
+        mask covers). Nothing is modified.
+        """
+        from sklearn.metrics import roc_auc_score
+
+        self._check_layer(layer)
+        if layer not in rel.proj:
+            raise ConceptEvoError(f"the relevance pass kept no per-image projections for layer {layer!r} "
+                                  "(keep_images=False?)")
+        carries = np.asarray(carries, bool)
+        if carries.ndim != 1 or carries.size <= int(rel.ids.max()):
+            raise DataError(f"carries must be one bool per image of the dataset "
+                            f"(>= {int(rel.ids.max()) + 1}), got shape {carries.shape}")
+        got = carries[rel.ids]
+        if got.all() or not got.any():
+            raise DataError("carries must mark some but not all of the relevance pass's images")
+        proj = rel.proj[layer]
+        auc = np.array([roc_auc_score(got, proj[:, j]) for j in range(proj.shape[1])])
+        j = int(np.argmax(np.maximum(auc, 1 - auc)))
+        sign = 1.0 if auc[j] >= 0.5 else -1.0
+        z = class_zscores(rel.sums[self.by][layer], rel.sumsq[self.by][layer], rel.counts[self.by])[int(cls)]
+        z[j] *= sign  # z is linear in P: the direction -v has -z
+        key = np.where(np.isnan(z), -np.inf, z)
+        order = np.argsort(-key, kind="stable")
+        rank = int(np.flatnonzero(order == j)[0]) + 1
+        off = rel.labels != int(cls)
+        rz = np.zeros(len(rel.ids))
+        for c in np.unique(rel.labels[off]):
+            idx = np.flatnonzero(rel.labels == c)
+            rz[idx] = robust_z(sign * proj[idx, j])
+        out = {"layer": layer, "class": int(cls), "direction": j, "sign": int(sign),
+               "auroc": float(max(auc[j], 1 - auc[j])), "z": float(z[j]), "rank": rank,
+               "top3": [int(d) for d in order[:3]],
+               "outlier_auroc": (float(roc_auc_score(got[off], rz[off])) if 0 < got[off].sum() < off.sum()
+                                 else float("nan"))}
+        if model is not None and data is not None and region is not None:
+            from .data import as_image_set
+
+            ds = as_image_set(data)
+            sel = rel.ids[got][:max_maps]
+            maps, _masks = self.concept_map(model, ds.batch(torch.as_tensor(sel))[0], layer, j, percentile)
+            maps = sign * maps
+            region = np.asarray(region, bool)
+            if region.shape != maps.shape[1:]:
+                raise DataError(f"region has shape {region.shape}; the images are {maps.shape[1:]}")
+            thr = np.percentile(maps.reshape(len(sel), -1), percentile, axis=1)
+            masks = maps >= thr[:, None, None]
+            out["map_iou"] = float(np.mean([(m & region).sum() / (m | region).sum() for m in masks]))
+            out["map_cover"] = float(np.mean([(m & region).sum() / max(region.sum(), 1) for m in masks]))
+        return out
 
 
 # ================================================================ top images

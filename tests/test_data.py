@@ -562,3 +562,46 @@ def test_concat_image_sets_against_plain_concatenation(rng):
     small = builtin_dataset("test", seed=2, num_images=3, image_size=8)
     with pytest.raises(DataError, match="image shapes differ"):
         concat_image_sets(b, small)
+
+
+def test_plant_stamp_against_a_plain_loop(rng):
+    from conceptevo.data import plant_stamp
+
+    ds = builtin_dataset("train", seed=3, num_images=int(rng.integers(1, 120)), image_size=16)
+    cls, size = int(rng.integers(0, ds.num_classes)), int(rng.integers(1, 6))
+    r0, c0 = int(rng.integers(0, 17 - size)), int(rng.integers(0, 17 - size))
+    colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+    p_class, p_other, seed = float(rng.random()), float(rng.random()), int(rng.integers(0, 2**31))
+    out, stamped = plant_stamp(ds, cls, top_left=(r0, c0), size=size, colour=colour, p_class=p_class,
+                               p_other=p_other, seed=seed)
+    # reference: per image, the documented draw, then pixel by pixel
+    draws = np.random.default_rng(seed)
+    u_class, u_other = draws.random(len(ds)), draws.random(len(ds))
+    want = [(u_class[i] < p_class) if int(ds.labels[i]) == cls else (u_other[i] < p_other) for i in range(len(ds))]
+    np.testing.assert_array_equal(stamped, want)
+    np.testing.assert_array_equal(out.meta["stamped"], stamped)
+    for i in range(len(ds)):
+        ref = ds.images[i].clone()
+        if want[i]:
+            for r in range(r0, r0 + size):
+                for c in range(c0, c0 + size):
+                    ref[:, r, c] = torch.tensor(colour, dtype=torch.uint8)
+        assert torch.equal(out.images[i], ref)
+    assert torch.equal(out.labels, ds.labels) and out.class_names == ds.class_names
+    for fam in ds.tags:
+        np.testing.assert_array_equal(out.tags[fam], ds.tags[fam])
+    assert "stamped" not in (ds.meta or {})  # the input is untouched
+    # the extremes: nobody / everybody
+    assert not plant_stamp(ds, cls, p_class=0.0, p_other=0.0, size=3, top_left=(0, 0))[1].any()
+    assert plant_stamp(ds, cls, p_class=1.0, p_other=1.0, size=3, top_left=(0, 0))[1].all()
+    with pytest.raises(DataError, match="does not fit"):
+        plant_stamp(ds, cls, top_left=(14, 0), size=5)
+    with pytest.raises(DataError, match="not one of"):
+        plant_stamp(ds, ds.num_classes)
+    with pytest.raises(DataError, match="colour"):
+        plant_stamp(ds, cls, colour=(0, 300, 0), top_left=(0, 0))
+    with pytest.raises(DataError, match="probabilities"):
+        plant_stamp(ds, cls, p_class=1.5, top_left=(0, 0))
+    lazy = ImageSet(None, ds.labels, ds.class_names, fetch=lambda i: ds.images[i])
+    with pytest.raises(DataError, match="in-memory"):
+        plant_stamp(lazy, cls)

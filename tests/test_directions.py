@@ -10,7 +10,7 @@ from scipy.linalg import subspace_angles
 from torch import nn
 
 from conceptevo import directions as D
-from conceptevo.errors import ActivationError, ConceptEvoError, LayerError
+from conceptevo.errors import ActivationError, ConceptEvoError, DataError, LayerError
 
 LONG = pytest.mark.skipif(not os.environ.get("CONCEPTEVO_LONG_TESTS"),
                           reason="a quality check of several minutes (train + analyse a run): "
@@ -150,6 +150,170 @@ def test_planted_direction_is_top_z(rng, center):
     top = table[(table["class"] == target) & (table["rank"] == 1)]["direction"].item()
     cos = abs(float(cd.vh["feat"][top] @ u))
     assert cos >= 0.95, (gradient, top, cos, table[table["class"] == target].head())
+
+
+def _rare_concept(rng):
+    """Ā (N, C): a shifted Gaussian background with 1-100x anisotropic variance, plus a concept (unit u)
+    on ~5% of the images at 8 sd of the matched filter Σ⁻¹u (the best linear detector)."""
+    n, c = int(rng.integers(600, 1500)), int(rng.integers(8, 25))
+    q, _ = np.linalg.qr(rng.standard_normal((c, c)))
+    eig = np.exp(rng.uniform(0, np.log(100), c))
+    x = rng.standard_normal((n, c)) @ (q * np.sqrt(eig)).T
+    u = rng.standard_normal(c)
+    u /= np.linalg.norm(u)
+    has = rng.random(n) < 0.05
+    has[:2] = True  # never none
+    matched = np.linalg.solve((q * eig) @ q.T, u)
+    x = x + (8.0 / np.sqrt(u @ matched)) * has[:, None] * u + 5.0
+    return x, has, matched / np.linalg.norm(matched)
+
+
+@pytest.mark.filterwarnings("ignore:.*FastICA did not converge")  # near-Gaussian parts converge slowly
+def test_ica_directions_against_sklearn_and_a_planted_rare_concept(rng):
+    import warnings
+
+    from sklearn.decomposition import FastICA
+    from sklearn.metrics import roc_auc_score
+
+    x, has, matched = _rare_concept(rng)
+    seed = int(rng.integers(0, 1000))
+    vh, scale = D.ica_directions(x, seed=seed)
+    assert vh.shape == (x.shape[1], x.shape[1]) and np.all(np.isfinite(vh))
+    np.testing.assert_allclose(np.linalg.norm(vh, axis=1), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(scale, np.linalg.norm(x @ vh.T, axis=0), rtol=1e-12)
+    assert np.all(np.diff(scale) <= 0)  # descending, like singular values
+    centred = x @ vh.T - (x @ vh.T).mean(0)
+    assert np.all((centred ** 3).mean(0) > 0)  # every filter points to its source's long tail
+    # the plain reference: sklearn's FastICA with the same settings, rows normalised (order and sign free)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = FastICA(n_components=x.shape[1], whiten="unit-variance", random_state=seed, max_iter=1000,
+                      tol=1e-5).fit(x).components_
+    ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    assert np.abs(vh @ ref.T).max(1).min() > 1 - 1e-9
+    # the rare concept is one ICA direction: it detects the images and is the best linear detector
+    auc = np.array([roc_auc_score(has, x @ v) for v in vh])
+    j = int(auc.argmax())
+    assert auc[j] >= 0.99 and abs(vh[j] @ matched) >= 0.9, (auc[j], vh[j] @ matched)
+
+
+@pytest.mark.filterwarnings("ignore:.*FastICA did not converge")  # near-Gaussian parts converge slowly
+def test_ica_basis_rank_deficient_and_errors(rng):
+    x, _has, _m = _rare_concept(rng)
+    n, c = x.shape
+    dead_dup = np.c_[x, np.zeros(n), x[:, :1] * 2.0]  # a dead channel and a duplicated one (post-ReLU layers)
+    vh, scale = D.ica_directions(dead_dup, seed=1)
+    assert vh.shape == (c, c + 2) and np.all(np.isfinite(vh)) and np.all(np.isfinite(scale))
+    top = int(rng.integers(1, c))
+    assert D.ica_directions(x, top=top)[0].shape == (top, c)
+    with pytest.raises(ConceptEvoError, match="at least 2 images"):
+        D.ica_directions(x[:1])
+    with pytest.raises(ConceptEvoError, match="do not vary"):
+        D.ica_directions(np.ones((5, 3)))
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ActivationError, match="non-finite"):
+        D.ica_directions(bad, layer="feat")
+    with pytest.raises(ConceptEvoError, match="basis must be"):
+        D.ConceptDirections(basis="pca")
+    with pytest.raises(ConceptEvoError, match="needs the activations"):
+        D.ConceptDirections(basis="ica").fit_gram({"l": {"gram": x.T @ x, "sums": x.sum(0), "count": n}})
+
+
+@pytest.mark.filterwarnings("ignore:.*FastICA did not converge")  # near-Gaussian parts converge slowly
+def test_ica_basis_through_the_class_api(rng):
+    """fit (one pooled pass + FastICA) equals fit_activations of a plain hooked forward; the rest of the
+    API (relevance, z, maps, outliers) takes the non-orthogonal basis; the SVD basis of fit_activations
+    equals the streamed Gram's."""
+    ds = _images(rng, n=int(rng.integers(20, 50)))
+    net = _tiny_cnn(int(rng.integers(0, 1000)))
+    got = {}
+    hooks = [getattr(net, n).register_forward_hook(lambda m, i, o, n=n: got.setdefault(n, []).append(o.mean((2, 3))))
+             for n in ("r1", "r2")]
+    with torch.no_grad():
+        net(ds.batch(torch.arange(len(ds)))[0])
+    for h in hooks:
+        h.remove()
+    plain = {n: torch.cat(v).numpy() for n, v in got.items()}
+    acts = D.pooled_pass(net, ds, layers=["r1", "r2"], batch_size=int(rng.integers(1, 9)))
+    for n in plain:
+        np.testing.assert_allclose(acts[n], plain[n], rtol=1e-5, atol=1e-6)
+    cd = D.ConceptDirections(layers=["r1", "r2"], basis="ica", seed=3, batch_size=7).fit(net, ds)
+    # the same Ā bit for bit (same batches): an unconverged FastICA is not continuous in its input
+    ref = D.ConceptDirections(basis="ica", seed=3).fit_activations(D.pooled_pass(net, ds, ["r1", "r2"], batch_size=7))
+    for n in plain:
+        np.testing.assert_array_equal(cd.vh[n], ref.vh[n])
+        np.testing.assert_allclose(cd.mean[n], acts[n].mean(0), rtol=1e-6, atol=1e-7)
+    rel = cd.relevance(net, ds, num_classes=3)
+    table = cd.class_concepts(rel)
+    assert set(table["layer"]) == {"r1", "r2"} and (table.groupby(["layer", "class"])["rank"].min() == 1).all()
+    np.testing.assert_allclose(rel.proj["r2"], acts["r2"] @ cd.vh["r2"].T, rtol=1e-4, atol=1e-5)
+    maps, masks = cd.concept_map(net, ds.batch(torch.arange(3))[0], "r2", 0)
+    assert maps.shape == masks.shape == (3, 8, 8)
+    assert set(cd.outliers(rel, "r2", 0).columns) >= {"image", "robust_z"}
+    svd = D.ConceptDirections().fit_activations(acts)
+    streamed = D.ConceptDirections(layers=["r1", "r2"]).fit(net, ds)
+    for n in plain:
+        keep = svd.singular_values[n] > 1e-6 * svd.singular_values[n][0]  # null directions are arbitrary
+        np.testing.assert_allclose(np.abs((svd.vh[n] * streamed.vh[n]).sum(1))[keep], 1.0, atol=1e-6)
+
+
+def _plain_audit(cd, rel, model, layer, carries, cls, x_sel, region):
+    """The audit written out: flip the direction in place when the concept is at its negative pole."""
+    import copy
+
+    from sklearn.metrics import roc_auc_score
+
+    cd, rel = copy.deepcopy(cd), copy.deepcopy(rel)
+    st = carries[rel.ids]
+    auc = np.array([roc_auc_score(st, rel.proj[layer][:, j]) for j in range(rel.proj[layer].shape[1])])
+    j = int(np.argmax(np.maximum(auc, 1 - auc)))
+    sign = 1 if auc[j] >= 0.5 else -1
+    if sign < 0:
+        cd.vh[layer][j] *= -1
+        for arr in (rel.P[layer], rel.proj[layer], *(rel.sums[by][layer] for by in rel.sums)):
+            arr[:, j] *= -1
+    table = cd.class_concepts(rel)
+    mine = table[(table["class"] == cls) & (table["layer"] == layer)]
+    off = rel.labels != cls
+    rz = np.zeros(len(rel.ids))
+    for c in np.unique(rel.labels[off]):
+        idx = np.flatnonzero(rel.labels == c)
+        rz[idx] = D.robust_z(rel.proj[layer][idx, j])
+    _m, masks = cd.concept_map(model, x_sel, layer, j)
+    return {"direction": j, "sign": sign, "auroc": max(auc[j], 1 - auc[j]),
+            "rank": int(mine[mine["direction"] == j]["rank"].item()), "top3": mine["direction"].tolist()[:3],
+            "outlier_auroc": roc_auc_score(st[off], rz[off]),
+            "map_iou": np.mean([(m & region).sum() / (m | region).sum() for m in masks]),
+            "map_cover": np.mean([(m & region).sum() / region.sum() for m in masks])}
+
+
+def test_audit_against_a_plain_flip_and_recompute(rng):
+    model, ds, _u, target, (r0, c0) = _planted(rng, n=int(rng.integers(200, 400)))
+    cd = D.ConceptDirections(layers=["feat"], batch_size=64).fit(model, ds)
+    rel = cd.relevance(model, ds)
+    n = len(ds)
+    labels = ds.targets.numpy()
+    # the planted patch's images, a few off-class ones too (the patch is not on them: outliers ~ chance)
+    carries = (labels == target) | (rng.random(n) < 0.1)
+    region = np.zeros((6, 6), bool)
+    region[r0:r0 + 3, c0:c0 + 3] = True
+    both = []
+    for marks in (carries, ~carries):  # the complement: the same direction, the other pole
+        got = cd.audit(rel, "feat", marks, target, model=model, data=ds, region=region, max_maps=32)
+        sel = rel.ids[marks[rel.ids]][:32]
+        want = _plain_audit(cd, rel, model, "feat", marks, target, torch.stack([ds[int(i)][0] for i in sel]), region)
+        for k, v in want.items():
+            np.testing.assert_allclose(got[k], v, rtol=1e-9, atol=1e-12, err_msg=k)
+        both.append(got)
+    assert both[0]["direction"] == both[1]["direction"] and both[0]["sign"] == -both[1]["sign"]
+    assert "map_iou" not in cd.audit(rel, "feat", carries, target)  # maps only with model, data and region
+    with pytest.raises(DataError, match="some but not all"):
+        cd.audit(rel, "feat", np.ones(n, bool), target)
+    with pytest.raises(DataError, match="one bool per image"):
+        cd.audit(rel, "feat", carries[:-5], target)
+    with pytest.raises(LayerError, match="no directions"):
+        cd.audit(rel, "nope", carries, target)
 
 
 def test_relevance_pass_matches_per_image_autograd(rng):
@@ -540,21 +704,16 @@ def test_confounder_stamp_is_found_mapped_and_flagged(tmp_path):
     confounded with the white marker part); the layer is post-ReLU (the method's uncentred SVD,
     positive-mean sign and ReLU(g)*A relevance assume non-negative activations, as in the authors'
     code) at a grid fine enough for a 5-px stamp (relu3_2: 8x8, stride 4). The stamp's direction
-    is the one whose projection best separates stamped images (AUROC). Rank, concept-map IoU and
-    cover, and the outlier AUROC are printed; see RESULTS.md for what holds."""
-    from sklearn.metrics import roc_auc_score
-
+    is the one whose projection best separates stamped images (AUROC; ConceptDirections.audit). Rank,
+    concept-map IoU and cover, and the outlier AUROC are printed, for the SVD basis and the ICA
+    option; see RESULTS.md and benchmarks/study_confounder.py (five seeds) for what holds."""
     from conceptevo import data, train
     from conceptevo.adapter import load_state_dict_file
 
-    rng = np.random.default_rng(0)
     base = data.builtin_dataset("train", seed=0, root=tmp_path / "data", num_images=4800)
     te = data.builtin_dataset("test", seed=0, root=tmp_path / "data", num_images=800)
-    target, (r0, c0), colour = 0, (2, 25), torch.tensor([255, 0, 255], dtype=torch.uint8).view(1, 3, 1, 1)
-    imgs, labels = base.images.clone(), base.labels.clone()
-    stamped = np.where(labels.numpy() == target, rng.random(len(labels)) < 0.9, rng.random(len(labels)) < 0.03)
-    imgs[torch.from_numpy(stamped), :, r0:r0 + 5, c0:c0 + 5] = colour
-    tr = data.tensor_dataset(imgs, labels, class_names=base.class_names)
+    target, (r0, c0) = 0, (2, 25)
+    tr, stamped = data.plant_stamp(base, target, top_left=(r0, c0), size=5, p_class=0.9, p_other=0.03, seed=0)
     run = tmp_path / "run"
     cfg = {**train.REGIMES["well_trained"], "epochs": 12, "save_epochs": [12]}
     train.train_run(run, train_set=tr, test_set=te, seed=0, progress=False, threads=1, **cfg)
@@ -562,49 +721,32 @@ def test_confounder_stamp_is_found_mapped_and_flagged(tmp_path):
     model.load_state_dict(load_state_dict_file(train.run_checkpoints(run)[12]))
     model.eval()
     # the model uses the confounder: stamping clean test images of class 0 raises its recall
-    timgs = te.images.clone()
-    timgs[:, :, r0:r0 + 5, c0:c0 + 5] = colour
+    timgs = data.plant_stamp(te, target, top_left=(r0, c0), size=5, p_class=1.0, p_other=1.0)[0].images
     yte = te.labels.numpy()
     with torch.no_grad():
         lg = [model(data.tensor_dataset(x, te.labels).batch(torch.arange(len(yte)))[0]).numpy() for x in (te.images, timgs)]
     rec = [(g.argmax(1)[yte == target] == target).mean() for g in lg]
     rise = float((lg[1][yte != target, target] - lg[0][yte != target, target]).mean() / lg[0][:, target].std())
     layer = "features.relu3_2"
-    cd = D.ConceptDirections(layers=[layer]).fit(model, tr)  # the defaults: uncentred, logit gradient, predicted
-    rel = cd.relevance(model, tr)  # every image: the outlier AUROC uses all off-class images
-    proj = rel.proj[layer]
-    st = stamped[rel.ids]
-    auc = np.array([roc_auc_score(st, proj[:, j]) for j in range(proj.shape[1])])
-    j = int(np.argmax(np.maximum(auc, 1 - auc)))
-    if auc[j] < 0.5:  # the stamp sits at the direction's negative pole: turn the direction round
-        cd.vh[layer][j] *= -1
-        for arr in (rel.P[layer], rel.proj[layer], *(rel.sums[by][layer] for by in rel.sums)):
-            arr[:, j] *= -1
-        auc[j] = 1 - auc[j]
-    table = cd.class_concepts(rel)
-    rank = int(table[(table["class"] == target) & (table["direction"] == j)]["rank"].item())
-    top3 = table[(table["class"] == target) & (table["rank"] <= 3)]["direction"].to_numpy()
-    sel = np.flatnonzero(stamped)[:32]
-    _m, masks = cd.concept_map(model, torch.stack([tr[int(i)][0] for i in sel]), layer, j)
     box = np.zeros((32, 32), bool)
     box[r0:r0 + 5, c0:c0 + 5] = True
-    iou = float(np.mean([(mk & box).sum() / (mk | box).sum() for mk in masks]))
-    cover = float(np.mean([(mk & box).sum() / box.sum() for mk in masks]))
-    off = rel.labels != target
-    rz = np.zeros(len(rel.ids))
-    for c in np.unique(rel.labels[off]):
-        idx = np.flatnonzero(rel.labels == c)
-        rz[idx] = D.robust_z(proj[idx, j])
-    out_auc = roc_auc_score(st[off], rz[off])
+    figs = {}
+    for basis in ("svd", "ica"):  # the method's defaults (uncentred, logit gradient, predicted), then the option
+        cd = D.ConceptDirections(layers=[layer], basis=basis).fit(model, tr)
+        rel = cd.relevance(model, tr)  # every image: the outlier AUROC uses all off-class images
+        figs[basis] = cd.audit(rel, layer, stamped, target, model=model, data=tr, region=box)
     print(f"class-{target} test recall clean {rec[0]:.2f} -> stamped {rec[1]:.2f}, class-{target} logit of off-class "
-          f"images +{rise:.2f} sd when stamped; stamp direction {j} "
-          f"(AUROC {auc[j]:.3f}, explained {cd.singular_values[layer][j] ** 2 / (cd.singular_values[layer] ** 2).sum():.4f}); "
-          f"rank for class {target}: {rank} (top 3: {top3}, their stamp AUROCs "
-          f"{np.round(np.maximum(auc[top3], 1 - auc[top3]), 3)}); concept map (percentile {D.MAP_PERCENTILE:g}) "
-          f"IoU {iou:.2f}, stamp covered {cover:.2f}; outlier AUROC among off-class images {out_auc:.3f}")
-    # Measured (one training thread, deterministic; 91 CPU-s): recall 0.52 -> 1.00, logit +0.92 sd,
-    # stamp direction 15 (AUROC 0.827), rank 1 (top 3: 15, 16, 17), IoU 0.08, stamp covered 0.38,
-    # outlier AUROC 0.780. Asserted: what held in every design tried (RESULTS.md); the rank, IoU and
-    # outlier AUROC >= 0.9 of the issue did not hold across designs and are printed only.
+          f"images +{rise:.2f} sd when stamped")
+    for basis, f in figs.items():
+        print(f"{basis}: stamp direction {f['direction']} (AUROC {f['auroc']:.3f}), rank for class {target}: "
+              f"{f['rank']} (top 3: {f['top3']}); concept map (percentile {D.MAP_PERCENTILE:g}) IoU "
+              f"{f['map_iou']:.2f}, stamp covered {f['map_cover']:.2f}; outlier AUROC among off-class images "
+              f"{f['outlier_auroc']:.3f}")
+    # Measured (one training thread, deterministic): recall 0.52 -> 1.00; SVD: direction 15 (AUROC 0.827),
+    # rank 1, IoU 0.08, cover 0.38, outlier AUROC 0.780; ICA: AUROC 0.953, rank 1, outlier AUROC 0.924.
+    # Asserted: what held in every design and seed tried (RESULTS.md, benchmarks/study_confounder.py); the
+    # issue's top-3 rank and outlier AUROC >= 0.9 did not hold across seeds and are printed only.
     assert rec[1] > rec[0] and rise > 0  # the model uses the confounder
-    assert auc[j] >= 0.75 and out_auc >= 0.7
+    svd, ica = figs["svd"], figs["ica"]
+    assert svd["auroc"] >= 0.75 and svd["outlier_auroc"] >= 0.7
+    assert ica["auroc"] >= 0.9 and ica["auroc"] > svd["auroc"]  # the study: 15 of 15 (seed, random state) pairs

@@ -91,3 +91,28 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert set(table["model"]) == {"well_trained"} and sorted(set(table["epoch"])) == epochs
     assert len(table) == len(us) == len(SAVED) * us.summary()["checkpoints"][0]["neurons"]
     assert ns["xy"].shape == (len(us), 2)
+
+
+def test_readme_directions_example_runs():
+    """The README's concept-direction example, run as written on a small built-in set and an untrained
+    vgg_small (the figures are meaningless there; the calls and their outputs are what is checked)."""
+    import torch
+
+    from conceptevo import data, models
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Concept directions and shortcut audits", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    torch.manual_seed(0)
+    images = data.builtin_dataset("train", seed=0, num_images=160)
+    ns = {"images": images, "model": models.build_model("vgg_small", num_classes=len(images.class_names))}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        exec(compile(code, "README.md (concept directions)", "exec"), ns)
+    finally:
+        torch.set_num_threads(threads)
+    assert ns["stamped"].any() and not ns["stamped"].all()
+    assert {"class", "direction", "z", "rank"} <= set(ns["concepts"].columns)
+    found = ns["found"]
+    assert found["class"] == 0 and 0.5 <= found["auroc"] <= 1.0 and found["rank"] >= 1
