@@ -404,6 +404,8 @@ def directions(
     runs: Annotated[Optional[list[str]], typer.Option("--analyse", help="Run to analyse (repeatable); default the base.")] = None,
     images: Annotated[int, typer.Option(help="Images per class for the relevance (gradient) pass.")] = 32,
     gradient: Annotated[str, typer.Option(help="Relevance gradient: logit (default) or loss (the authors' code).")] = "logit",
+    basis: Annotated[str, typer.Option(help="Directions: svd (the method, default) or ica (FastICA filters; "
+                                            "finds concepts few images carry).")] = "svd",
     report: Annotated[bool, typer.Option(help="Rebuild report.html with the directions section.")] = True,
 ) -> None:
     """Concept directions by SVD across training (Graziani et al.): directions.parquet,
@@ -421,7 +423,8 @@ def directions(
         _fail(ConceptEvoError(f"{run} has no pipeline config in its manifest"))
     try:
         cfg = dataclasses.replace(PipelineConfig(**conf), directions=True, directions_runs=runs or None,
-                                  directions_images=images, directions_gradient=gradient)
+                                  directions_images=images, directions_gradient=gradient,
+                                  directions_basis=basis)
         result = run_pipeline(cfg, report=report)
     except ConceptEvoError as exc:
         _fail(exc)

@@ -74,9 +74,11 @@ Rare concepts: the ICA option and the audit
     them for 90% of its length (benchmarks/study_confounder.py). ``ConceptDirections(basis="ica")``
     uses FastICA filters of Ā instead (:func:`ica_directions`): whitening gives every direction unit
     variance and a concept carried by few images is strongly skewed, so ICA finds it whatever its
-    energy (stamp AUROC 0.91-0.97 against 0.77-0.85 for the best singular vector, five seeds). It
-    needs Ā itself (:func:`pooled_pass`), not the streamed Gram matrix, so the pipeline stage stays
-    SVD. :meth:`ConceptDirections.audit` answers "which direction carries this concept, how does
+    energy (stamp AUROC 0.90-0.96 against 0.77-0.85 for the best singular vector, five seeds). It
+    needs Ā itself (:func:`pooled_pass`), not the streamed Gram matrix: the pipeline stage
+    (``run_stage(basis="ica")``, config ``directions_basis = "ica"``, ``conceptevo directions
+    --basis ica``) fits it on ``ica_images`` images (default 10,000, drawn at random) with one more
+    forward pass per checkpoint. :meth:`ConceptDirections.audit` answers "which direction carries this concept, how does
     it rank for the class, do its outliers flag the concept's images?" for images you mark
     (:func:`conceptevo.data.plant_stamp` plants a known shortcut).
 
@@ -513,8 +515,8 @@ def pooled_pass(model: nn.Module, data: Any, layers: LayerSpec = None, batch_siz
     return {n: np.concatenate(r) for n, r in rows.items()}
 
 
-def ica_directions(a_bar: np.ndarray, top: int | None = None, seed: int = 0, max_iter: int = 1000,
-                   tol: float = 1e-5, layer: str = "?") -> tuple[np.ndarray, np.ndarray]:
+def ica_directions(a_bar: np.ndarray, top: int | None = None, seed: int = 0, max_iter: int = 200,
+                   tol: float = 1e-4, layer: str = "?") -> tuple[np.ndarray, np.ndarray]:
     """Unit FastICA filters ``vh`` (D, C) of ``Ā`` (N, C) and their scales ``‖Ā v‖`` (D,), descending.
 
     Why an ICA basis: SVD directions are orthogonal and ordered by energy, so a concept that few
@@ -523,9 +525,13 @@ def ica_directions(a_bar: np.ndarray, top: int | None = None, seed: int = 0, max
     direction gets unit variance) and then seeks the most non-Gaussian directions; a concept that
     is present in few images is strongly skewed, so it is found whatever its energy.
 
-    ``sklearn.decomposition.FastICA`` (``whiten="unit-variance"``, logcosh, ``random_state=seed``)
-    on the centred rows, with D = min(rank of the centred Ā, ``top`` or C) components: dead or
-    duplicated channels (common after a ReLU) are dropped by the rank, not divided by zero.
+    ``sklearn.decomposition.FastICA`` (``whiten="unit-variance"``, logcosh, ``random_state=seed``,
+    scikit-learn's ``max_iter`` and ``tol``) on the centred rows, with D = min(rank of the centred
+    Ā, ``top`` or C) components: dead or duplicated channels (common after a ReLU) are dropped by
+    the rank, not divided by zero. ``top`` keeps the leading ``top`` principal components before
+    the rotation, which drops the low-energy subspace where rare concepts live: leave it None
+    unless C is too large. Cost: O(N C D) per iteration (a 128-channel layer over 4,800 images:
+    16 CPU-s for 200 iterations, against 0.04 s for the SVD).
     Each filter (a row of the unmixing matrix, normalised to unit length) is signed so that its
     source has a positive skew (it points towards the images that carry the concept; a skew of
     exactly 0 falls back to the largest-|component|-positive rule). The scale ``‖Ā v‖`` plays the
@@ -821,8 +827,8 @@ class ConceptDirections:
     (:func:`ica_directions`, ``seed`` its random state) instead of singular vectors. It finds
     concepts that few images carry, which SVD splits over many low-energy directions (the
     confounder study in benchmarks/RESULTS.md), but it needs Ā itself (N x C per layer, a pass of
-    :func:`pooled_pass`), not the streamed Gram matrix, so the pipeline stage stays SVD. ``center``
-    still decides whether maps and projections subtract the mean activation.
+    :func:`pooled_pass`), not the streamed Gram matrix: subsample large sets (``fit(indices=...)``).
+    ``center`` still decides whether maps and projections subtract the mean activation.
     """
 
     def __init__(self, layers: LayerSpec = None, center: bool = False, gradient: str = "logit",
@@ -1264,7 +1270,15 @@ def direction_importance(model_t: nn.Module, model_t2: nn.Module, data: Any, dir
 # ================================================================ pipeline stage
 #: Parameters of the directions stage (``directions_*`` fields of the pipeline config map onto these).
 STAGE_DEFAULTS: dict[str, Any] = {"k": 10, "images_per_class": 32, "center": False, "gradient": "logit",
-                                  "by": "predicted", "outliers_top": 10, "classes_top": 5, "top": None}
+                                  "by": "predicted", "outliers_top": 10, "classes_top": 5, "top": None,
+                                  "basis": "svd", "ica_images": 10_000}
+
+
+def _ica_sample(n: int, cap: int, seed: int) -> np.ndarray:
+    """The images the ICA basis is fitted on: all of them, or ``cap`` drawn at random (sorted ids)."""
+    if n <= cap:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False)).astype(np.int64)
 
 
 def _load_models(spec: Any, epochs: Sequence[int], device: torch.device) -> list[nn.Module]:
@@ -1290,10 +1304,14 @@ def run_stage(store: Any, runs: Mapping[str, Any], data: Any, *, run_names: Sequ
     pass, keyed ``(run, epoch)``; the missing ones are computed here (one forward pass per run).
     ``evolution=(t, t')``: also score the directions of epoch t with Eq. 2-4 (first run).
     ``space``: a fitted UnifiedSpace: the directions' top images are projected into it.
-    ``params`` override :data:`STAGE_DEFAULTS`.
+    ``params`` override :data:`STAGE_DEFAULTS`. ``basis="ica"``: FastICA filters of Ā instead of
+    the SVD (:func:`ica_directions`, random state ``seed``), fitted on ``ica_images`` images drawn
+    at random (all when fewer) by one :func:`pooled_pass` per checkpoint; ``grams`` are then not
+    used, ``singular_value`` is the filter's scale ``‖Ā v‖`` on that sample and ``explained`` its
+    share of the sample's ``‖Ā‖²``.
 
     Writes (with a :class:`~conceptevo.store.RunStore`): ``directions.parquet`` (run, epoch, layer,
-    direction, singular_value, explained, prev_direction, cos_prev, angle, status, subspace_angle,
+    direction, basis, singular_value, explained, prev_direction, cos_prev, angle, status, subspace_angle,
     aligned_channel, alignment, effective_channels, top_images), ``direction_classes.parquet``
     (run, epoch, layer, class, direction, z, rank, count), ``direction_outliers.parquet``,
     ``direction_importance.parquet`` / ``direction_vectors.parquet`` when asked, and per checkpoint
@@ -1306,6 +1324,10 @@ def run_stage(store: Any, runs: Mapping[str, Any], data: Any, *, run_names: Sequ
     if bad:
         raise ConceptEvoError(f"unknown directions parameter(s) {bad}; known: {sorted(STAGE_DEFAULTS)}")
     p = {**STAGE_DEFAULTS, **params}
+    if p["basis"] not in BASES:
+        raise ConceptEvoError(f"directions: basis must be one of {BASES}, got {p['basis']!r}")
+    if int(p["ica_images"]) < 2:
+        raise ConceptEvoError(f"directions: ica_images must be at least 2, got {p['ica_images']}")
     names = list(run_names) if run_names else list(runs)
     missing = [n for n in names if n not in runs]
     if missing:
@@ -1328,28 +1350,41 @@ def run_stage(store: Any, runs: Mapping[str, Any], data: Any, *, run_names: Sequ
         epochs = sorted(spec.checkpoints)
         models = _load_models(spec, epochs, dev)
         accs: dict[int, GramAccumulator] = {}
-        todo = [e for e in epochs if not (grams and (run, e) in grams)]
-        if todo:
-            got = gram_pass([models[epochs.index(e)] for e in todo], data, layers=layers, batch_size=batch_size,
-                            device=dev, progress=progress)
-            accs.update(zip(todo, got))
-        for e in epochs:
-            if e not in accs:
-                accs[e] = grams[(run, e)]  # type: ignore[index]
-        partial = [e for e in epochs if any(c != len(data) for c in accs[e].count.values())]
-        if partial:  # e.g. a resumed stimulus pass saw only part of the images: recompute those
-            got = gram_pass([models[epochs.index(e)] for e in partial], data, layers=layers, batch_size=batch_size,
-                            device=dev, progress=progress)
-            accs.update(zip(partial, got))
-        lnames = list(accs[epochs[0]].gram)
-        items = [(accs[e].gram[n], accs[e].sums[n], accs[e].count[n]) for e in epochs for n in lnames]
-        dec = batched_directions([(g.cpu().numpy(), s.cpu().numpy(), c) for g, s, c in items],
-                                 center=bool(p["center"]), device=dev, top=p["top"])
-        # total energy (trace of the decomposed matrix): the denominator of "explained" when only
-        # the top directions are computed
-        total = [float(torch.trace(g).item() - (float((s * s).sum()) / max(c, 1) if p["center"] else 0.0))
-                 for g, s, c in items]
-        per_epoch = {e: {n: dec[i * len(lnames) + j] for j, n in enumerate(lnames)} for i, e in enumerate(epochs)}
+        if p["basis"] == "ica":  # FastICA needs Ā itself: one pass per checkpoint over a sample
+            sample = _ica_sample(len(data), int(p["ica_images"]), seed)
+            per_epoch, total = {}, {}
+            for i, e in enumerate(epochs):
+                acts = pooled_pass(models[i], data, layers=layers, batch_size=batch_size, device=dev,
+                                   indices=sample, progress=progress)
+                per_epoch[e] = {n: ica_directions(a, top=p["top"], seed=seed, layer=n) for n, a in acts.items()}
+                total.update({(e, n): float(np.square(a, dtype=np.float64).sum()) for n, a in acts.items()})
+            lnames = list(per_epoch[epochs[0]])
+        else:
+            todo = [e for e in epochs if not (grams and (run, e) in grams)]
+            if todo:
+                got = gram_pass([models[epochs.index(e)] for e in todo], data, layers=layers, batch_size=batch_size,
+                                device=dev, progress=progress)
+                accs.update(zip(todo, got))
+            for e in epochs:
+                if e not in accs:
+                    accs[e] = grams[(run, e)]  # type: ignore[index]
+            partial = [e for e in epochs if any(c != len(data) for c in accs[e].count.values())]
+            if partial:  # e.g. a resumed stimulus pass saw only part of the images: recompute those
+                got = gram_pass([models[epochs.index(e)] for e in partial], data, layers=layers,
+                                batch_size=batch_size, device=dev, progress=progress)
+                accs.update(zip(partial, got))
+            lnames = list(accs[epochs[0]].gram)
+            items = [(accs[e].gram[n], accs[e].sums[n], accs[e].count[n]) for e in epochs for n in lnames]
+            dec = batched_directions([(g.cpu().numpy(), s.cpu().numpy(), c) for g, s, c in items],
+                                     center=bool(p["center"]), device=dev, top=p["top"])
+            # total energy (trace of the decomposed matrix): the denominator of "explained" when only
+            # the top directions are computed
+            keys = [(e, n) for e in epochs for n in lnames]
+            total = {key: float(torch.trace(g).item() - (float((s * s).sum()) / max(c, 1) if p["center"] else 0.0))
+                     for key, (g, s, c) in zip(keys, items)}
+            per_epoch = {e: {} for e in epochs}
+            for (e, n), res in zip(keys, dec):
+                per_epoch[e][n] = res
         vh_of = {e: {n: per_epoch[e][n][0] for n in lnames} for e in epochs}
         if run == names[0]:
             first_dirs = vh_of
@@ -1364,8 +1399,9 @@ def run_stage(store: Any, runs: Mapping[str, Any], data: Any, *, run_names: Sequ
                     f = f"{folder}/{_layer_file(n)}"
                     store.save_array(f"{f}.vh", vh)
                     store.save_array(f"{f}.s", s)
-                    store.save_array(f"{f}.gram", accs[e].gram[n].cpu().numpy())
-                    store.save_array(f"{f}.sums", accs[e].sums[n].cpu().numpy())
+                    if e in accs:  # the SVD basis: its Gram matrix and column sums
+                        store.save_array(f"{f}.gram", accs[e].gram[n].cpu().numpy())
+                        store.save_array(f"{f}.sums", accs[e].sums[n].cpu().numpy())
                     store.save_array(f"{f}.ids", tops[i][n]["ids"])
                     store.save_array(f"{f}.bottom_ids", tops[i][n]["bottom_ids"])
                 al = neuron_alignment(vh)
@@ -1375,8 +1411,8 @@ def run_stage(store: Any, runs: Mapping[str, Any], data: Any, *, run_names: Sequ
                        if i > 0 else np.nan)
                 energy = s ** 2
                 df = pd.DataFrame({"run": run, "epoch": e, "layer": n, "direction": np.arange(vh.shape[0]),
-                                   "singular_value": s,
-                                   "explained": energy / max(total[i * len(lnames) + lnames.index(n)], 1e-300),
+                                   "basis": p["basis"], "singular_value": s,
+                                   "explained": energy / max(total[(e, n)], 1e-300),
                                    "prev_direction": tr["prev_direction"].to_numpy(),
                                    "cos_prev": tr["cos_prev"].to_numpy(), "angle": tr["angle"].to_numpy(),
                                    "status": tr["status"].to_numpy(), "subspace_angle": sub,
@@ -1564,9 +1600,11 @@ def directions_report_section(tables: Mapping[str, pd.DataFrame], data: Any, *, 
             e, j = all_epochs[k - 1], int(r.prev_direction)
         return " ← ".join(chain)
 
-    parts = [f'<section id="directions-section"><h2>Concept directions (SVD, {html.escape(run)}, layer '
+    basis = str(dirs["basis"].iloc[0]) if "basis" in dirs else "svd"  # tables written before the option: svd
+    what = "SVD, Graziani et al." if basis == "svd" else "FastICA filters, the ICA option"
+    parts = [f'<section id="directions-section"><h2>Concept directions ({basis.upper()}, {html.escape(run)}, layer '
              f'{html.escape(layer)})</h2><p class="note">Directions across the channels of a layer '
-             "(Graziani et al.), ranked per class by the z-score of their gradient×activation relevance. "
+             f"({what}), ranked per class by the z-score of their gradient×activation relevance. "
              "Each cell: direction, z, and its top images"
              + (f" (concept map: top {100 - percentile:.0f}% of the direction's map kept)" if cd else "")
              + ". Life: the direction's matched predecessors back to the first epoch.</p>"]

@@ -85,11 +85,14 @@ class PipelineConfig:
     directions_runs: list[str] | None = None  # runs to analyse; default: the base run
     directions_images: int = 32           # images per class for the relevance (gradient) pass
     directions_gradient: str = "logit"    # "logit" or "loss" (the authors' code; see conceptevo.directions)
+    directions_basis: str = "svd"         # "svd" (the method) or "ica" (FastICA filters: rare concepts)
     trace: bool = True                    # trace the base run's evolutions when it recorded trace/ (conceptevo.tracing)
     trace_contributions: int = 64         # test images for the per-class contribution figure (0: none)
 
     def __post_init__(self):
         self.out = Path(self.out)
+        if self.directions_basis not in ("svd", "ica"):  # checked here, before hours of stimuli
+            raise ConceptEvoError(f"directions_basis must be 'svd' or 'ica', got {self.directions_basis!r}")
 
 
 @dataclass
@@ -344,7 +347,8 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
         for name, spec in runs.items():
             epochs = sorted(spec.checkpoints)
             observer, accs = (None, {})
-            if cfg.directions and world is None:  # over ranks the directions stage makes its own Gram pass
+            # over ranks the directions stage makes its own Gram pass; the ICA basis needs no Gram
+            if cfg.directions and cfg.directions_basis == "svd" and world is None:
                 from .directions import gram_observer
 
                 observer, accs = gram_observer()
@@ -531,7 +535,8 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
                 store, runs, train_set, run_names=cfg.directions_runs or [base_run], layers=cfg.layers,
                 batch_size=cfg.batch_size, device=device, seed=cfg.seed, grams=grams, evolution=(t, t2),
                 space=space, input_keys=[r.get("key", "") for r in stim_keys],
-                images_per_class=cfg.directions_images, gradient=cfg.directions_gradient, k=cfg.k)
+                images_per_class=cfg.directions_images, gradient=cfg.directions_gradient, k=cfg.k,
+                basis=cfg.directions_basis)
 
     report_path = None
     if report:

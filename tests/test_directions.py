@@ -187,8 +187,7 @@ def test_ica_directions_against_sklearn_and_a_planted_rare_concept(rng):
     # the plain reference: sklearn's FastICA with the same settings, rows normalised (order and sign free)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = FastICA(n_components=x.shape[1], whiten="unit-variance", random_state=seed, max_iter=1000,
-                      tol=1e-5).fit(x).components_
+        ref = FastICA(n_components=x.shape[1], whiten="unit-variance", random_state=seed).fit(x).components_
     ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
     assert np.abs(vh @ ref.T).max(1).min() > 1 - 1e-9
     # the rare concept is one ICA direction: it detects the images and is the best linear detector
@@ -582,6 +581,55 @@ def test_stage_writes_artifacts_and_reuses_them(rng, tmp_path):
     assert html.count("<h3>") == len(set(cls["class"])) and "<img" in html and "←" in html
 
 
+@pytest.mark.filterwarnings("ignore:.*FastICA did not converge")
+def test_stage_ica_basis_against_its_parts(rng, tmp_path):
+    """basis="ica": per checkpoint, the FastICA filters of Ā over the drawn sample (ica_directions of
+    pooled_pass), their scales and energy shares; no Gram is stored; the stage key changes with it."""
+    from types import SimpleNamespace
+
+    from conceptevo.store import RunStore
+
+    ds = _images(rng, n=int(rng.integers(30, 60)))
+    seed = int(rng.integers(1000))
+    paths = {}
+    for e in range(2):
+        paths[e] = tmp_path / f"epoch_{e:03d}.pt"
+        torch.save(_tiny_cnn(seed + e).state_dict(), paths[e])
+    runs = {"r": SimpleNamespace(checkpoints=paths, factory=lambda: _tiny_cnn(0))}
+    store = RunStore(tmp_path / "run")
+    cap = int(rng.integers(10, 25))
+    tables = D.run_stage(store, runs, ds, batch_size=16, progress=False, k=4, images_per_class=8, basis="ica",
+                         ica_images=cap, seed=seed)
+    dirs = tables["directions"]
+    sample = D._ica_sample(len(ds), cap, seed)
+    assert len(sample) == cap and len(np.unique(sample)) == cap
+    for e in (0, 1):
+        net = _tiny_cnn(0)
+        net.load_state_dict(torch.load(paths[e]))
+        acts = D.pooled_pass(net, ds, layers=["c1", "c2"], batch_size=16, indices=sample)
+        for n in ("c1", "c2"):
+            vh, s = D.ica_directions(acts[n], seed=seed)
+            got = store.load_array(f"directions/r/epoch_{e:03d}/{n}.vh")
+            np.testing.assert_allclose(got, vh, rtol=1e-6, atol=1e-8)
+            rows = dirs[(dirs["epoch"] == e) & (dirs["layer"] == n)].sort_values("direction")
+            np.testing.assert_allclose(rows["singular_value"], s, rtol=1e-6)
+            np.testing.assert_allclose(rows["explained"], s ** 2 / np.square(acts[n], dtype=np.float64).sum(), rtol=1e-6)
+            assert not store.exists(f"directions/r/epoch_{e:03d}/{n}.gram.npy")
+    assert set(tables["direction_classes"]["layer"]) == {"c1", "c2"}
+    # the SVD basis on the same store: a new stage key, so recomputed (orthonormal rows, a Gram stored)
+    D.run_stage(store, runs, ds, batch_size=16, progress=False, k=4, images_per_class=8, seed=seed)
+    assert store.stage_record("directions")["params"]["basis"] == "svd"
+    vh = store.load_array("directions/r/epoch_001/c2.vh")
+    np.testing.assert_allclose(vh @ vh.T, np.eye(5), atol=1e-9)
+    assert store.exists("directions/r/epoch_001/c2.gram.npy")
+    with pytest.raises(ConceptEvoError, match="basis must be"):
+        D.run_stage(None, runs, ds, basis="nmf")
+    from conceptevo.pipeline import PipelineConfig
+
+    with pytest.raises(ConceptEvoError, match="directions_basis"):
+        PipelineConfig(directions_basis="pca")
+
+
 def test_cli_directions_help_and_bad_run(tmp_path):
     from typer.testing import CliRunner
 
@@ -589,14 +637,16 @@ def test_cli_directions_help_and_bad_run(tmp_path):
 
     runner = CliRunner()
     res = runner.invoke(app, ["directions", "--help"])
-    assert res.exit_code == 0 and "--run" in res.output
+    assert res.exit_code == 0 and "--run" in res.output and "--basis" in res.output
     (tmp_path / "r").mkdir()
     res = runner.invoke(app, ["directions", "--run", str(tmp_path / "r")])
     assert res.exit_code != 0
 
 
 @pytest.mark.slow
-def test_pipeline_switch_end_to_end(tmp_path):
+@pytest.mark.filterwarnings("ignore:.*FastICA did not converge")
+@pytest.mark.parametrize("basis", ["svd", "ica"])
+def test_pipeline_switch_end_to_end(tmp_path, basis):
     """``directions = true``: the stage runs in the pipeline, writes its tables and a report section."""
     import pandas as pd
 
@@ -611,7 +661,7 @@ def test_pipeline_switch_end_to_end(tmp_path):
     cfg = PipelineConfig(out=tmp_path / "out", runs={"a": str(run_dir)}, base="a", k=5, k_i=3, batch_size=64,
                          repeats=2, importance_classes=2, importance_images=8, reversion_sample_size=4,
                          reversion_repeats=1, reversion_classes=[0], patches_per_neuron=1, neighbours=2,
-                         directions=True, directions_images=6)
+                         directions=True, directions_images=6, directions_basis=basis)
     res = run_pipeline(cfg, train_set=tr, test_set=te)
     out = tmp_path / "out"
     dirs = pd.read_parquet(out / "directions.parquet")
@@ -619,8 +669,9 @@ def test_pipeline_switch_end_to_end(tmp_path):
     cls = pd.read_parquet(out / "direction_classes.parquet")
     assert {"class", "direction", "z", "rank"} <= set(cls.columns)
     assert (out / "direction_importance.parquet").exists() and (out / "direction_vectors.parquet").exists()
+    assert set(dirs["basis"]) == {basis}
     page = res.report.read_text(encoding="utf-8")
-    assert 'id="directions-section"' in page
+    assert 'id="directions-section"' in page and f"Concept directions ({basis.upper()}," in page
     assert 'alt="directions on the map"' in page  # the directions drawn as virtual neurons on the map
     # they sit where place_on_map puts them: the mean layout position of their nearest real neurons
     from conceptevo.space import UnifiedSpace
@@ -743,10 +794,11 @@ def test_confounder_stamp_is_found_mapped_and_flagged(tmp_path):
               f"{f['map_iou']:.2f}, stamp covered {f['map_cover']:.2f}; outlier AUROC among off-class images "
               f"{f['outlier_auroc']:.3f}")
     # Measured (one training thread, deterministic): recall 0.52 -> 1.00; SVD: direction 15 (AUROC 0.827),
-    # rank 1, IoU 0.08, cover 0.38, outlier AUROC 0.780; ICA: AUROC 0.953, rank 1, outlier AUROC 0.924.
+    # rank 1, IoU 0.08, cover 0.38, outlier AUROC 0.780; ICA: AUROC 0.959, rank 1, outlier AUROC 0.932.
     # Asserted: what held in every design and seed tried (RESULTS.md, benchmarks/study_confounder.py); the
     # issue's top-3 rank and outlier AUROC >= 0.9 did not hold across seeds and are printed only.
     assert rec[1] > rec[0] and rise > 0  # the model uses the confounder
     svd, ica = figs["svd"], figs["ica"]
     assert svd["auroc"] >= 0.75 and svd["outlier_auroc"] >= 0.7
-    assert ica["auroc"] >= 0.9 and ica["auroc"] > svd["auroc"]  # the study: 15 of 15 (seed, random state) pairs
+    # the study: ICA's AUROC above the SVD's in 15 of 15 (seed, random state) pairs, >= 0.9 in 14 (seed 0: 3 of 3)
+    assert ica["auroc"] >= 0.9 and ica["auroc"] > svd["auroc"]
