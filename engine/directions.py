@@ -115,6 +115,7 @@ Virtual neurons
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,6 +139,7 @@ __all__ = [
     "batched_directions",
     "pooled_pass",
     "ica_directions",
+    "ICAConvergenceWarning",
     "neuron_alignment",
     "match_directions",
     "principal_angles",
@@ -164,6 +166,10 @@ _STABLE, _ROTATING = 0.9, 0.5
 GRADIENTS = ("loss", "logit")
 GROUPINGS = ("predicted", "label")
 BASES = ("svd", "ica")
+
+
+class ICAConvergenceWarning(RuntimeWarning):
+    """FastICA stopped at ``max_iter`` before ``tol`` (filter it with this class)."""
 
 
 # =============================================================================== Gram
@@ -538,7 +544,6 @@ def ica_directions(a_bar: np.ndarray, top: int | None = None, seed: int = 0, max
     role of the singular value (equal to it for an SVD direction of the uncentred Ā). The filters
     are not orthogonal: read ``vh`` as directions to project on, not as a rotation.
     """
-    import warnings
 
     from sklearn.decomposition import FastICA
     from sklearn.exceptions import ConvergenceWarning
@@ -566,7 +571,7 @@ def ica_directions(a_bar: np.ndarray, top: int | None = None, seed: int = 0, max
         if issubclass(rec.category, ConvergenceWarning):
             warnings.warn(f"layer {layer!r}: FastICA did not converge in {max_iter} iterations (tol {tol:g}); "
                           "near-Gaussian components are then arbitrary, skewed ones (rare concepts) usually "
-                          "settle first", RuntimeWarning, stacklevel=2)
+                          "settle first", ICAConvergenceWarning, stacklevel=2)
         else:
             warnings.warn_explicit(rec.message, rec.category, rec.filename, rec.lineno)
     w = np.asarray(ica.components_, np.float64)
@@ -1353,12 +1358,28 @@ def run_stage(store: Any, runs: Mapping[str, Any], data: Any, *, run_names: Sequ
         if p["basis"] == "ica":  # FastICA needs Ā itself: one pass per checkpoint over a sample
             sample = _ica_sample(len(data), int(p["ica_images"]), seed)
             per_epoch, total = {}, {}
+            unconverged = []
             for i, e in enumerate(epochs):
                 acts = pooled_pass(models[i], data, layers=layers, batch_size=batch_size, device=dev,
                                    indices=sample, progress=progress)
-                per_epoch[e] = {n: ica_directions(a, top=p["top"], seed=seed, layer=n) for n, a in acts.items()}
+                per_epoch[e] = {}
+                for n, a in acts.items():
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always", ICAConvergenceWarning)
+                        per_epoch[e][n] = ica_directions(a, top=p["top"], seed=seed, layer=n)
+                    if any(issubclass(rec.category, ICAConvergenceWarning) for rec in caught):
+                        unconverged.append(f"{n}@{e}")
+                    for rec in caught:
+                        if not issubclass(rec.category, ICAConvergenceWarning):
+                            warnings.warn_explicit(rec.message, rec.category, rec.filename, rec.lineno)
                 total.update({(e, n): float(np.square(a, dtype=np.float64).sum()) for n, a in acts.items()})
             lnames = list(per_epoch[epochs[0]])
+            if unconverged:  # one line for the run, not one per layer and checkpoint
+                warnings.warn(f"directions ({run}): FastICA stopped at its iteration limit in {len(unconverged)} of "
+                              f"{len(epochs) * len(lnames)} (layer, epoch) fits ({', '.join(unconverged[:6])}"
+                              f"{', ...' if len(unconverged) > 6 else ''}); their near-Gaussian components are "
+                              "arbitrary, skewed ones (rare concepts) usually settle first",
+                              ICAConvergenceWarning, stacklevel=2)
         else:
             todo = [e for e in epochs if not (grams and (run, e) in grams)]
             if todo:

@@ -168,7 +168,7 @@ def _rare_concept(rng):
     return x, has, matched / np.linalg.norm(matched)
 
 
-@pytest.mark.filterwarnings("ignore:.*FastICA did not converge")  # near-Gaussian parts converge slowly
+@pytest.mark.filterwarnings("ignore::conceptevo.directions.ICAConvergenceWarning")  # near-Gaussian parts
 def test_ica_directions_against_sklearn_and_a_planted_rare_concept(rng):
     import warnings
 
@@ -196,7 +196,7 @@ def test_ica_directions_against_sklearn_and_a_planted_rare_concept(rng):
     assert auc[j] >= 0.99 and abs(vh[j] @ matched) >= 0.9, (auc[j], vh[j] @ matched)
 
 
-@pytest.mark.filterwarnings("ignore:.*FastICA did not converge")  # near-Gaussian parts converge slowly
+@pytest.mark.filterwarnings("ignore::conceptevo.directions.ICAConvergenceWarning")  # near-Gaussian parts
 def test_ica_basis_rank_deficient_and_errors(rng):
     x, _has, _m = _rare_concept(rng)
     n, c = x.shape
@@ -219,7 +219,7 @@ def test_ica_basis_rank_deficient_and_errors(rng):
         D.ConceptDirections(basis="ica").fit_gram({"l": {"gram": x.T @ x, "sums": x.sum(0), "count": n}})
 
 
-@pytest.mark.filterwarnings("ignore:.*FastICA did not converge")  # near-Gaussian parts converge slowly
+@pytest.mark.filterwarnings("ignore::conceptevo.directions.ICAConvergenceWarning")  # near-Gaussian parts
 def test_ica_basis_through_the_class_api(rng):
     """fit (one pooled pass + FastICA) equals fit_activations of a plain hooked forward; the rest of the
     API (relevance, z, maps, outliers) takes the non-orthogonal basis; the SVD basis of fit_activations
@@ -581,7 +581,7 @@ def test_stage_writes_artifacts_and_reuses_them(rng, tmp_path):
     assert html.count("<h3>") == len(set(cls["class"])) and "<img" in html and "←" in html
 
 
-@pytest.mark.filterwarnings("ignore:.*FastICA did not converge")
+@pytest.mark.filterwarnings("ignore::conceptevo.directions.ICAConvergenceWarning")
 def test_stage_ica_basis_against_its_parts(rng, tmp_path):
     """basis="ica": per checkpoint, the FastICA filters of Ā over the drawn sample (ica_directions of
     pooled_pass), their scales and energy shares; no Gram is stored; the stage key changes with it."""
@@ -616,6 +616,25 @@ def test_stage_ica_basis_against_its_parts(rng, tmp_path):
             np.testing.assert_allclose(rows["explained"], s ** 2 / np.square(acts[n], dtype=np.float64).sum(), rtol=1e-6)
             assert not store.exists(f"directions/r/epoch_{e:03d}/{n}.gram.npy")
     assert set(tables["direction_classes"]["layer"]) == {"c1", "c2"}
+    # unconverged fits: one warning for the run, not one per (layer, epoch)
+    import warnings
+
+    real = D.ica_directions
+
+    def slow(a, **kw):
+        warnings.warn("did not converge", D.ICAConvergenceWarning)
+        return real(a, **kw)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        D.ica_directions = slow
+        try:
+            D.run_stage(None, runs, ds, batch_size=16, progress=False, k=4, images_per_class=8, basis="ica",
+                        ica_images=cap, seed=seed)
+        finally:
+            D.ica_directions = real
+    mine = [str(w.message) for w in caught if issubclass(w.category, D.ICAConvergenceWarning)]
+    assert len(mine) == 1 and "in 4 of 4 (layer, epoch) fits" in mine[0], mine
     # the SVD basis on the same store: a new stage key, so recomputed (orthonormal rows, a Gram stored)
     D.run_stage(store, runs, ds, batch_size=16, progress=False, k=4, images_per_class=8, seed=seed)
     assert store.stage_record("directions")["params"]["basis"] == "svd"
@@ -644,7 +663,7 @@ def test_cli_directions_help_and_bad_run(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:.*FastICA did not converge")
+@pytest.mark.filterwarnings("ignore::conceptevo.directions.ICAConvergenceWarning")
 @pytest.mark.parametrize("basis", ["svd", "ica"])
 def test_pipeline_switch_end_to_end(tmp_path, basis):
     """``directions = true``: the stage runs in the pipeline, writes its tables and a report section."""
