@@ -40,16 +40,6 @@ TARGET, TOP_LEFT, SIZE = 0, (2, 25), 5
 ICA_STATES = (0, 1, 2)  # FastICA's random state changes which local optimum it settles in
 
 
-def _robust_z_within(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    from conceptevo.directions import robust_z
-
-    out = np.zeros(len(values))
-    for g in np.unique(groups):
-        idx = np.flatnonzero(groups == g)
-        out[idx] = robust_z(values[idx])
-    return out
-
-
 def _evaluate(cd, rel, model, tr, stamped: np.ndarray, a_bar: np.ndarray) -> dict:
     """The check's figures for one basis (:meth:`ConceptDirections.audit`) and the direction's energy share."""
     box = np.zeros(tuple(tr[0][0].shape[-2:]), bool)
@@ -69,7 +59,7 @@ def _oracle(cd, rel, stamped: np.ndarray) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from conceptevo.directions import class_zscores
+    from conceptevo.directions import class_zscores, robust_z_within
 
     vh = cd.vh[LAYER]
     a_bar = rel.proj[LAYER] @ vh  # (N, C): the basis is orthonormal and complete (top=None)
@@ -80,7 +70,7 @@ def _oracle(cd, rel, stamped: np.ndarray) -> dict:
         return make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, class_weight="balanced"))
 
     cv = cross_val_predict(clf(), a_bar, st, cv=5, method="decision_function")
-    rz = _robust_z_within(cv, rel.labels)
+    rz = robust_z_within(cv, rel.labels)
     fit = clf().fit(a_bar, st)
     w = fit[-1].coef_[0] / fit[0].scale_  # the decision direction in activation space
     w /= np.linalg.norm(w)

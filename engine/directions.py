@@ -148,6 +148,7 @@ __all__ = [
     "relevance_pass",
     "class_zscores",
     "robust_z",
+    "robust_z_within",
     "ConceptDirections",
     "direction_stimuli",
     "project_directions",
@@ -814,6 +815,21 @@ def robust_z(x: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(z), 0.0, z)
 
 
+def robust_z_within(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """:func:`robust_z` of ``x`` within each group (step 6's statistic for every class at once)."""
+    x, groups = np.asarray(x, np.float64), np.asarray(groups)
+    out = np.zeros(len(x))
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)
+        out[idx] = robust_z(x[idx])
+    return out
+
+
+def _order_by_z(z: np.ndarray) -> np.ndarray:
+    """Directions by descending z along the last axis (NaN last; ties keep the lower index first)."""
+    return np.argsort(-np.where(np.isnan(z), -np.inf, z), axis=-1, kind="stable")
+
+
 # ============================================================ the class API
 class ConceptDirections:
     """Concept directions of one model (one checkpoint): fit / transform / class_concepts / concept_map / outliers.
@@ -935,8 +951,7 @@ class ConceptDirections:
         for n in rel.sums[by]:
             z = class_zscores(rel.sums[by][n], rel.sumsq[by][n], rel.counts[by])
             K, D = z.shape
-            key = np.where(np.isnan(z), -np.inf, z)
-            order = np.argsort(-key, axis=1, kind="stable")
+            order = _order_by_z(z)
             rank = np.empty_like(order)
             np.put_along_axis(rank, order, np.arange(1, D + 1)[None].repeat(K, 0), axis=1)
             frames.append(pd.DataFrame({"class": np.repeat(np.arange(K), D), "layer": n,
@@ -1054,14 +1069,10 @@ class ConceptDirections:
         sign = 1.0 if auc[j] >= 0.5 else -1.0
         z = class_zscores(rel.sums[self.by][layer], rel.sumsq[self.by][layer], rel.counts[self.by])[int(cls)]
         z[j] *= sign  # z is linear in P: the direction -v has -z
-        key = np.where(np.isnan(z), -np.inf, z)
-        order = np.argsort(-key, kind="stable")
+        order = _order_by_z(z)
         rank = int(np.flatnonzero(order == j)[0]) + 1
         off = rel.labels != int(cls)
-        rz = np.zeros(len(rel.ids))
-        for c in np.unique(rel.labels[off]):
-            idx = np.flatnonzero(rel.labels == c)
-            rz[idx] = robust_z(sign * proj[idx, j])
+        rz = robust_z_within(sign * proj[:, j], rel.labels)
         out = {"layer": layer, "class": int(cls), "direction": j, "sign": int(sign),
                "auroc": float(max(auc[j], 1 - auc[j])), "z": float(z[j]), "rank": rank,
                "top3": [int(d) for d in order[:3]],

@@ -397,6 +397,11 @@ def test_robust_z_reference(rng):
     x = rng.standard_normal(101)
     med = np.median(x); mad = np.median(np.abs(x - med))
     np.testing.assert_allclose(D.robust_z(x), (x - med) / (1.4826 * mad))
+    groups = rng.integers(0, 4, x.size)
+    got = D.robust_z_within(x, groups)
+    for g in range(4):  # each group on its own, as robust_z of that group alone
+        if (groups == g).any():
+            np.testing.assert_array_equal(got[groups == g], D.robust_z(x[groups == g]))
 
 
 def test_errors_name_the_fault(rng):

@@ -179,7 +179,7 @@ def test_train_run_writes_checkpoints_log_and_card(tmp_path, tiny_data):
 def test_finished_run_is_reused_and_other_settings_refused(tmp_path, tiny_data):
     tr, te = tiny_data
     run = tmp_path / "r"
-    kw = dict(epochs=1, lr=0.01, seed=0, model_kw=TINY, progress=False, batch_size=48)
+    kw = {"epochs": 1, "lr": 0.01, "seed": 0, "model_kw": TINY, "progress": False, "batch_size": 48}
     train_run(run, "vgg_small_nodrop", tr, te, **kw)
     stamp = (run / "checkpoints" / "epoch_001.pt").stat().st_mtime_ns
     again = train_run(run, "vgg_small_nodrop", tr, te, **kw)  # done: nothing is retrained
@@ -194,8 +194,8 @@ def test_finished_run_is_reused_and_other_settings_refused(tmp_path, tiny_data):
 
 def test_interrupted_run_resumes_to_identical_weights(tmp_path, tiny_data, interrupt_training):
     tr, te = tiny_data
-    kw = dict(epochs=3, lr=0.02, dropout=0.5, seed=1, model_kw=TINY, progress=False, threads=1, batch_size=32,
-              save_epochs=[0, 1, 2, 3])
+    kw = {"epochs": 3, "lr": 0.02, "dropout": 0.5, "seed": 1, "model_kw": TINY, "progress": False, "threads": 1,
+          "batch_size": 32, "save_epochs": [0, 1, 2, 3]}
     ref = train_run(tmp_path / "ref", "vgg_small", tr, te, **kw)
 
     interrupt_training(math.ceil(len(tr) / 32))
@@ -227,7 +227,7 @@ def test_train_subset_eval_sample_and_threads(tmp_path, tiny_data):
 
 def test_train_run_bad_arguments(tmp_path, tiny_data):
     tr, te = tiny_data
-    base = dict(epochs=2, lr=0.01, model_kw=TINY, progress=False)
+    base = {"epochs": 2, "lr": 0.01, "model_kw": TINY, "progress": False}
     for bad, match in [({"save_epochs": [3]}, "save_epochs"), ({"lr": -1.0}, "lr"),
                        ({"lr_schedule": "linear"}, "lr_schedule"), ({"warmup_epochs": 5}, "warmup_epochs"),
                        ({"train_subset": 0}, "train_subset"), ({"epochs": -1}, "epochs"),
