@@ -99,7 +99,9 @@ def test_torch_path_equals_scipy(rng, n, num_images):
     u_t, i_t = ie.fit(s, v, num_images, ridge=1e-2, backend="torch", device="cpu", tol=1e-10)
     np.testing.assert_allclose(u_t, u_sp, rtol=1e-5, atol=1e-6)
     assert i_t.backend == "torch:cpu" and i_sp.backend == "numba"
-    assert i_t.method == i_sp.method and i_t.iterations == pytest.approx(i_sp.iterations, abs=2)
+    # both converged on the same side; their iteration counts are not compared (rounding moves the
+    # crossing of a deep threshold: see test_numba_cg_equals_numpy_recurrences)
+    assert i_t.method == i_sp.method and i_t.converged and i_sp.converged
 
 
 def test_design_matrix_rows(rng):
@@ -301,21 +303,51 @@ def test_numba_cg_and_auto_equal_dense_reference(rng, n, k, num_images, d, disti
 
 @pytest.mark.parametrize("n,num_images,d", [(50, 120, 7), (120, 40, 4), (33, 33, 1)])
 def test_numba_cg_equals_numpy_recurrences(rng, n, num_images, d):
-    """The fused Numba kernel runs the same recurrences as the NumPy block CG: same iterates."""
+    """The fused Numba kernel runs the recurrences of the NumPy block CG and stops by the same rule.
+
+    The iteration at which the residual first crosses ``tol`` is not compared between the two:
+    the kernels sum in different orders, and near a deep threshold the recursive residuals of
+    two CG runs can drift apart by a factor of 2 (seen: 34 against 36 iterations, with solutions
+    equal to 2e-11). Instead each one's stop is checked against the true residual: below ``tol``
+    at the returned iteration, above it one iteration earlier.
+    """
     s = random_stimuli(rng, n, 5, num_images, empty=0.1, distinct=False)
     v = rng.normal(size=(n, d))
     v[:, 0] = 0.0  # a column that is solved at iteration 0
     a = ie.design_matrix(s, num_images)
     a = a[np.diff(a.indptr) > 0][:, np.unique(a.indices)].tocsr()
     at = a.T.tocsr()
+    ridge, tol = 1e-2, 1e-6
+    # The true and the recursive residual differ by ~ eps * iterations * ||M|| ||x|| / ||b||, here
+    # below 1e-6 of tol; this slack is 1,000 times that, and far below one CG step's reduction.
+    slack = 1e-3
+
+    def worst_residual(outer, inner, b, x):
+        """max over the columns of ||b - (O I + ridge) x|| / (tol ||b||); 0 for a zero column."""
+        norm_b = np.linalg.norm(b, axis=0)
+        res = np.linalg.norm(b - (outer @ (inner @ x) + ridge * x), axis=0)
+        return float(np.max(res / (tol * np.where(norm_b > 0, norm_b, 1.0)), initial=0.0))
+
     for outer, inner, b in ((a, at, v[: a.shape[0]]), (at, a, at @ v[: a.shape[0]])):
-        for max_iter in (3, 500):
-            x_nb, it_nb, ok_nb = ie._cg_numba(outer, inner, b, 1e-2, 1e-9, max_iter)
-            x_np, it_np, ok_np = ie._cg_numpy(outer, inner, b, 1e-2, 1e-9, max_iter)
-            np.testing.assert_allclose(x_nb, x_np, rtol=1e-6, atol=1e-8 * max(1.0, np.abs(x_np).max()))
-            assert ok_nb == ok_np == (max_iter == 500 or d == 1)  # d = 1: only the zero column
-            assert abs(it_nb - it_np) <= 1 and (it_nb == max_iter) == (not ok_nb)
-            assert np.all(x_nb[:, 0] == 0)
+        # a few steps, not converged: the very same iterates
+        x_nb, it_nb, ok_nb = ie._cg_numba(outer, inner, b, ridge, tol, 3)
+        x_np, it_np, ok_np = ie._cg_numpy(outer, inner, b, ridge, tol, 3)
+        np.testing.assert_allclose(x_nb, x_np, rtol=1e-9, atol=1e-12 * max(1.0, np.abs(x_np).max()))
+        assert (it_nb, ok_nb) == (it_np, ok_np)
+        assert ok_nb == (d == 1) and it_nb == (0 if d == 1 else 3)  # d = 1: only the zero column
+        # to convergence: the same solution, and each stops at its first iteration below tol
+        results = {}
+        for name, solve in (("numba", ie._cg_numba), ("numpy", ie._cg_numpy)):
+            x, it, ok = solve(outer, inner, b, ridge, tol, 500)
+            assert ok and it < 500 and np.all(x[:, 0] == 0), name
+            assert worst_residual(outer, inner, b, x) <= 1 + slack, name
+            if it > 0:
+                x_before, _, ok_before = solve(outer, inner, b, ridge, tol, it - 1)
+                assert not ok_before and worst_residual(outer, inner, b, x_before) > 1 - slack, name
+            results[name] = x
+        # each is within ||r|| / ridge <= tol ||b|| / ridge of the exact solution
+        bound = 2 * tol * np.linalg.norm(b, axis=0).max() / ridge
+        np.testing.assert_allclose(results["numba"], results["numpy"], rtol=0, atol=bound)
 
 
 def test_auto_switches_to_cg_above_the_crossover(rng, monkeypatch):
