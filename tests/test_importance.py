@@ -78,18 +78,23 @@ def _key(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_batched_equals_plain_loop(rng):
-    seed = int(rng.integers(2**31))
-    m_t = tiny_net(seed)
-    m_t2 = evolved(m_t, seed + 1)
-    data = make_data(seed=seed + 2)
-    fast, fs = evolution_importance(m_t, m_t2, data, layers=LAYERS, batch_size=4, return_scores=True)
+    # Not a degenerate case: both signs of the score at every hidden layer. About 1 random model in
+    # 70 has one sign only at some layer, so draw until both occur.
+    for _ in range(100):
+        seed = int(rng.integers(2**31))
+        m_t = tiny_net(seed)
+        m_t2 = evolved(m_t, seed + 1)
+        data = make_data(seed=seed + 2)
+        fast, fs = evolution_importance(m_t, m_t2, data, layers=LAYERS, batch_size=4, return_scores=True)
+        if all((fs.scores[name] > 0).any() and (fs.scores[name] < 0).any() for name in LAYERS[:-1]):
+            break
+    else:
+        raise AssertionError("100 random model pairs, each with one sign only at some hidden layer")
     slow, ss = importance_loop(m_t, m_t2, data, layers=LAYERS, return_scores=True)
     np.testing.assert_array_equal(fs.ids, ss.ids)
     for name in LAYERS:
         assert fs.scores[name].shape == ss.scores[name].shape
         np.testing.assert_allclose(fs.scores[name], ss.scores[name], rtol=1e-9, atol=1e-12)
-        if name != "10":  # not a degenerate case: both signs occur at every hidden layer
-            assert (fs.scores[name] > 0).any() and (fs.scores[name] < 0).any()
     fast, slow = _key(fast), _key(slow)
     assert len(fast) == 4 * (5 + 7 + 6 + 4)
     for col in ("class", "layer", "channel", "neuron", "positives", "total", "rank"):
@@ -127,8 +132,26 @@ def test_gradient_at_t_prime_equals_the_swapped_plain_loop(rng):
         evolution_importance(m_t, m_t2, data, layers=LAYERS, gradient_at="t2")
 
 
+def kink_free_slopes(h, eps: float) -> list[float]:
+    """One-sided finite-difference slopes at 0 of a piecewise-linear ``h`` (a ReLU net, in float64).
+
+    A ReLU or pooling switch within ``eps`` of the point bends ``h`` (seen in about 1 draw in 75 at
+    ``eps = 1e-6``), and a central difference across it is off by up to half the change of slope.
+    A side whose slope over ``[0, eps]`` equals its slope over ``[0, eps/2]`` (to 50x float64
+    rounding) holds no bend, so its slope is exact; the slopes of such sides are returned.
+    """
+    h0 = h(0.0)
+    slopes = []
+    for side in (1.0, -1.0):
+        whole = side * (h(side * eps) - h0) / eps
+        half = side * (h(side * eps / 2) - h0) / (eps / 2)
+        if abs(whole - half) <= 1e-8 * max(1.0, abs(h0)):
+            slopes.append(half)
+    return slopes
+
+
 def test_scores_match_finite_difference_of_eq3(rng):
-    """Eq. 3 by its limit definition: (h(Z + e dZ) - h(Z - e dZ)) / 2e through the epoch-t model."""
+    """Eq. 3 by its limit definition, d/de h(Z + e dZ) at e = 0, through the epoch-t model."""
     seed = int(rng.integers(2**31))
     m_t = tiny_net(seed)
     m_t2 = evolved(m_t, seed + 1)
@@ -146,14 +169,15 @@ def test_scores_match_finite_difference_of_eq3(rng):
             n = int(rng.integers(ad_t.channels[name]))
             delta = torch.zeros_like(z1[name])
             delta[:, n] = z2[name][:, n] - z1[name][:, n]
-            eps = 1e-6
 
-            def h(sign):
-                with torch.no_grad(), ad_t.hooks(lambda nm, o: o + sign * eps * delta if nm == name else None):
+            def h(e):
+                with torch.no_grad(), ad_t.hooks(lambda nm, o: o + e * delta if nm == name else None):
                     return float(m_t(x)[0, c])
 
-            fd = (h(1) - h(-1)) / (2 * eps)
-            assert fd == pytest.approx(sc.scores[name][row, n], rel=1e-5, abs=1e-8)
+            slopes = next(filter(None, (kink_free_slopes(h, eps) for eps in (1e-6, 1e-7, 1e-8))), [])
+            assert slopes, f"a bend on both sides of the point down to e = 1e-8 (layer {name}, row {row})"
+            for fd in slopes:
+                assert fd == pytest.approx(sc.scores[name][row, n], rel=1e-5, abs=1e-8)
 
 
 def test_inplace_relu_does_not_change_results(rng):

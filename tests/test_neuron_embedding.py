@@ -33,6 +33,11 @@ CASES = [
 ]
 
 
+# Relative error bound of the trainer's exp (csrc/sgns.cpp exp_nonpos): the degree-9 Taylor
+# remainder on |r| <= ln2/2 is at most e^|r| |r|^10 / 10! = 9.8e-12 (9.4e-12 measured).
+EXP_REL_ERROR = 1e-11
+
+
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
 def test_single_thread_equals_numpy_oracle_bit_for_bit(case, rng):
     n = int(rng.integers(2, 40))
@@ -54,7 +59,10 @@ def test_single_thread_equals_numpy_oracle_bit_for_bit(case, rng):
     assert fast.vectors.dtype == np.float32 and fast.vectors.shape == (n, kw["dim"])
     np.testing.assert_array_equal(fast.vectors, ref.vectors)
     assert fast.epochs_run == ref.epochs_run == kw["epochs"]
-    np.testing.assert_allclose(fast.losses, ref.losses, rtol=1e-12, atol=1e-12)
+    # The oracle's loss uses np.logaddexp; the trainer's, its own exp: each of a pair's 1 + 2R terms
+    # log(1 + e) may differ by up to EXP_REL_ERROR (seen: 8e-12 on a one-pair epoch).
+    bound = (1 + 2 * kw.get("negatives", 3)) * EXP_REL_ERROR
+    np.testing.assert_allclose(fast.losses, ref.losses, rtol=1e-12, atol=bound)
     np.testing.assert_allclose(fast.grad_norms, ref.grad_norms, rtol=1e-5)
 
 
@@ -213,7 +221,7 @@ def test_polynomial_exp_and_sigmoid_are_accurate(rng):
 
     ys = np.concatenate([-rng.random(20_000) * 700, -rng.random(2_000) * 1e-3, [0.0, -700.0, -1e-300]])
     rel = max(abs(_exp_nonpos(float(y)) / math.exp(y) - 1.0) for y in ys)
-    assert rel < 1e-10
+    assert rel < EXP_REL_ERROR
     assert _exp_nonpos(-1e6) == _exp_nonpos(-700.0) > 0 and math.isnan(_exp_nonpos(math.nan))
     extremes = [0.0, -0.0, 80.0, -80.0, 1e30, -1e30]
     xs = np.concatenate([rng.normal(scale=8, size=5_000), extremes]).astype(np.float32)
