@@ -170,7 +170,7 @@ def test_scores_match_finite_difference_of_eq3(rng):
             delta = torch.zeros_like(z1[name])
             delta[:, n] = z2[name][:, n] - z1[name][:, n]
 
-            def h(e):
+            def h(e, x=x, c=c, name=name, delta=delta):
                 with torch.no_grad(), ad_t.hooks(lambda nm, o: o + e * delta if nm == name else None):
                     return float(m_t(x)[0, c])
 
