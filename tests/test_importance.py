@@ -137,15 +137,17 @@ def kink_free_slopes(h, eps: float) -> list[float]:
 
     A ReLU or pooling switch within ``eps`` of the point bends ``h`` (seen in about 1 draw in 75 at
     ``eps = 1e-6``), and a central difference across it is off by up to half the change of slope.
-    A side whose slope over ``[0, eps]`` equals its slope over ``[0, eps/2]`` (to 50x float64
-    rounding) holds no bend, so its slope is exact; the slopes of such sides are returned.
+    A side whose slope over ``[0, eps]`` equals its slope over ``[0, eps/2]`` (to 50 times the
+    float64 rounding of that slope) holds no bend, so its slope is exact; the slopes of such sides
+    are returned.
     """
     h0 = h(0.0)
+    rounding = 50 * np.finfo(np.float64).eps * max(1.0, abs(h0)) / (eps / 2)
     slopes = []
     for side in (1.0, -1.0):
         whole = side * (h(side * eps) - h0) / eps
         half = side * (h(side * eps / 2) - h0) / (eps / 2)
-        if abs(whole - half) <= 1e-8 * max(1.0, abs(h0)):
+        if abs(whole - half) <= rounding:
             slopes.append(half)
     return slopes
 
