@@ -17,9 +17,9 @@ def pytest_addoption(parser):
 
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--rng-only"):
-        keep = [item for item in items if "rng" in getattr(item, "fixturenames", ())]
-        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
-        items[:] = keep
+        uses_rng = ["rng" in getattr(item, "fixturenames", ()) for item in items]
+        config.hook.pytest_deselected(items=[item for item, keep in zip(items, uses_rng, strict=True) if not keep])
+        items[:] = [item for item, keep in zip(items, uses_rng, strict=True) if keep]
 
 
 @pytest.fixture
