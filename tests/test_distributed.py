@@ -207,7 +207,7 @@ def test_distributed_extract_takes_the_options_object(tmp_path, problem):
         assert store.manifest["stages"][f"stimuli/{spec_name}"]["params"]["world_size"] == 2
 
 
-def test_torchrun_module_entry_point(tmp_path):
+def test_torchrun_module_entry_point(tmp_path, rng):
     """`torchrun --standalone --nproc_per_node=2 -m conceptevo.distributed` on an image folder equals one process
     (checkpoints given as a quoted glob, the model's classes taken from the folder)."""
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -218,7 +218,6 @@ def test_torchrun_module_entry_point(tmp_path):
     from conceptevo.data import image_folder
     from conceptevo.models import build_model
 
-    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % (2**32)))
     for c, count in (("a", 6), ("b", 5)):  # 11 images: odd, and not a multiple of the batch size
         (tmp_path / "imgs" / c).mkdir(parents=True)
         for i in range(count):

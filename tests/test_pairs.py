@@ -49,8 +49,7 @@ def check_paths(pairs, images, stim, repeats):
 @pytest.mark.parametrize(
     "n,k,num_images,repeats", [(37, 5, 23, 3), (64, 10, 40, 2), (5, 3, 4, 7), (50, 1, 9, 2)]
 )
-def test_fast_and_reference_build_the_same_paths(n, k, num_images, repeats):
-    rng = np.random.default_rng()
+def test_fast_and_reference_build_the_same_paths(n, k, num_images, repeats, rng):
     stim = random_stimuli(rng, n, k, num_images)
     stim[0] = -1  # a neuron with no stimuli at all
     seed = int(rng.integers(2**31))
@@ -63,8 +62,7 @@ def test_fast_and_reference_build_the_same_paths(n, k, num_images, repeats):
     assert np.array_equal(build_pairs(stim, num_images, repeats, seed), fast)
 
 
-def test_every_pair_shares_an_image_and_isolated_neurons_never_appear():
-    rng = np.random.default_rng()
+def test_every_pair_shares_an_image_and_isolated_neurons_never_appear(rng):
     stim = random_stimuli(rng, 80, 6, 60, empty_frac=0.0)
     # Neurons 70.. get private images nobody else uses.
     stim[70:] = np.arange(60, 60 + 10 * 6).reshape(10, 6)
@@ -75,8 +73,7 @@ def test_every_pair_shares_an_image_and_isolated_neurons_never_appear():
     assert np.all(pairs[:, 0] != pairs[:, 1])
 
 
-def test_seeds_are_reproducible_and_repeats_reshuffle():
-    rng = np.random.default_rng()
+def test_seeds_are_reproducible_and_repeats_reshuffle(rng):
     # 200 images each chosen by the same 6 neurons: identical shuffles are astronomically unlikely.
     stim = np.tile(np.arange(200), (6, 1))
     seed = int(rng.integers(2**31))

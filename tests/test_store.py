@@ -9,9 +9,8 @@ import pytest
 from conceptevo.store import RunStore, atomic_write
 
 
-def test_array_table_json_round_trip(tmp_path):
+def test_array_table_json_round_trip(tmp_path, rng):
     store = RunStore(tmp_path / "run")
-    rng = np.random.default_rng()
     arr = rng.normal(size=(7, 3)).astype(np.float32)
     store.save_array("a/b/vectors", arr)
     np.testing.assert_array_equal(store.load_array("a/b/vectors"), arr)
