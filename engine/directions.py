@@ -696,8 +696,8 @@ def relevance_pass(model: nn.Module, data: Any, directions: Mapping[str, np.ndar
     ``directions``: ``{layer: vh (D, C)}``. The model is run in eval mode (per-image gradients from
     one backward of the batch sum, as in :mod:`conceptevo.importance`); its mode is restored.
     """
-    from .data import as_image_set
     from .adapter import EvalMode
+    from .data import as_image_set
 
     if gradient not in GRADIENTS:
         raise ConceptEvoError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
@@ -1208,8 +1208,8 @@ def direction_importance(model_t: nn.Module, model_t2: nn.Module, data: Any, dir
     Returns ``class, layer, direction, score, positives, total, mean_s, rank`` (rank 1 = most
     important in its class and layer: score desc, mean_s desc, direction asc).
     """
-    from .data import as_image_set
     from .adapter import EvalMode
+    from .data import as_image_set
     from .importance import class_indices
 
     ds = as_image_set(data)

@@ -1,7 +1,6 @@
 """Concept directions (conceptevo.directions), each against an independent reference."""
-from collections import OrderedDict
-
 import os
+from collections import OrderedDict
 
 import numpy as np
 import pytest

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from conceptevo._reference import importance_loop
 from conceptevo.adapter import ModelAdapter
 from conceptevo.errors import ActivationError, DataError, LayerError
-from conceptevo._reference import importance_loop
 from conceptevo.importance import evolution_importance
 
 LAYERS = ["0", "3", "8", "10"]  # two convs, two Linear layers (the last one is the logits)

@@ -4,8 +4,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from conceptevo.errors import EmbeddingError
 from conceptevo._reference import build_pairs_reference
+from conceptevo.errors import EmbeddingError
 from conceptevo.pairs import build_pairs
 
 
