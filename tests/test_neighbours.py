@@ -89,7 +89,7 @@ def check_recall_rule(x, g, seed, start, target=nbm.RECALL_TARGET):
 
     The sample is a seeded draw, so these checks are exact: the recorded recall and bound are the finished
     graph's on the sampled rows, they reach the target, and one step less did not. That the *whole* graph
-    reaches the target is a confidence statement (about 97%: test_stopping_rule_confidence_at_the_target);
+    reaches the target is a confidence statement (97.7%: test_stopping_rule_confidence_at_the_target);
     here it gets a bound that a correct graph breaks less than once in 1e8 runs."""
     _, ref_d = nbm.brute_force_knn(x, g.k)
     per_all = nbm.recall_per_query(g.distances, ref_d)
