@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import torch
+
 from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
 
 

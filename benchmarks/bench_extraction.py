@@ -32,8 +32,8 @@ import time
 from dataclasses import replace
 
 import torch
-from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
 
+from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
 
 clock = time.perf_counter
 

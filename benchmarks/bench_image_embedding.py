@@ -34,6 +34,7 @@ import statistics
 import time
 
 import numpy as np
+
 from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
 
 VGG16_CHANNELS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]

@@ -26,6 +26,7 @@ import time
 
 import torch
 from torch import nn
+
 from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
 
 

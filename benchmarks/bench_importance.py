@@ -38,6 +38,7 @@ import torch
 from conceptevo._reference import importance_loop
 from conceptevo.importance import evolution_importance, resolve_pair
 from conceptevo.models import build_model
+
 from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
 
 

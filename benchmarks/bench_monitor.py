@@ -32,11 +32,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
+
 from conceptevo.data import builtin_dataset
 from conceptevo.models import build_model
 from conceptevo.monitor import Monitor
 from conceptevo.train import REGIMES, train_run
+
+from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
 
 STAGES = ("checkpoint", "stimuli", "space", "layout", "diagnostics", "logs")
 

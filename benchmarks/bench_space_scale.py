@@ -190,8 +190,9 @@ def _as_space_with(space, vectors):
 
 def layout_quality(space, xy, graph, tags, seed=0, n_trust=5000, n_knn=2000, n_align=5000) -> dict:
     import faiss
-    from conceptevo.alignment import alignment_report
     from sklearn.manifold import trustworthiness
+
+    from conceptevo.alignment import alignment_report
 
     rng = np.random.default_rng(seed)
     live = np.flatnonzero(space.valid)

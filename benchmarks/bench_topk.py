@@ -45,6 +45,7 @@ from torch import nn
 
 from conceptevo import kernels as K
 from conceptevo.kernels import cpu_topk
+
 from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
 
 # VGG16 conv layers: name -> (input channels, output channels, downsampling of the input resolution)

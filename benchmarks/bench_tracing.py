@@ -28,13 +28,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
+from torch import nn
+
 from conceptevo import tracing
 from conceptevo.data import builtin_dataset
 from conceptevo.models import build_model
 from conceptevo.train import REGIMES, train_run
-from torch import nn
 
+from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
 
 TRACER_THREADS = None
 

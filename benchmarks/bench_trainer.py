@@ -20,9 +20,10 @@ import time
 import numpy as np
 
 from conceptevo import _C
-from conceptevo.neuron_embedding import train
 from conceptevo._reference import build_pairs_reference
+from conceptevo.neuron_embedding import train
 from conceptevo.pairs import build_pairs
+
 from _common import machine_line  # benchmarks/ is sys.path[0] when a script is run
 
 VGG16_CHANNELS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]

@@ -94,6 +94,7 @@ def _captured(fn: Callable[[], object]) -> tuple[object, str]:
 # --------------------------------------------------------------------------------------- checks
 def check_environment(ctx: Context) -> tuple[bool, str, dict]:
     import torch
+
     from conceptevo import backends
 
     info: dict = {"python": platform.python_version(), "torch": torch.__version__,
@@ -115,6 +116,7 @@ def check_triton(ctx: Context) -> tuple[bool, str, dict]:
     _cuda()
     import numpy as np
     import torch
+
     from conceptevo import kernels as K
     from conceptevo.kernels import reference, triton_topk
 
@@ -205,6 +207,7 @@ def check_solve(ctx: Context) -> tuple[bool, str, dict]:
     _cuda()
     import numpy as np
     from bench_image_embedding import VGG16_CHANNELS, synthetic_stimuli
+
     from conceptevo import image_embedding as ie
     from conceptevo import neuron_embedding, pairs
 
@@ -233,6 +236,7 @@ def check_solve(ctx: Context) -> tuple[bool, str, dict]:
 def check_faiss(ctx: Context) -> tuple[bool, str, dict]:
     _cuda()
     import numpy as np
+
     from conceptevo import backends, space
     from conceptevo.errors import BackendError
 
@@ -261,6 +265,7 @@ def check_faiss(ctx: Context) -> tuple[bool, str, dict]:
 def check_cuml(ctx: Context) -> tuple[bool, str, dict]:
     _cuda()
     import numpy as np
+
     from conceptevo import backends, space
     from conceptevo.errors import BackendError
 
@@ -305,12 +310,13 @@ def check_nccl(ctx: Context) -> tuple[bool, str, dict]:
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         raise Skip("torchrun is not installed next to this Python")
+    from PIL import Image
+    from test_stimuli import assert_same
+
     from conceptevo.data import image_folder
     from conceptevo.models import build_model
     from conceptevo.stimuli import Stimuli, extract_stimuli
     from conceptevo.store import RunStore
-    from PIL import Image
-    from test_stimuli import assert_same
 
     tmp = Path(tempfile.mkdtemp(prefix="device_check_nccl_", dir=ctx.out))
     rng = np.random.default_rng(0)
@@ -401,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ctx = Context(out=out, budget_s=args.budget_s)
     import torch
+
     from _common import machine_line
 
     device = "cuda" if torch.cuda.is_available() else None

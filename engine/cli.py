@@ -35,8 +35,7 @@ def info() -> None:
     import numpy as np
     import torch
 
-    from . import __version__, backends
-    from . import _C
+    from . import _C, __version__, backends
 
     console.print(f"conceptevo {__version__}  torch {torch.__version__}  numpy {np.__version__}")
     console.print(f"torch threads {torch.get_num_threads()}  native trainer OpenMP threads {_C.max_threads()}"

@@ -184,8 +184,8 @@ def distributed_importance(model_t, model_t2, data, classes=None, layers=None, b
     single-process order.
     """
     from .adapter import EvalMode, model_device_dtype
-    from .importance import _prepare, batch_sensitivities, importance_table, load_batch
     from .errors import ActivationError
+    from .importance import _prepare, batch_sensitivities, importance_table, load_batch
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

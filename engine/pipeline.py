@@ -288,9 +288,8 @@ def run_pipeline(cfg: PipelineConfig, *, train_set=None, test_set=None, runs: Ma
     Under torchrun (``WORLD_SIZE`` > 1) every rank calls it: the stimulus pass, importance and the
     reversion check run over all ranks, the rest on rank 0 (see :mod:`conceptevo.distributed_pipeline`);
     the other ranks return a RunResult without a report."""
-    from . import alignment, data, diagnostics, importance, patches
+    from . import alignment, data, diagnostics, importance, patches, reversion
     from . import report as report_mod
-    from . import reversion
     from .space import UnifiedSpace
     from .stimuli import StimulusOptions, extract_stimuli
 
@@ -647,7 +646,8 @@ def _write_report(cfg, store, space, emb, stims, runs, train_set, imp, rev_summa
                                layer_order=list(next(iter(stims.values())).layers), extra_sections=extra_sections,
                                tracing=(trace or {}).get("classes"),
                                tracing_contributions=(trace or {}).get("contributions"))
-    from .report_folder import report_format  # one file or a folder, and the threshold (shown in the report too)
+    # one file or a folder, and the threshold (shown in the report too)
+    from .report_folder import report_format
 
     store.update_manifest(report_format=report_format(len(points)))
     return report_mod.build_report(store.path("report.html"), rd, png_dir=store.path("figures"))

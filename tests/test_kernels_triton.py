@@ -21,10 +21,11 @@ import torch
 
 pytest.importorskip("triton")
 
+from test_kernels import assert_same, layout, make_batches, random_maps, stream  # noqa: E402
+
 from conceptevo import kernels as K  # noqa: E402
 from conceptevo.errors import ActivationError, BackendError, DataError  # noqa: E402
 from conceptevo.kernels import reference, triton_topk  # noqa: E402
-from test_kernels import assert_same, layout, make_batches, random_maps, stream  # noqa: E402
 
 INTERPRETING = triton_topk.interpret_mode()
 DEVICES = [

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
 from conceptevo import diagnostics
 from conceptevo.data import builtin_dataset
 from conceptevo.errors import ConceptEvoError, DataError, LayerError

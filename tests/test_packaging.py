@@ -1,8 +1,7 @@
 """A non-editable install must carry the report's JavaScript and CSS (package data, not Python)."""
 import fnmatch
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 

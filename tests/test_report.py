@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conceptevo.errors import ConceptEvoError
 from conceptevo._reference import synthetic_report_data
+from conceptevo.errors import ConceptEvoError
 from conceptevo.report import ReportData, build_report, write_static_figures
 
 

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conceptevo.errors import ConceptEvoError
 from conceptevo._reference import synthetic_report_data
+from conceptevo.errors import ConceptEvoError
 from conceptevo.report import ReportData, build_report
 from conceptevo.report_folder import build_report_folder, make_server, report_format
 

@@ -6,10 +6,11 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from conceptevo import tracing
 from conceptevo.errors import ConceptEvoError, LayerError
 from conceptevo.tracing import Tracer, checkpoint_sources, decompose, layer_info
-from torch import nn
 
 
 def _conv_net(seed):
@@ -386,8 +387,9 @@ def test_train_run_records_classes_and_explains_exactly(traced_run):
 
 
 def test_cli_trace_writes_both_tables(traced_run, tmp_path):
-    from conceptevo.cli import app
     from typer.testing import CliRunner
+
+    from conceptevo.cli import app
 
     root, _, _ = traced_run
     res = CliRunner().invoke(app, ["trace", "--run", str(root / "run"), "--out", str(tmp_path),
@@ -549,8 +551,9 @@ def test_class_contributions_match_explain_per_image_and_render(recorded_run, tm
 
 
 def test_cli_trace_granularity_input_and_contributions(recorded_run, tmp_path):
-    from conceptevo.cli import app
     from typer.testing import CliRunner
+
+    from conceptevo.cli import app
 
     path, _, _ = recorded_run
     res = CliRunner().invoke(app, ["trace", "--run", str(path), "--out", str(tmp_path), "--layer", "features.conv3_2",
