@@ -426,7 +426,8 @@ def build_graph(
         return graph
     kk = min(k + 1, n)
     if chosen != "exact":
-        ns = min(int(recall_sample), n)
+        sample = recall_sample_positions(n, recall_sample, seed)  # the rows the recall check queries
+        ns = int(sample.size)
         if recall_target > max_certifiable_recall(ns):
             need = math.ceil(RECALL_Z ** 2 * recall_target / (1 - recall_target)) if recall_target < 1 else None
             raise EmbeddingError(
@@ -440,8 +441,6 @@ def build_graph(
     if chosen != "exact":
         # recall on a seeded sample against the exact search; widen the search until it holds
         t0 = time.perf_counter()
-        sample = recall_sample_positions(n, recall_sample, seed)
-        ns = int(sample.size)
         faiss = _faiss(backend == "faiss-gpu")
         flat = faiss.IndexFlatL2(x.shape[1])
         flat.add(x)
